@@ -1,0 +1,29 @@
+"""sft_kernels: split fine-tuning between an edge device and a cloud server.
+
+Importing the package loads the compiled ``sft_kernels._C`` extension, which
+registers the ``torch.ops.sft.*`` custom ops, then their Python wrappers, fake
+kernels and autograd registrations (:mod:`sft_kernels.ops`), then the codecs.
+
+Example::
+
+    import torch, sft_kernels
+    x = torch.randn(512, 384, requires_grad=True)
+    y = sft_kernels.boundary(x, fwd="lowrank:r=8+int8", bwd="int8,sr", seed=0)
+    y.sum().backward()
+"""
+from __future__ import annotations
+
+import torch  # noqa: F401  (loads libc10/libtorch before the extension)
+
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.sft.*)
+except ImportError as exc:  # pragma: no cover - only without a build
+    raise ImportError(
+        "sft_kernels._C is not built. Run `make install` (or "
+        f"`pip install --no-build-isolation -e .`) in the repository root. ({exc})"
+    ) from exc
+
+from . import ops  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["ops"]
