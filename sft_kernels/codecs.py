@@ -410,6 +410,12 @@ def from_spec(spec: Union[str, Codec]) -> Codec:
 # ----------------------------------------------------------------------------- boundary
 
 
+def _may_alias(codec: Codec, x: torch.Tensor) -> bool:
+    if isinstance(codec, NoneCodec):
+        return True
+    return isinstance(codec, CastCodec) and _CAST_DTYPES[codec.name] == x.dtype
+
+
 class _Boundary(torch.autograd.Function):
     """Forward ``decode(encode(x))`` with the fwd codec; backward the same with the bwd codec (straight-through)."""
 
@@ -418,7 +424,8 @@ class _Boundary(torch.autograd.Function):
         ctx.bwd = bwd
         ctx.seed = seed
         y = fwd.decode(fwd.encode(x, seed))
-        return y.clone() if y is x else y
+        # raw and same-dtype casts decode to a view of x; an autograd output must not alias its input
+        return y.clone() if _may_alias(fwd, x) else y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
