@@ -151,7 +151,7 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // >= 2^-149, so |t| <= absmax * 2^149 < 127 * 2^23 for a subnormal absmax/qmax,
 // and |t| <= qmax * (1 + 2^-23) otherwise.
 
-// Deterministic code of x in a block with scale > 0: round half away from zero,
+// Deterministic code of x in a block with scale > 0 (or +inf, see quantize_span): round half away from zero,
 // done exactly as floor(|t|) plus (frac >= 0.5) (frac = |t| - floor(|t|) is exact).
 template <int BITS>
 SFT_INLINE uint8_t code_nearest(float x, float scale) {
@@ -160,10 +160,11 @@ SFT_INLINE uint8_t code_nearest(float x, float scale) {
   const int f = int(a);
   int m = f + int(a - float(f) >= 0.5f);
   m = m < Fmt<BITS>::kQmax ? m : Fmt<BITS>::kQmax;
-  return uint8_t((t < 0.0f ? -m : m) + Fmt<BITS>::kOffset);
+  const int neg = -int(t < 0.0f);  // all ones if t < 0: (m ^ neg) - neg = -m, without a branch
+  return uint8_t(((m ^ neg) - neg) + Fmt<BITS>::kOffset);
 }
 
-// Stochastic code of x in a block with scale > 0: floor(t + u), u from Philox word r.
+// Stochastic code of x in a block with scale > 0 (or +inf): floor(t + u), u from Philox word r.
 template <int BITS>
 SFT_INLINE uint8_t code_stochastic(float x, float scale, uint32_t r) {
   const float v = x / scale + philox_u01(r);
@@ -275,56 +276,65 @@ SFT_INLINE const uint32_t* philox_words(uint32_t* __restrict buf, uint64_t seed,
   return buf + (i0 - 4 * g0);
 }
 
-// ----------------------------------------------------------------------------- span kernels
+// Writes the scale of each element of the window [w0, w1) of a row into
+// sc[0, w1 - w0); b is the block of element w0 and is advanced past the
+// window. A zero scale is written as zero_as. The encode / decode loops then
+// run over whole windows whatever the block size, with no per-block loop
+// (short blocks would otherwise leave every loop too short to vectorise).
+SFT_INLINE void fill_scales(float* __restrict sc, const float* __restrict scales, int64_t w0, int64_t w1,
+                            int64_t block, int64_t& b, float zero_as) {
+  for (int64_t e = w0; e < w1;) {
+    const int64_t block_end = (b + 1) * block, end = std::min(w1, block_end);
+    const float s = scales[b] == 0.0f ? zero_as : scales[b];
+    for (int64_t k = e; k < end; ++k) sc[k - w0] = s;
+    b += end == block_end;
+    e = end;
+  }
+}
 
 // Quantizes blocks [b0, b1) of one row: x, codes and scales point at the row,
 // index0 is the row-major index of the row's first element. Returns the number
-// of non-finite values seen (the caller throws if it is not 0).
+// of non-finite values seen; if it is not 0 the codes are not written (the
+// caller throws).
 template <class In, int BITS, bool SR>
 SFT_CLONES int64_t quantize_span(const typename In::bits_t* __restrict x, uint8_t* __restrict codes,
                                  float* __restrict scales, int64_t b0, int64_t b1, int64_t cols, int64_t block,
                                  uint64_t index0, uint64_t seed) {
   constexpr bool kStaged = BITS != 8;
   constexpr int kPB = Fmt<BITS>::kPerByte;
-  alignas(64) CodeWord<BITS> stage[kStaged ? kWindow / kPB : 1];
-  alignas(64) uint32_t words[SR ? kWindow + 8 : 1];
-  const int64_t span_end = std::min(cols, b1 * block);
-  // Pass 1: the scales of all blocks of the span (the span is at most a few
-  // blocks or ~kSpanElems elements, so it stays in L1/L2 for pass 2). Doing
-  // this first keeps the absmax -> scale dependency out of the encode loop.
+  // Pass 1: the scales of all blocks of the span (a span is ~kSpanElems
+  // elements or one block, so it is still in L1/L2 for pass 2).
   int64_t nonfinite = 0;
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t e0 = b * block, n = std::min(cols, e0 + block) - e0;
     const uint32_t amax = absmax_bits<In>(x + e0, n);
     if (amax >= In::kInf) nonfinite += count_nonfinite<In>(x + e0, n);
-    // a non-finite block is given scale 0 too, only so that its codes are written
-    scales[b] = amax < In::kInf ? In::to_float(typename In::bits_t(amax)) / float(Fmt<BITS>::kQmax) : 0.0f;
+    scales[b] = In::to_float(typename In::bits_t(amax)) / float(Fmt<BITS>::kQmax);
   }
-  // Pass 2: codes.
-  int64_t w0 = b0 * block;  // first element of the current window
-  for (int64_t b = b0; b < b1; ++b) {
-    const int64_t e0 = b * block, e1 = std::min(cols, e0 + block);
-    const float scale = scales[b];
-    for (int64_t e = e0; e < e1;) {  // the block's part in each window
-      const int64_t w1 = std::min(span_end, w0 + kWindow), end = std::min(e1, w1), n = end - e;
-      uint8_t* __restrict dst = (kStaged ? reinterpret_cast<uint8_t*>(stage) : codes + w0) + (e - w0);
-      const typename In::bits_t* __restrict xe = x + e;
-      if (scale == 0.0f) {  // all-zero block (or absmax / qmax underflowed): q = 0
-        std::memset(dst, Fmt<BITS>::kOffset, size_t(n));
-      } else if (!SR) {
-        for (int64_t k = 0; k < n; ++k) dst[k] = code_nearest<BITS>(In::to_float(xe[k]), scale);
-      } else {
-        const uint32_t* __restrict r = philox_words(words, seed, index0 + uint64_t(e), n);
-        for (int64_t k = 0; k < n; ++k) dst[k] = code_stochastic<BITS>(In::to_float(xe[k]), scale, r[k]);
-      }
-      e = end;
-      if (e == w1) {  // window complete
-        if constexpr (kStaged) pack_bytes<BITS>(stage, w1 - w0, codes + w0 / kPB);
-        w0 = w1;
-      }
+  if (nonfinite) return nonfinite;
+
+  // Pass 2: codes, one window at a time. An all-zero block (or one whose
+  // absmax / qmax underflows) has scale 0 and must get q = 0: dividing by +inf
+  // instead gives t = +-0, hence q = 0 in both rounding modes (u < 1).
+  alignas(64) float sc[kWindow];
+  alignas(64) CodeWord<BITS> stage[kStaged ? kWindow / kPB : 1];
+  alignas(64) uint32_t words[SR ? kWindow + 8 : 1];
+  const int64_t span_end = std::min(cols, b1 * block);
+  int64_t b = b0;
+  for (int64_t w0 = b0 * block; w0 < span_end; w0 += kWindow) {
+    const int64_t n = std::min(span_end - w0, kWindow);
+    fill_scales(sc, scales, w0, w0 + n, block, b, INFINITY);
+    uint8_t* __restrict dst = kStaged ? reinterpret_cast<uint8_t*>(stage) : codes + w0;
+    const typename In::bits_t* __restrict xw = x + w0;
+    if constexpr (!SR) {
+      for (int64_t k = 0; k < n; ++k) dst[k] = code_nearest<BITS>(In::to_float(xw[k]), sc[k]);
+    } else {
+      const uint32_t* __restrict r = philox_words(words, seed, index0 + uint64_t(w0), n);
+      for (int64_t k = 0; k < n; ++k) dst[k] = code_stochastic<BITS>(In::to_float(xw[k]), sc[k], r[k]);
     }
+    if constexpr (kStaged) pack_bytes<BITS>(stage, n, codes + w0 / kPB);
   }
-  return nonfinite;
+  return 0;
 }
 
 // Dequantizes blocks [b0, b1) of one row into y (the row of the output).
@@ -334,25 +344,20 @@ SFT_CLONES void dequantize_span(const uint8_t* __restrict codes, const float* __
                                 int64_t block) {
   constexpr bool kStaged = BITS != 8;
   constexpr int kPB = Fmt<BITS>::kPerByte;
+  alignas(64) float sc[kWindow];
   alignas(64) CodeWord<BITS> stage[kStaged ? kWindow / kPB : 1];
   const int64_t span_end = std::min(cols, b1 * block);
-  int64_t b = b0;  // block of the current element
+  int64_t b = b0;
   for (int64_t w0 = b0 * block; w0 < span_end; w0 += kWindow) {
-    const int64_t w1 = std::min(span_end, w0 + kWindow);
-    const uint8_t* c = codes + w0;
+    const int64_t n = std::min(span_end - w0, kWindow);
+    fill_scales(sc, scales, w0, w0 + n, block, b, 0.0f);
+    const uint8_t* __restrict c = codes + w0;
     if constexpr (kStaged) {
-      unpack_bytes<BITS>(codes + w0 / kPB, w1 - w0, stage);
+      unpack_bytes<BITS>(codes + w0 / kPB, n, stage);
       c = reinterpret_cast<const uint8_t*>(stage);
     }
-    for (int64_t e = w0; e < w1;) {  // each block's part in the window
-      const int64_t block_end = (b + 1) * block, end = std::min(w1, block_end);
-      const float scale = scales[b];
-      const uint8_t* __restrict ce = c + (e - w0);
-      typename Out::bits_t* __restrict ye = y + e;
-      for (int64_t k = 0; k < end - e; ++k) ye[k] = Out::from_float(float(int(ce[k]) - Fmt<BITS>::kOffset) * scale);
-      if (end == block_end) ++b;
-      e = end;
-    }
+    typename Out::bits_t* __restrict yw = y + w0;
+    for (int64_t k = 0; k < n; ++k) yw[k] = Out::from_float(float(int(c[k]) - Fmt<BITS>::kOffset) * sc[k]);
   }
 }
 
