@@ -14,10 +14,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <type_traits>
 #include <vector>
+
+// Vector helpers below are always inlined into target clones; no ABI crosses an ISA boundary.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 #include "common/philox.h"
 #include "cpu/quantize.h"
@@ -86,110 +90,187 @@ at::Tensor rademacher(int64_t rows, int64_t cols, uint64_t seed, uint32_t stream
 }
 
 // ----------------------------------------------------------------------------- orthonormalisation
+//
+// Tall-skinny matrices (the sketches and range bases, m x k with k << m) are
+// stored transposed, as k x m row-major tensors ("Yt"), so that the long m
+// axis is contiguous: the CholeskyQR kernel then handles 8 consecutive rows
+// per SIMD vector with plain loads, and MKL reads/writes them as transposed
+// GEMM operands at no extra cost.
 
 // Multiversioned hot loops: AVX-512, AVX2 and the portable baseline. The code
-// is the same in every clone (-ffp-contract=off), so results do not depend on
-// which one runs.
+// is the same in every clone (GCC vector extensions, -ffp-contract=off), so
+// results do not depend on which one runs.
 #define SFT_LR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define SFT_LR_INLINE inline __attribute__((always_inline))
 
 // Widest sketch handled by the fused CholeskyQR kernel below; wider ones use
 // BLAS (at::mm / trsm), which wins once the k x k work per row dominates.
 constexpr int64_t kFusedOrthMaxK = 64;
-// Rows per tile of the fused kernel: the tile is held transposed (k x kLanes)
-// so every operation is a vector op across rows.
-constexpr int64_t kLanes = 8;
+// The kernel works on panels of kPanelVecs vectors of 8 rows.
+constexpr int kPanelVecs = 4;
+constexpr int64_t kPanelRows = 8 * kPanelVecs;
 
-// Deterministic row partition for the fused kernel: the chunking depends only
-// on m, never on the thread count, and per-chunk partial Gram matrices are
-// summed in chunk order, so results are reproducible bit for bit.
-int64_t orth_chunks(int64_t m) { return std::clamp<int64_t>((m + 255) / 256, 1, 16); }
-
-// One CholeskyQR pass over rows [r0, r1) of the m x k fp32 matrix y. With
-// r != nullptr each row is replaced by q solving q R = y (R upper k x k, in T),
-// computed in T and rounded to fp32 into out. With acc != nullptr the outer
-// products of the (rounded) rows are accumulated in T into acc, laid out as
-// k(k+1)/2 upper-triangle entries of kLanes partial sums each.
+// 8-lane vectors of the Gram dtype T and of fp32. They are declared with
+// element alignment: the natural alignment of a vector type differs between the
+// baseline and the AVX clones, and heap buffers are only 16-byte aligned.
 template <typename T>
-inline __attribute__((always_inline)) void cholqr_rows(const float* y, float* out, int64_t r0, int64_t r1,
-                                                        int64_t k, const T* r, T* acc) {
-  T t[kFusedOrthMaxK][kLanes];
-  for (int64_t i0 = r0; i0 < r1; i0 += kLanes) {
-    const int64_t rows = std::min<int64_t>(kLanes, r1 - i0);
-    for (int64_t j = 0; j < k; ++j)
-      for (int64_t l = 0; l < kLanes; ++l) t[j][l] = l < rows ? static_cast<T>(y[(i0 + l) * k + j]) : T(0);
+struct Lanes;
+template <>
+struct Lanes<double> {
+  typedef double V __attribute__((vector_size(64), aligned(8)));
+};
+template <>
+struct Lanes<float> {
+  typedef float V __attribute__((vector_size(32), aligned(4)));
+};
+typedef float V8f __attribute__((vector_size(32), aligned(4)));
+
+// Rows [i0, i0 + n) (n <= 8) of column j of a transposed tall matrix, zero-padded.
+SFT_LR_INLINE V8f load_rows(const float* col, int64_t i0, int64_t n) {
+  V8f v = {};
+  if (n >= 8) {
+    std::memcpy(&v, col + i0, sizeof(v));
+  } else {
+    for (int64_t l = 0; l < n; ++l) v[l] = col[i0 + l];
+  }
+  return v;
+}
+
+SFT_LR_INLINE void store_rows(float* col, int64_t i0, int64_t n, V8f v) {
+  if (n >= 8) {
+    std::memcpy(col + i0, &v, sizeof(v));
+  } else {
+    for (int64_t l = 0; l < n; ++l) col[i0 + l] = v[l];
+  }
+}
+
+// One CholeskyQR pass over rows [c0, c1) of the transposed tall matrix yt
+// (k x m fp32). With r != nullptr every row y is replaced by q solving q R = y
+// (R upper k x k row-major in T; inv_diag[j] = 1 / R[j][j]), computed in T and
+// rounded to fp32 into out (k x m). With acc != nullptr the Gram matrix of the
+// (rounded) rows is accumulated in T into acc: kp x kp vectors of 8 lane
+// partial sums, kp = k rounded up to 4 (only the upper 4 x 4 blocks are used).
+// t is scratch for one panel: kp * kPanelVecs vectors.
+template <typename T>
+SFT_LR_INLINE void cholqr_rows(const float* yt, float* out, int64_t m, int64_t k, int64_t c0, int64_t c1,
+                               const T* r, const T* inv_diag, typename Lanes<T>::V* acc,
+                               typename Lanes<T>::V* t) {
+  using V = typename Lanes<T>::V;
+  constexpr int NV = kPanelVecs;
+  const int64_t kp = (k + 3) & ~int64_t{3};
+  for (int64_t i0 = c0; i0 < c1; i0 += kPanelRows) {
+    const int64_t rows = std::min(kPanelRows, c1 - i0);
+    for (int64_t j = 0; j < kp; ++j)
+      for (int v = 0; v < NV; ++v)
+        t[j * NV + v] = j < k ? __builtin_convertvector(load_rows(yt + j * m, i0 + 8 * v, rows - 8 * v), V) : V{};
     if (r != nullptr) {
-      // Column-oriented forward substitution on the transposed tile.
+      // Left-looking forward substitution on the panel, all NV vectors at once.
       for (int64_t j = 0; j < k; ++j) {
-        const T d = r[j * k + j];
-        for (int64_t l = 0; l < kLanes; ++l) t[j][l] /= d;
-        for (int64_t c = j + 1; c < k; ++c) {
-          const T rjc = r[j * k + c];
-          for (int64_t l = 0; l < kLanes; ++l) t[c][l] -= rjc * t[j][l];
+        V s[NV];
+        for (int v = 0; v < NV; ++v) s[v] = t[j * NV + v];
+        for (int64_t i = 0; i < j; ++i) {
+          const T rij = r[i * k + j];
+          for (int v = 0; v < NV; ++v) s[v] -= rij * t[i * NV + v];
         }
-        // Round to the fp32 result; the next Gram is taken of the rounded rows.
-        for (int64_t l = 0; l < kLanes; ++l) t[j][l] = static_cast<T>(static_cast<float>(t[j][l]));
+        for (int v = 0; v < NV; ++v) t[j * NV + v] = s[v] * inv_diag[j];
       }
-      for (int64_t l = 0; l < rows; ++l)
-        for (int64_t j = 0; j < k; ++j) out[(i0 + l) * k + j] = static_cast<float>(t[j][l]);
+      // Round to the fp32 result; the next Gram is taken of the rounded rows.
+      for (int64_t j = 0; j < k; ++j)
+        for (int v = 0; v < NV; ++v) {
+          const V8f f = __builtin_convertvector(t[j * NV + v], V8f);
+          store_rows(out + j * m, i0 + 8 * v, rows - 8 * v, f);
+          t[j * NV + v] = __builtin_convertvector(f, V);
+        }
     }
     if (acc != nullptr) {
-      T* a = acc;
-      for (int64_t p = 0; p < k; ++p)
-        for (int64_t c = p; c < k; ++c, a += kLanes)
-          for (int64_t l = 0; l < kLanes; ++l) a[l] += t[p][l] * t[c][l];
+      // Upper 4 x 4 blocks of the panel's Gram matrix, 16 accumulators each.
+      for (int64_t p = 0; p < kp; p += 4)
+        for (int64_t c = p; c < kp; c += 4) {
+          V a[4][4] = {};
+          for (int v = 0; v < NV; ++v) {
+            const V tp[4] = {t[p * NV + v], t[(p + 1) * NV + v], t[(p + 2) * NV + v], t[(p + 3) * NV + v]};
+            const V tc[4] = {t[c * NV + v], t[(c + 1) * NV + v], t[(c + 2) * NV + v], t[(c + 3) * NV + v]};
+            for (int x = 0; x < 4; ++x)
+              for (int z = 0; z < 4; ++z) a[x][z] += tp[x] * tc[z];
+          }
+          for (int x = 0; x < 4; ++x)
+            for (int z = 0; z < 4; ++z) acc[(p + x) * kp + c + z] += a[x][z];
+        }
     }
   }
 }
 
-SFT_LR_CLONES void cholqr_rows_f64(const float* y, float* out, int64_t r0, int64_t r1, int64_t k, const double* r,
-                                   double* acc) {
-  cholqr_rows<double>(y, out, r0, r1, k, r, acc);
+SFT_LR_CLONES void cholqr_rows_f64(const float* yt, float* out, int64_t m, int64_t k, int64_t c0, int64_t c1,
+                                   const double* r, const double* inv_diag, Lanes<double>::V* acc,
+                                   Lanes<double>::V* t) {
+  cholqr_rows<double>(yt, out, m, k, c0, c1, r, inv_diag, acc, t);
 }
-SFT_LR_CLONES void cholqr_rows_f32(const float* y, float* out, int64_t r0, int64_t r1, int64_t k, const float* r,
-                                   float* acc) {
-  cholqr_rows<float>(y, out, r0, r1, k, r, acc);
+SFT_LR_CLONES void cholqr_rows_f32(const float* yt, float* out, int64_t m, int64_t k, int64_t c0, int64_t c1,
+                                   const float* r, const float* inv_diag, Lanes<float>::V* acc,
+                                   Lanes<float>::V* t) {
+  cholqr_rows<float>(yt, out, m, k, c0, c1, r, inv_diag, acc, t);
+}
+SFT_LR_INLINE void cholqr_rows_any(const float* yt, float* out, int64_t m, int64_t k, int64_t c0, int64_t c1,
+                                   const double* r, const double* inv_diag, Lanes<double>::V* acc,
+                                   Lanes<double>::V* t) {
+  cholqr_rows_f64(yt, out, m, k, c0, c1, r, inv_diag, acc, t);
+}
+SFT_LR_INLINE void cholqr_rows_any(const float* yt, float* out, int64_t m, int64_t k, int64_t c0, int64_t c1,
+                                   const float* r, const float* inv_diag, Lanes<float>::V* acc, Lanes<float>::V* t) {
+  cholqr_rows_f32(yt, out, m, k, c0, c1, r, inv_diag, acc, t);
 }
 
-template <typename T>
-void cholqr_rows_any(const float* y, float* out, int64_t r0, int64_t r1, int64_t k, const T* r, T* acc) {
-  if constexpr (std::is_same_v<T, double>) {
-    cholqr_rows_f64(y, out, r0, r1, k, r, acc);
-  } else {
-    cholqr_rows_f32(y, out, r0, r1, k, r, acc);
-  }
+// Deterministic row partition of the fused kernel: the chunks depend only on
+// m, never on the thread count, and per-chunk partial Gram matrices are summed
+// in chunk order, so results are reproducible bit for bit.
+struct RowChunks {
+  int64_t count, size;
+};
+RowChunks orth_chunks(int64_t m) {
+  const int64_t count = std::clamp<int64_t>((m + 511) / 512, 1, 16);
+  const int64_t size = ((m + count - 1) / count + kPanelRows - 1) / kPanelRows * kPanelRows;
+  return {(m + size - 1) / size, size};
 }
 
-// Fused CholeskyQR pass over all m rows (parallel over deterministic chunks):
-// out = y R^{-1} when r is given, and returns the k x k Gram matrix of the
-// result (of y itself when r is null) when want_gram, else an undefined tensor.
+// Fused CholeskyQR pass over the transposed tall matrix yt (k x m): with r
+// defined, *out = (yt^T R^{-1})^T rounded to fp32; returns the k x k Gram
+// matrix (in T) of the result (of yt itself when r is undefined) if want_gram,
+// else an undefined tensor.
 template <typename T>
-at::Tensor cholqr_pass(const at::Tensor& y, at::Tensor* out, const at::Tensor& r, bool want_gram) {
-  const int64_t m = y.size(0), k = y.size(1);
-  const int64_t nchunk = orth_chunks(m), chunk = (m + nchunk - 1) / nchunk;
-  const int64_t tri = k * (k + 1) / 2 * kLanes;
-  std::vector<T> acc(want_gram ? static_cast<size_t>(nchunk * tri) : 0, T(0));
-  const float* yp = y.data_ptr<float>();
+at::Tensor cholqr_pass(const at::Tensor& yt, at::Tensor* out, const at::Tensor& r, bool want_gram) {
+  using V = typename Lanes<T>::V;
+  const int64_t k = yt.size(0), m = yt.size(1), kp = (k + 3) & ~int64_t{3};
+  const RowChunks ch = orth_chunks(m);
+  // Vector buffers are held as arrays of T (8 per vector): V has element alignment.
+  std::vector<T> acc_buf(want_gram ? static_cast<size_t>(ch.count * kp * kp * 8) : 0, T(0));
+  V* acc = reinterpret_cast<V*>(acc_buf.data());
+  std::vector<T> inv_diag(static_cast<size_t>(k));
+  if (r.defined())
+    for (int64_t j = 0; j < k; ++j) inv_diag[j] = T(1) / r.data_ptr<T>()[j * k + j];
+  const float* yp = yt.data_ptr<float>();
   float* op = out != nullptr ? out->data_ptr<float>() : nullptr;
   const T* rp = r.defined() ? r.data_ptr<T>() : nullptr;
-  at::parallel_for(0, nchunk, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t r0 = std::min(m, c * chunk), r1 = std::min(m, r0 + chunk);
-      cholqr_rows_any<T>(yp, op, r0, r1, k, rp, want_gram ? acc.data() + c * tri : nullptr);
+  at::parallel_for(0, ch.count, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<T> t(static_cast<size_t>(kp * kPanelVecs * 8));
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t c0 = b * ch.size, c1 = std::min(m, c0 + ch.size);
+      cholqr_rows_any(yp, op, m, k, c0, c1, rp, inv_diag.data(), want_gram ? acc + b * kp * kp : nullptr,
+                      reinterpret_cast<V*>(t.data()));
     }
   });
   if (!want_gram) return at::Tensor();
   at::Tensor g = at::empty({k, k}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
   T* gp = g.data_ptr<T>();
-  int64_t e = 0;
-  for (int64_t p = 0; p < k; ++p) {
-    for (int64_t c = p; c < k; ++c, ++e) {
+  for (int64_t p = 0; p < k; ++p)
+    for (int64_t c = p; c < k; ++c) {
       T sum = 0;
-      for (int64_t ch = 0; ch < nchunk; ++ch)
-        for (int64_t l = 0; l < kLanes; ++l) sum += acc[ch * tri + e * kLanes + l];
+      for (int64_t b = 0; b < ch.count; ++b) {
+        const V& a = acc[b * kp * kp + p * kp + c];
+        for (int l = 0; l < 8; ++l) sum += a[l];
+      }
       gp[p * k + c] = sum;
       gp[c * k + p] = sum;
     }
-  }
   return g;
 }
 
@@ -211,57 +292,60 @@ at::Tensor shifted_cholesky(at::Tensor g, double shift) {
 }
 
 template <typename T>
-at::Tensor orth_fused(const at::Tensor& y, bool* finite) {
-  const int64_t m = y.size(0), k = y.size(1);
-  at::Tensor g = cholqr_pass<T>(y, nullptr, at::Tensor(), /*want_gram=*/true);
+at::Tensor orth_fused(const at::Tensor& yt, bool* finite) {
+  const int64_t m = yt.size(1);
+  at::Tensor g = cholqr_pass<T>(yt, nullptr, at::Tensor(), /*want_gram=*/true);
   const double shift0 = cholqr_shift(g, m);
   if (finite != nullptr) *finite = std::isfinite(shift0);
-  at::Tensor q = y;
+  at::Tensor q = yt;
   for (int pass = 0; pass < 3; ++pass) {
     const at::Tensor r = shifted_cholesky(g, pass == 0 ? shift0 : cholqr_shift(g, m));
-    at::Tensor next = at::empty({m, k}, y.options());
+    at::Tensor next = at::empty_like(yt);
     g = cholqr_pass<T>(q, &next, r, /*want_gram=*/pass < 2);
     q = next;
   }
   return q;
 }
 
-// Shifted CholeskyQR3 of a tall m x k fp32 matrix (reference `_orth`): three
-// passes of  G = Y^T Y + s I,  R = chol(G),  Y <- Y R^{-1},  with the shift of
-// `cholqr_shift`. The Gram matrix, the Cholesky factor and the triangular solve
-// run in `gram` (fp64 for fp32 input, fp32 for fp16/bf16); the result is rounded
-// back to fp32 after every pass. Rank-deficient or zero Y yields finite output
-// without data-dependent branches. If `finite` is given it receives whether Y
-// was finite (its Gram trace is), which spares a separate scan of Y.
-at::Tensor orth(const at::Tensor& y_in, at::ScalarType gram, bool* finite = nullptr) {
-  const at::Tensor y = y_in.contiguous();
-  const int64_t m = y.size(0), k = y.size(1);
-  if (k <= kFusedOrthMaxK) return gram == at::kDouble ? orth_fused<double>(y, finite) : orth_fused<float>(y, finite);
-  at::Tensor q = y;
+// Shifted CholeskyQR3 (reference `_orth`) of the tall m x k fp32 matrix Y,
+// given and returned transposed (k x m): three passes of  G = Y^T Y + s I,
+// R = chol(G),  Y <- Y R^{-1},  with the shift of `cholqr_shift`. The Gram
+// matrix, the Cholesky factor and the triangular solve run in `gram` (fp64 for
+// fp32 input, fp32 for fp16/bf16); the result is rounded back to fp32 after
+// every pass. Rank-deficient or zero Y yields finite output without
+// data-dependent branches. If `finite` is given it receives whether Y was
+// finite (its Gram trace is), which spares a separate scan of Y.
+at::Tensor orth_t(const at::Tensor& yt_in, at::ScalarType gram, bool* finite = nullptr) {
+  const at::Tensor yt = yt_in.contiguous();
+  const int64_t k = yt.size(0), m = yt.size(1);
+  if (k <= kFusedOrthMaxK) return gram == at::kDouble ? orth_fused<double>(yt, finite) : orth_fused<float>(yt, finite);
+  at::Tensor qt = yt;
   for (int pass = 0; pass < 3; ++pass) {
-    const at::Tensor yg = q.to(gram);
-    const at::Tensor g = at::mm(yg.t(), yg);
+    const at::Tensor yg = qt.to(gram);
+    const at::Tensor g = at::mm(yg, yg.t());
     const double shift = cholqr_shift(g, m);
     if (pass == 0 && finite != nullptr) *finite = std::isfinite(shift);
     const at::Tensor r = shifted_cholesky(g, shift);
-    q = at::linalg_solve_triangular(r, yg, /*upper=*/true, /*left=*/false).to(at::kFloat);
+    // (Y R^{-1})^T = R^{-T} Y^T
+    qt = at::linalg_solve_triangular(r.t(), yg, /*upper=*/false).to(at::kFloat);
   }
-  return q;
+  return qt;
 }
 
 // ----------------------------------------------------------------------------- range finder
 
 // The rank-truncated factors shared by every op, all fp32:
-// X ~= q @ ub @ diag(s) @ vb^T with q (N x k) and vb (H x r) orthonormal.
+// X ~= Q @ ub @ diag(s) @ vb^T, with the range basis Q (N x k) held transposed
+// as qt (k x N), ub (k x r), s (r) and vb (H x r) orthonormal.
 struct Factors {
-  at::Tensor q, ub, s, vb;
+  at::Tensor qt, ub, s, vb;
 };
 
 // Raise the spec's RuntimeError for a sketch that is not finite. A NaN/Inf in
 // row i of X makes every entry of row i of Y = X Omega non-finite (Omega is
-// +-1), and a non-finite Y has a non-finite Gram trace, so `orth` detects it
-// for free and only then is X scanned to count the bad values. A finite X whose
-// sketch overflows fp32 is reported too rather than returning NaN factors.
+// +-1), and a non-finite Y has a non-finite Gram trace, so `orth_t` detects it
+// for free and only then is X scanned to count the bad values. A finite X
+// whose sketch overflows fp32 is reported too rather than returning NaN factors.
 [[noreturn]] void raise_non_finite(const at::Tensor& x2, const char* op, const char* name) {
   const int64_t bad = at::isfinite(x2).logical_not().sum().item<int64_t>();
   TORCH_CHECK(bad == 0, op, ": ", name, " has ", bad, " non-finite value(s)");
@@ -269,21 +353,21 @@ struct Factors {
   __builtin_unreachable();
 }
 
-// Q = orth(Y) for the first sketch Y of x2, raising on non-finite input.
-at::Tensor orth_sketch(const at::Tensor& y, at::ScalarType gram, const at::Tensor& x2, const char* op,
-                       const char* name) {
+// Q^T = orth(Y)^T for the first sketch Y (given as yt) of x2, raising on non-finite input.
+at::Tensor orth_sketch_t(const at::Tensor& yt, at::ScalarType gram, const at::Tensor& x2, const char* op,
+                         const char* name) {
   bool finite = true;
-  at::Tensor q = orth(y, gram, &finite);
+  at::Tensor qt = orth_t(yt, gram, &finite);
   if (!finite) raise_non_finite(x2, op, name);
-  return q;
+  return qt;
 }
 
-// Truncated SVD of the small k x H matrix B, given as its transpose bt (H x k,
-// k <= H), in `gram` precision: B^T = Qb Rb (Householder QR, backward stable)
-// and Rb = U' S V'^T give B = V' S (Qb U')^T, i.e. Ub = V', Vb = Qb U'. This is
-// cheaper than an SVD of the wide B. Returns (ub k x r, s r, vb H x r), fp32.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> small_svd_t(const at::Tensor& bt, int64_t rank, at::ScalarType gram) {
-  auto [qb, rb] = at::linalg_qr(bt.to(gram), "reduced");
+// Truncated SVD of the small k x H matrix b (k <= H) in `gram` precision:
+// B^T = Qb Rb (Householder QR, backward stable) and Rb = U' S V'^T give
+// B = V' S (Qb U')^T, i.e. Ub = V', Vb = Qb U'; cheaper than an SVD of the
+// wide B. Returns (ub k x r, s r, vb H x r), fp32.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> small_svd(const at::Tensor& b, int64_t rank, at::ScalarType gram) {
+  auto [qb, rb] = at::linalg_qr(b.t().to(gram), "reduced");
   auto [u1, s, v1t] = at::linalg_svd(rb, /*full_matrices=*/false);
   return {v1t.narrow(0, 0, rank).t().to(at::kFloat), s.narrow(0, 0, rank).to(at::kFloat),
           at::mm(qb, u1.narrow(1, 0, rank)).to(at::kFloat)};
@@ -298,64 +382,70 @@ int64_t single_pass_block_rows(int64_t h) {
 // The shared range finder of reference `_core`. x2 is the N x H matrix (N >= 1)
 // in its input dtype; fp32 input is used in place, fp16/bf16 converted to fp32
 // once (or block by block in the single-pass mode, which reads X exactly once).
+// Every product with X is one MKL GEMM whose skinny operand is a transposed
+// tall matrix (see the orthonormalisation section).
 Factors lowrank_core(const at::Tensor& x2, int64_t rank, int64_t oversample, int64_t power_iters, int64_t seed,
                      const char* op, const char* name) {
   const int64_t n = x2.size(0), h = x2.size(1);
   const int64_t k = std::min({rank + oversample, n, h});
   const uint64_t useed = static_cast<uint64_t>(seed);
   const at::ScalarType gram = x2.scalar_type() == at::kFloat ? at::kDouble : at::kFloat;
-  const at::Tensor omega = rademacher(h, k, useed, kPhiloxStreamSketch);
+  const at::Tensor omega = rademacher(h, k, useed, kPhiloxStreamSketch);  // H x k
 
   if (power_iters < 0) {
     // Single-pass sketch: Y = X Omega and W = Psi X from one read of X, block
     // by block over rows; then Q = orth(Y), B = lstsq(Psi Q, W).
     const int64_t ell = 2 * k + 1;
-    const at::Tensor psi = rademacher(ell, n, useed, kPhiloxStreamSketch2);
-    at::Tensor y = at::empty({n, k}, omega.options());
+    const at::Tensor psi = rademacher(ell, n, useed, kPhiloxStreamSketch2);  // l x N
+    at::Tensor yt = at::empty({k, n}, omega.options());
     at::Tensor w = at::zeros({ell, h}, omega.options());
     const int64_t bs = single_pass_block_rows(h);
     for (int64_t r0 = 0; r0 < n; r0 += bs) {
       const int64_t len = std::min(bs, n - r0);
       const at::Tensor xb = x2.narrow(0, r0, len).to(at::kFloat);
-      at::Tensor yb = y.narrow(0, r0, len);
-      at::mm_out(yb, xb, omega);
+      at::Tensor yb = yt.narrow(1, r0, len);
+      at::mm_out(yb, omega.t(), xb.t());
       w.addmm_(psi.narrow(1, r0, len), xb);
     }
-    const at::Tensor q = orth_sketch(y, gram, x2, op, name);
-    const at::Tensor b = std::get<0>(at::linalg_lstsq(at::mm(psi, q).to(gram), w.to(gram)));
-    auto [ub, s, vb] = small_svd_t(b.t(), rank, gram);
-    return {q, ub, s, vb};
+    const at::Tensor qt = orth_sketch_t(yt, gram, x2, op, name);
+    const at::Tensor b = std::get<0>(at::linalg_lstsq(at::mm(psi, qt.t()).to(gram), w.to(gram)));
+    auto [ub, s, vb] = small_svd(b, rank, gram);
+    return {qt, ub, s, vb};
   }
 
   const at::Tensor xf = x2.to(at::kFloat);  // no copy for fp32 input
-  at::Tensor q = orth_sketch(at::mm(xf, omega), gram, xf, op, name);
+  at::Tensor qt = orth_sketch_t(at::mm(omega.t(), xf.t()), gram, xf, op, name);  // (X Omega)^T
   for (int64_t it = 0; it < power_iters; ++it) {
-    const at::Tensor z = orth(at::mm(xf.t(), q), gram);
-    q = orth(at::mm(xf, z), gram);
+    const at::Tensor zt = orth_t(at::mm(qt, xf), gram);  // (X^T Q)^T
+    qt = orth_t(at::mm(zt, xf.t()), gram);                // (X Z)^T
   }
-  // B^T = X^T Q: the same GEMM shape as the power iterations, faster than Q^T X.
-  auto [ub, s, vb] = small_svd_t(at::mm(xf.t(), q), rank, gram);
-  return {q, ub, s, vb};
+  auto [ub, s, vb] = small_svd(at::mm(qt, xf), rank, gram);  // B = Q^T X
+  return {qt, ub, s, vb};
 }
 
-// P = Q Ub diag(S) (N x rank) and Qout = Vb (H x rank) in `dtype`, contiguous.
-std::tuple<at::Tensor, at::Tensor> lowrank_factors(const at::Tensor& x, int64_t rank, int64_t oversample,
-                                                   int64_t power_iters, int64_t seed, const char* op) {
+// Validates x and the low-rank arguments, views x as N x H (reported in n, h)
+// and runs the range finder; the factors are left undefined when N = 0.
+Factors lowrank_of(const at::Tensor& x, int64_t rank, int64_t oversample, int64_t power_iters, int64_t seed,
+                   const char* op, int64_t& n, int64_t& h) {
   check_float_input(x, op, "x");
   const at::Tensor x2 = as_matrix(x);
-  const int64_t n = x2.size(0), h = x2.size(1);
+  n = x2.size(0);
+  h = x2.size(1);
   check_lowrank_args(op, rank, oversample, power_iters, n, h);
-  if (n == 0) return {at::zeros({0, rank}, x.options()), at::zeros({h, rank}, x.options())};
-  const Factors f = lowrank_core(x2, rank, oversample, power_iters, seed, op, "x");
-  at::Tensor p = at::mm(f.q, f.ub * f.s);
-  return {p.to(x.scalar_type()).contiguous(), f.vb.to(x.scalar_type()).contiguous()};
+  if (n == 0) return {};
+  return lowrank_core(x2, rank, oversample, power_iters, seed, op, "x");
 }
 
 // ----------------------------------------------------------------------------- ops
+// Outputs are fresh contiguous tensors in the input dtype (never aliasing it).
 
 std::tuple<at::Tensor, at::Tensor> lowrank_cpu(const at::Tensor& x, int64_t rank, int64_t oversample,
                                                int64_t power_iters, int64_t seed) {
-  return lowrank_factors(x, rank, oversample, power_iters, seed, "sft::lowrank");
+  int64_t n = 0, h = 0;
+  const Factors f = lowrank_of(x, rank, oversample, power_iters, seed, "sft::lowrank", n, h);
+  if (n == 0) return {at::zeros({0, rank}, x.options()), at::zeros({h, rank}, x.options())};
+  const auto dt = x.scalar_type();
+  return {at::mm(f.qt.t(), f.ub * f.s).to(dt), f.vb.to(dt).contiguous()};  // P = Q Ub diag(S), Qout = Vb
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> randomized_svd_cpu(const at::Tensor& w, int64_t rank,
@@ -370,7 +460,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> randomized_svd_cpu(const at::Tens
   if (n == 0) return {at::zeros({0, rank}, opts), at::zeros({rank}, opts), at::zeros({h, rank}, opts)};
   const Factors f = lowrank_core(w, rank, oversample, power_iters, seed, op, "w");
   const auto dt = w.scalar_type();
-  return {at::mm(f.q, f.ub).to(dt).contiguous(), f.s.to(dt).contiguous(), f.vb.to(dt).contiguous()};
+  return {at::mm(f.qt.t(), f.ub).to(dt), f.s.to(dt), f.vb.to(dt).contiguous()};  // U = Q Ub
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_quantize_cpu(
@@ -378,11 +468,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_quantize_cpu(
     bool stochastic, int64_t seed) {
   const char* op = "sft::lowrank_quantize";
   check_bits_block(op, bits, block);
-  auto [p, q] = lowrank_factors(x, rank, oversample, power_iters, seed, op);
-  // P^T (rank x N) uses `seed`, Q^T (rank x H) uses seed + 1 (mod 2^64).
+  int64_t n = 0, h = 0;
+  const Factors f = lowrank_of(x, rank, oversample, power_iters, seed, op, n, h);
+  // The factors as `lowrank` returns them (rounded to x's dtype), transposed:
+  // P^T = (Q Ub diag(S))^T (rank x N) and Q^T = Vb^T (rank x H).
+  const auto dt = x.scalar_type();
+  const at::Tensor p_t = n == 0 ? at::zeros({rank, 0}, x.options()) : at::mm((f.ub * f.s).t(), f.qt).to(dt);
+  const at::Tensor q_t = n == 0 ? at::zeros({rank, h}, x.options()) : f.vb.t().to(dt).contiguous();
+  // P^T uses `seed`, Q^T uses seed + 1 (mod 2^64) for stochastic rounding.
   const int64_t seed_q = static_cast<int64_t>(static_cast<uint64_t>(seed) + 1u);
-  auto [pc, ps] = quantize(p.t().contiguous(), bits, block, stochastic, seed);
-  auto [qc, qs] = quantize(q.t().contiguous(), bits, block, stochastic, seed_q);
+  auto [pc, ps] = quantize(p_t, bits, block, stochastic, seed);
+  auto [qc, qs] = quantize(q_t, bits, block, stochastic, seed_q);
   return {pc, ps, qc, qs};
 }
 
