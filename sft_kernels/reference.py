@@ -191,11 +191,11 @@ def dequantize(
     lead = tuple(codes.shape[:-1])
     rows = math.prod(lead)
     per_byte = 8 // bits
-    c = codes.reshape(rows, -1).to(torch.int64)
+    c = codes.reshape(rows, codes.shape[-1]).to(torch.int64)
     shifts = torch.arange(per_byte, dtype=torch.int64) * bits
-    vals = ((c.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(rows, -1)[:, :cols]
+    vals = ((c.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(rows, c.shape[-1] * per_byte)[:, :cols]
     q = (vals - 2 ** (bits - 1)).to(torch.float32)
-    s = scales.reshape(rows, -1).to(torch.float32).repeat_interleave(block, dim=-1)[:, :cols]
+    s = scales.reshape(rows, scales.shape[-1]).to(torch.float32).repeat_interleave(block, dim=-1)[:, :cols]
     return (q * s).to(dtype).reshape(*lead, cols)
 
 

@@ -1,0 +1,477 @@
+// CPU kernels of sft::quantize and sft::dequantize.
+//
+// The format is specified bit for bit in sft_kernels/reference.py (module
+// docstring); reference.quantize / reference.dequantize are the executable
+// spec these kernels are tested against.
+//
+// Structure
+//   * The work is split into spans: runs of whole blocks of one row whose first
+//     element is also the first element of a packed byte, so two spans never
+//     write the same byte and can run on different threads (at::parallel_for).
+//   * Within a span, each block is handled while it is in L1: one integer pass
+//     for absmax (which also detects non-finite values), then one pass that
+//     divides and rounds into one uint8 code per element. 8-bit codes go
+//     straight to the output; 2/4-bit codes are staged in a small window and
+//     packed in registers (pack_bytes<BITS>). Dequantize mirrors this with
+//     unpack_bytes<BITS>.
+//   * Everything is templated on the input/output dtype, on bits (so shifts,
+//     qmax and packing are compile-time constants) and on the rounding mode.
+//
+// Vectorisation: the hot loops are plain C++ that GCC auto-vectorises, and the
+// span kernels carry SFT_CLONES, i.e. GCC function multiversioning
+// (target_clones for x86-64-v4 = AVX-512, x86-64-v3 = AVX2, and the baseline),
+// resolved once at load time by an ifunc. So the default portable build still
+// runs AVX-512/AVX2 code, and an -march=native build behaves the same. We do not
+// use at::vec::Vectorized: in an extension built without ATen's CPU_CAPABILITY
+// defines it is the scalar fallback, and it has no byte packing operations.
+// Bit-exactness does not depend on the clone: every step is an fp32 IEEE
+// operation per element (no reciprocal, no FMA; the build passes
+// -ffp-contract=off) or exact integer/bit manipulation.
+#include "cpu/quantize.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+#include "common/philox.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__AVX512BW__)
+#define SFT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SFT_CLONES
+#endif
+
+// Helpers called from the span kernels must be inlined into each clone: an
+// out-of-line helper would be compiled for the baseline ISA only.
+#define SFT_INLINE inline __attribute__((always_inline))
+
+namespace sft {
+namespace cpu {
+namespace {
+
+// Elements per parallel work item (a span is at least one block, so it can be larger).
+constexpr int64_t kSpanElems = 16384;
+// Elements per window: codes are staged / Philox words drawn for at most this
+// many elements at a time (a multiple of 4, so windows start on byte boundaries).
+constexpr int64_t kWindow = 2048;
+
+// ----------------------------------------------------------------------------- element types
+// Kernels read and write the raw storage bits (uint32/uint16), never the
+// tensor's memory as float, and convert in registers.
+
+SFT_INLINE float f32_from_bits(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, sizeof f);
+  return f;
+}
+
+SFT_INLINE uint32_t f32_to_bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, sizeof b);
+  return b;
+}
+
+// fp16 <-> fp32, bit-identical to torch's casts (and to F16C) for every non-NaN
+// value; a NaN becomes the canonical quiet NaN. These are c10's portable
+// algorithms (c10::detail::fp16_ieee_{to,from}_fp32_value) with the final
+// select done by bit masks: c10's ternaries guard fp32 operations, which GCC
+// (with -ftrapping-math) will not if-convert without AVX-512 masking, so the
+// AVX2 and baseline clones would not vectorise (checked with -fopt-info-vec;
+// both functions were checked against F16C over every fp16 / fp32 input).
+SFT_INLINE float half_bits_to_float(uint16_t h) {
+  const uint32_t w = uint32_t(h) << 16, sign = w & 0x80000000u, two_w = w + w;
+  const float normal = f32_from_bits((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;  // also inf / NaN
+  const float subnormal = f32_from_bits((two_w >> 17) | (126u << 23)) - 0.5f;      // also zero
+  const uint32_t is_sub = 0u - uint32_t(two_w < (1u << 27));
+  return f32_from_bits(sign | (f32_to_bits(subnormal) & is_sub) | (f32_to_bits(normal) & ~is_sub));
+}
+
+SFT_INLINE uint16_t float_to_half_bits(float f) {
+  const uint32_t w = f32_to_bits(f), shl1_w = w + w, sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xFF000000u;
+  bias = bias < 0x71000000u ? 0x71000000u : bias;
+  // The fp32 add of a power of two just above |f| rounds |f| to fp16 precision (nearest even).
+  const float base = f32_from_bits((bias >> 1) + 0x07800000u) + (std::fabs(f) * 0x1.0p+112f) * 0x1.0p-110f;
+  const uint32_t bits = f32_to_bits(base);
+  const uint32_t nonsign = ((bits >> 13) & 0x7C00u) + (bits & 0x0FFFu);
+  const uint32_t is_nan = 0u - uint32_t(shl1_w > 0xFF000000u);
+  return uint16_t((sign >> 16) | (is_nan & 0x7E00u) | (~is_nan & nonsign));
+}
+
+// For each dtype: storage type, |x| bit mask, the smallest non-finite |x| bit
+// pattern (for a non-NaN value, |x| bits order like |x|), and conversions
+// exactly matching torch's casts.
+struct F32 {
+  using bits_t = uint32_t;
+  static constexpr bits_t kAbsMask = 0x7fffffffu, kInf = 0x7f800000u;
+  SFT_INLINE static float to_float(bits_t b) { return f32_from_bits(b); }
+  SFT_INLINE static bits_t from_float(float f) { return f32_to_bits(f); }
+};
+
+struct F16 {
+  using bits_t = uint16_t;
+  static constexpr bits_t kAbsMask = 0x7fff, kInf = 0x7c00;
+  SFT_INLINE static float to_float(bits_t b) { return half_bits_to_float(b); }
+  SFT_INLINE static bits_t from_float(float f) { return float_to_half_bits(f); }
+};
+
+struct BF16 {
+  using bits_t = uint16_t;
+  static constexpr bits_t kAbsMask = 0x7fff, kInf = 0x7f80;
+  SFT_INLINE static float to_float(bits_t b) { return f32_from_bits(uint32_t(b) << 16); }
+  SFT_INLINE static bits_t from_float(float f) { return c10::detail::round_to_nearest_even(f); }
+};
+
+// ----------------------------------------------------------------------------- format constants
+
+template <int BITS>
+struct Fmt {
+  static_assert(BITS == 2 || BITS == 4 || BITS == 8, "bits must be 2, 4 or 8");
+  static constexpr int kPerByte = 8 / BITS;
+  static constexpr int kOffset = 1 << (BITS - 1);  // stored code = q + kOffset
+  static constexpr int kMask = (1 << BITS) - 1;
+  static constexpr int kQmax = kOffset - 1;
+};
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ----------------------------------------------------------------------------- per-element rounding
+// floor is done by int conversion (truncation, corrected for negatives) rather
+// than std::floor, which GCC does not vectorise without -fno-trapping-math.
+// It is exact: |t| < 2^31 always, since |x| <= absmax and a nonzero scale is
+// >= 2^-149, so |t| <= absmax * 2^149 < 127 * 2^23 for a subnormal absmax/qmax,
+// and |t| <= qmax * (1 + 2^-23) otherwise.
+
+// Deterministic code of x in a block with scale > 0: round half away from zero,
+// done exactly as floor(|t|) plus (frac >= 0.5) (frac = |t| - floor(|t|) is exact).
+template <int BITS>
+SFT_INLINE uint8_t code_nearest(float x, float scale) {
+  const float t = x / scale;
+  const float a = std::fabs(t);
+  const int f = int(a);
+  int m = f + int(a - float(f) >= 0.5f);
+  m = m < Fmt<BITS>::kQmax ? m : Fmt<BITS>::kQmax;
+  return uint8_t((t < 0.0f ? -m : m) + Fmt<BITS>::kOffset);
+}
+
+// Stochastic code of x in a block with scale > 0: floor(t + u), u from Philox word r.
+template <int BITS>
+SFT_INLINE uint8_t code_stochastic(float x, float scale, uint32_t r) {
+  const float v = x / scale + philox_u01(r);
+  int q = int(v);
+  q -= int(float(q) > v);  // truncation -> floor
+  q = q > -Fmt<BITS>::kQmax ? q : -Fmt<BITS>::kQmax;
+  q = q < Fmt<BITS>::kQmax ? q : Fmt<BITS>::kQmax;
+  return uint8_t(q + Fmt<BITS>::kOffset);
+}
+
+// ----------------------------------------------------------------------------- packing
+// For 2 and 4 bits, codes are first produced one uint8 per element into a
+// staging window (that loop vectorises over elements), then packed: each output
+// byte is assembled in registers from kPerByte consecutive codes. Windows start
+// on a byte boundary. 8-bit codes are the packed bytes and need no staging.
+
+// Packs codes c[0, n) into the ceil(n*BITS/8) bytes out; pad bits of a partial last byte are 0.
+template <int BITS>
+SFT_INLINE void pack_bytes(const uint8_t* __restrict c, int64_t n, uint8_t* __restrict out) {
+  constexpr int kPB = Fmt<BITS>::kPerByte;
+  const int64_t full = n / kPB, rest = n - full * kPB;
+  for (int64_t j = 0; j < full; ++j) {
+    unsigned v = 0;
+    for (int s = 0; s < kPB; ++s) v |= unsigned(c[j * kPB + s]) << (s * BITS);
+    out[j] = uint8_t(v);
+  }
+  if (rest) {
+    unsigned v = 0;
+    for (int64_t s = 0; s < rest; ++s) v |= unsigned(c[full * kPB + s]) << (s * BITS);
+    out[full] = uint8_t(v);
+  }
+}
+
+// Inverse of pack_bytes: the n codes held in the ceil(n*BITS/8) bytes `in`, into c[0, n).
+template <int BITS>
+SFT_INLINE void unpack_bytes(const uint8_t* __restrict in, int64_t n, uint8_t* __restrict c) {
+  constexpr int kPB = Fmt<BITS>::kPerByte;
+  const int64_t full = n / kPB, rest = n - full * kPB;
+  for (int64_t j = 0; j < full; ++j) {
+    const unsigned v = in[j];
+    for (int s = 0; s < kPB; ++s) c[j * kPB + s] = uint8_t((v >> (s * BITS)) & Fmt<BITS>::kMask);
+  }
+  for (int64_t s = 0; s < rest; ++s) c[full * kPB + s] = uint8_t((in[full] >> (s * BITS)) & Fmt<BITS>::kMask);
+}
+
+// ----------------------------------------------------------------------------- block helpers
+
+// max |x| over x[0, n) as a bit pattern of In (integer max: vectorises, and
+// compares like the float absmax for every non-NaN value).
+template <class In>
+SFT_INLINE uint32_t absmax_bits(const typename In::bits_t* __restrict x, int64_t n) {
+  typename In::bits_t m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const typename In::bits_t a = x[i] & In::kAbsMask;
+    m = a > m ? a : m;
+  }
+  return m;
+}
+
+// Number of inf/NaN values in x[0, n). Only called on a block whose absmax is non-finite.
+template <class In>
+SFT_INLINE int64_t count_nonfinite(const typename In::bits_t* x, int64_t n) {
+  int64_t c = 0;
+  for (int64_t i = 0; i < n; ++i) c += (x[i] & In::kAbsMask) >= In::kInf;
+  return c;
+}
+
+// Fills buf with the stream-0 Philox words of element indices i0 .. i0+n-1
+// (n <= kWindow) and returns p with p[k] the word of index i0 + k.
+SFT_INLINE const uint32_t* philox_words(uint32_t* __restrict buf, uint64_t seed, uint64_t i0, int64_t n) {
+  const uint64_t g0 = i0 / 4;
+  const int64_t ngroups = int64_t((i0 + uint64_t(n) + 3) / 4 - g0);
+  for (int64_t g = 0; g < ngroups; ++g) {
+    const Philox4 w = philox_group(seed, g0 + uint64_t(g), kPhiloxStreamRounding);
+    for (int j = 0; j < 4; ++j) buf[4 * g + j] = w.v[j];
+  }
+  return buf + (i0 - 4 * g0);
+}
+
+// ----------------------------------------------------------------------------- span kernels
+
+// Quantizes blocks [b0, b1) of one row: x, codes and scales point at the row,
+// index0 is the row-major index of the row's first element. Returns the number
+// of non-finite values seen (the caller throws if it is not 0).
+template <class In, int BITS, bool SR>
+SFT_CLONES int64_t quantize_span(const typename In::bits_t* __restrict x, uint8_t* __restrict codes,
+                                 float* __restrict scales, int64_t b0, int64_t b1, int64_t cols, int64_t block,
+                                 uint64_t index0, uint64_t seed) {
+  constexpr bool kStaged = BITS != 8;
+  constexpr int kPB = Fmt<BITS>::kPerByte;
+  alignas(64) uint8_t stage[kStaged ? kWindow : 1];
+  alignas(64) uint32_t words[SR ? kWindow + 8 : 1];
+  const int64_t span_end = std::min(cols, b1 * block);
+  int64_t w0 = b0 * block;  // first element of the current window
+  int64_t nonfinite = 0;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t e0 = b * block, e1 = std::min(cols, e0 + block);
+    const uint32_t amax = absmax_bits<In>(x + e0, e1 - e0);
+    if (amax >= In::kInf) nonfinite += count_nonfinite<In>(x + e0, e1 - e0);
+    // a non-finite block is given scale 0 too, only so that its codes are written
+    const float scale = amax < In::kInf ? In::to_float(typename In::bits_t(amax)) / float(Fmt<BITS>::kQmax) : 0.0f;
+    scales[b] = scale;
+    for (int64_t e = e0; e < e1;) {  // the block's part in each window
+      const int64_t w1 = std::min(span_end, w0 + kWindow), end = std::min(e1, w1), n = end - e;
+      uint8_t* __restrict dst = (kStaged ? stage : codes + w0) + (e - w0);
+      const typename In::bits_t* __restrict xe = x + e;
+      if (scale == 0.0f) {  // all-zero block (or absmax / qmax underflowed): q = 0
+        std::memset(dst, Fmt<BITS>::kOffset, size_t(n));
+      } else if (!SR) {
+        for (int64_t k = 0; k < n; ++k) dst[k] = code_nearest<BITS>(In::to_float(xe[k]), scale);
+      } else {
+        const uint32_t* __restrict r = philox_words(words, seed, index0 + uint64_t(e), n);
+        for (int64_t k = 0; k < n; ++k) dst[k] = code_stochastic<BITS>(In::to_float(xe[k]), scale, r[k]);
+      }
+      e = end;
+      if (e == w1) {  // window complete
+        if constexpr (kStaged) pack_bytes<BITS>(stage, w1 - w0, codes + w0 / kPB);
+        w0 = w1;
+      }
+    }
+  }
+  return nonfinite;
+}
+
+// Dequantizes blocks [b0, b1) of one row into y (the row of the output).
+template <class Out, int BITS>
+SFT_CLONES void dequantize_span(const uint8_t* __restrict codes, const float* __restrict scales,
+                                typename Out::bits_t* __restrict y, int64_t b0, int64_t b1, int64_t cols,
+                                int64_t block) {
+  constexpr bool kStaged = BITS != 8;
+  constexpr int kPB = Fmt<BITS>::kPerByte;
+  alignas(64) uint8_t stage[kStaged ? kWindow : 1];
+  const int64_t span_end = std::min(cols, b1 * block);
+  int64_t b = b0;  // block of the current element
+  for (int64_t w0 = b0 * block; w0 < span_end; w0 += kWindow) {
+    const int64_t w1 = std::min(span_end, w0 + kWindow);
+    const uint8_t* c = codes + w0;
+    if constexpr (kStaged) {
+      unpack_bytes<BITS>(codes + w0 / kPB, w1 - w0, stage);
+      c = stage;
+    }
+    for (int64_t e = w0; e < w1;) {  // each block's part in the window
+      const int64_t block_end = (b + 1) * block, end = std::min(w1, block_end);
+      const float scale = scales[b];
+      const uint8_t* __restrict ce = c + (e - w0);
+      typename Out::bits_t* __restrict ye = y + e;
+      for (int64_t k = 0; k < end - e; ++k) ye[k] = Out::from_float(float(int(ce[k]) - Fmt<BITS>::kOffset) * scale);
+      if (end == block_end) ++b;
+      e = end;
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- parallel driver
+
+// Calls fn(row, b0, b1) for spans of whole blocks that cover every block of
+// every row, in parallel. Each span starts at a block boundary that is also a
+// byte boundary of the packed row, so concurrent spans never share a byte.
+template <class Fn>
+void for_each_span(int64_t rows, int64_t cols, int64_t block, int64_t bits, const Fn& fn) {
+  const int64_t per_byte = 8 / bits;
+  const int64_t blk = std::min(block, cols);  // a larger block only ever has its boundary at 0
+  const int64_t nblk = ceil_div(cols, block);
+  const int64_t blocks_per_unit = per_byte / std::gcd(blk, per_byte);  // lcm(blk, per_byte) / blk
+  const int64_t units = std::max<int64_t>(1, kSpanElems / (blocks_per_unit * blk));
+  const int64_t span_blocks = std::min(nblk, units * blocks_per_unit);
+  const int64_t spans_per_row = ceil_div(nblk, span_blocks);
+  const int64_t span_elems = std::min(cols, span_blocks * blk);
+  const int64_t grain = std::max<int64_t>(1, kSpanElems / span_elems);
+  at::parallel_for(0, rows * spans_per_row, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t row = it / spans_per_row, b0 = (it % spans_per_row) * span_blocks;
+      fn(row, b0, std::min(nblk, b0 + span_blocks));
+    }
+  });
+}
+
+template <class In, int BITS, bool SR>
+int64_t quantize_rows(const at::Tensor& x, at::Tensor& codes, at::Tensor& scales, int64_t rows, int64_t cols,
+                      int64_t block, uint64_t seed) {
+  using bits_t = typename In::bits_t;
+  const bits_t* xp = static_cast<const bits_t*>(x.const_data_ptr());
+  uint8_t* cp = codes.mutable_data_ptr<uint8_t>();
+  float* sp = scales.mutable_data_ptr<float>();
+  const int64_t nbytes = codes.size(-1), nblk = scales.size(-1);
+  std::atomic<int64_t> nonfinite{0};
+  for_each_span(rows, cols, block, BITS, [&](int64_t row, int64_t b0, int64_t b1) {
+    const int64_t bad = quantize_span<In, BITS, SR>(xp + row * cols, cp + row * nbytes, sp + row * nblk, b0, b1, cols,
+                                                    block, uint64_t(row) * uint64_t(cols), seed);
+    if (bad) nonfinite += bad;
+  });
+  return nonfinite.load();
+}
+
+template <class Out, int BITS>
+void dequantize_rows(const at::Tensor& codes, const at::Tensor& scales, at::Tensor& y, int64_t rows, int64_t cols,
+                     int64_t block) {
+  using bits_t = typename Out::bits_t;
+  const uint8_t* cp = codes.const_data_ptr<uint8_t>();
+  const float* sp = scales.const_data_ptr<float>();
+  bits_t* yp = static_cast<bits_t*>(y.mutable_data_ptr());
+  const int64_t nbytes = codes.size(-1), nblk = scales.size(-1);
+  for_each_span(rows, cols, block, BITS, [&](int64_t row, int64_t b0, int64_t b1) {
+    dequantize_span<Out, BITS>(cp + row * nbytes, sp + row * nblk, yp + row * cols, b0, b1, cols, block);
+  });
+}
+
+// Calls f(Fmt-tag) with the bits as a compile-time constant.
+template <class F>
+auto dispatch_bits(int64_t bits, F&& f) {
+  switch (bits) {
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    default: return f(std::integral_constant<int, 8>{});
+  }
+}
+
+// Calls f(dtype-tag) for fp32 / fp16 / bf16 (the caller has checked the dtype).
+template <class F>
+auto dispatch_float(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kHalf: return f(F16{});
+    case at::kBFloat16: return f(BF16{});
+    default: return f(F32{});
+  }
+}
+
+// ----------------------------------------------------------------------------- argument checks
+
+bool is_supported_float(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
+
+void check_bits_block(const char* op, int64_t bits, int64_t block) {
+  TORCH_CHECK_VALUE(bits == 2 || bits == 4 || bits == 8, op, ": bits must be one of (2, 4, 8), got ", bits);
+  TORCH_CHECK_VALUE(block >= 1, op, ": block must be >= 1, got ", block);
+}
+
+std::vector<int64_t> with_last(at::IntArrayRef lead, int64_t last) {
+  std::vector<int64_t> shape(lead.begin(), lead.end());
+  shape.push_back(last);
+  return shape;
+}
+
+}  // namespace
+
+// ----------------------------------------------------------------------------- ops
+
+std::tuple<at::Tensor, at::Tensor> quantize(const at::Tensor& x, int64_t bits, int64_t block, bool stochastic,
+                                            int64_t seed) {
+  constexpr const char* op = "sft::quantize";
+  check_bits_block(op, bits, block);
+  TORCH_CHECK_VALUE(is_supported_float(x.scalar_type()), op, ": x must be float32, float16 or bfloat16, got ",
+                    x.scalar_type());
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
+  const at::IntArrayRef lead = x.dim() ? x.sizes().slice(0, x.dim() - 1) : at::IntArrayRef{};
+  const int64_t cols = x.dim() ? x.size(-1) : 1;
+  const int64_t rows = c10::multiply_integers(lead);
+  const int64_t nbytes = ceil_div(cols * bits, 8), nblk = ceil_div(cols, block);
+  at::Tensor codes = at::empty(with_last(lead, nbytes), x.options().dtype(at::kByte));
+  at::Tensor scales = at::empty(with_last(lead, nblk), x.options().dtype(at::kFloat));
+  if (rows == 0 || cols == 0) return {codes, scales};
+
+  const at::Tensor xc = x.contiguous();
+  const int64_t nonfinite = dispatch_float(x.scalar_type(), [&](auto in) {
+    using In = decltype(in);
+    return dispatch_bits(bits, [&](auto b) {
+      constexpr int B = decltype(b)::value;
+      return stochastic ? quantize_rows<In, B, true>(xc, codes, scales, rows, cols, block, uint64_t(seed))
+                        : quantize_rows<In, B, false>(xc, codes, scales, rows, cols, block, uint64_t(seed));
+    });
+  });
+  TORCH_CHECK(nonfinite == 0, op, ": x has ", nonfinite,
+              " non-finite value(s); only finite input can be quantized");
+  return {codes, scales};
+}
+
+at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scales, int64_t bits, int64_t block, int64_t cols,
+                      at::ScalarType dtype) {
+  constexpr const char* op = "sft::dequantize";
+  check_bits_block(op, bits, block);
+  TORCH_CHECK_VALUE(codes.scalar_type() == at::kByte, op, ": codes must be uint8, got ", codes.scalar_type());
+  TORCH_CHECK_VALUE(scales.scalar_type() == at::kFloat, op, ": scales must be float32, got ", scales.scalar_type());
+  TORCH_CHECK_VALUE(cols >= 0, op, ": cols must be >= 0, got ", cols);
+  TORCH_CHECK_VALUE(codes.dim() >= 1 && scales.dim() >= 1, op, ": codes and scales must have at least 1 dimension");
+  TORCH_CHECK_VALUE(is_supported_float(dtype), op, ": dtype must be float32, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(codes.device().is_cpu() && scales.device().is_cpu(), op, ": codes and scales must be CPU tensors");
+  const int64_t nbytes = ceil_div(cols * bits, 8), nblk = ceil_div(cols, block);
+  TORCH_CHECK_VALUE(codes.size(-1) == nbytes, op, ": codes last dim must be ceil(cols*bits/8) = ", nbytes,
+                    " for cols=", cols, ", bits=", bits, "; got ", codes.size(-1));
+  TORCH_CHECK_VALUE(scales.size(-1) == nblk, op, ": scales last dim must be ceil(cols/block) = ", nblk,
+                    " for cols=", cols, ", block=", block, "; got ", scales.size(-1));
+  const at::IntArrayRef lead = codes.sizes().slice(0, codes.dim() - 1);
+  TORCH_CHECK_VALUE(lead == scales.sizes().slice(0, scales.dim() - 1), op,
+                    ": codes and scales leading shapes must match, got ", codes.sizes(), " and ", scales.sizes());
+  const int64_t rows = c10::multiply_integers(lead);
+  at::Tensor y = at::empty(with_last(lead, cols), codes.options().dtype(dtype));
+  if (rows == 0 || cols == 0) return y;
+
+  const at::Tensor cc = codes.contiguous(), sc = scales.contiguous();
+  dispatch_float(dtype, [&](auto out) {
+    using Out = decltype(out);
+    dispatch_bits(bits, [&](auto b) { dequantize_rows<Out, decltype(b)::value>(cc, sc, y, rows, cols, block); });
+  });
+  return y;
+}
+
+TORCH_LIBRARY_IMPL(sft, CPU, m) {
+  m.impl("quantize", &quantize);
+  m.impl("dequantize", &dequantize);
+}
+
+}  // namespace cpu
+}  // namespace sft
