@@ -339,6 +339,9 @@ at::Tensor orth_t(const at::Tensor& yt_in, at::ScalarType gram, bool* finite = n
 // as qt (k x N), ub (k x r), s (r) and vb (H x r) orthonormal.
 struct Factors {
   at::Tensor qt, ub, s, vb;
+
+  // P = Q Ub diag(S) (N x rank), the one formula every op uses.
+  at::Tensor p() const { return at::mm(qt.t(), ub * s); }
 };
 
 // Raise the spec's RuntimeError for a sketch that is not finite. A NaN/Inf in
@@ -445,7 +448,7 @@ std::tuple<at::Tensor, at::Tensor> lowrank_cpu(const at::Tensor& x, int64_t rank
   const Factors f = lowrank_of(x, rank, oversample, power_iters, seed, "sft::lowrank", n, h);
   if (n == 0) return {at::zeros({0, rank}, x.options()), at::zeros({h, rank}, x.options())};
   const auto dt = x.scalar_type();
-  return {at::mm(f.qt.t(), f.ub * f.s).to(dt), f.vb.to(dt).contiguous()};  // P = Q Ub diag(S), Qout = Vb
+  return {f.p().to(dt), f.vb.to(dt).contiguous()};  // P, Qout = Vb
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> randomized_svd_cpu(const at::Tensor& w, int64_t rank,
@@ -470,10 +473,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_quantize_cpu(
   check_bits_block(op, bits, block);
   int64_t n = 0, h = 0;
   const Factors f = lowrank_of(x, rank, oversample, power_iters, seed, op, n, h);
-  // The factors as `lowrank` returns them (rounded to x's dtype), transposed:
-  // P^T = (Q Ub diag(S))^T (rank x N) and Q^T = Vb^T (rank x H).
+  // Exactly the factors `lowrank` returns (rounded to x's dtype), transposed:
+  // P^T (rank x N) and Q^T = Vb^T (rank x H).
   const auto dt = x.scalar_type();
-  const at::Tensor p_t = n == 0 ? at::zeros({rank, 0}, x.options()) : at::mm((f.ub * f.s).t(), f.qt).to(dt);
+  const at::Tensor p_t = n == 0 ? at::zeros({rank, 0}, x.options()) : f.p().t().to(dt).contiguous();
   const at::Tensor q_t = n == 0 ? at::zeros({rank, h}, x.options()) : f.vb.t().to(dt).contiguous();
   // P^T uses `seed`, Q^T uses seed + 1 (mod 2^64) for stochastic rounding.
   const int64_t seed_q = static_cast<int64_t>(static_cast<uint64_t>(seed) + 1u);
