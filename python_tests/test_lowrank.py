@@ -194,6 +194,21 @@ def test_same_seed_same_output(power_iters):
     assert not torch.equal(a[0], c[0])
 
 
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+def test_autocast_does_not_change_the_computation(dtype):
+    """An enclosing autocast must not turn the kernels' internal fp32 GEMMs into half-precision ones."""
+    x = decaying(120, 64, 2)
+    want = [torch.ops.sft.lowrank(x, 6, 6, 1, 0), torch.ops.sft.randomized_svd(x, 6, 6, 1, 0),
+            torch.ops.sft.lowrank_quantize(x, 6, 6, 1, 8, 32, False, 0)]
+    with torch.autocast("cpu", dtype=dtype):
+        got = [torch.ops.sft.lowrank(x, 6, 6, 1, 0), torch.ops.sft.randomized_svd(x, 6, 6, 1, 0),
+               torch.ops.sft.lowrank_quantize(x, 6, 6, 1, 8, 32, False, 0)]
+        rec = torch.ops.sft.lowrank_dequantize(*got[2], 120, 64, 6, 8, 32, torch.float32)
+    for g, w in zip(got, want):
+        assert all(torch.equal(a, b) for a, b in zip(g, w))
+    assert rec.dtype == torch.float32
+
+
 def test_outputs_do_not_alias_input():
     x = torch.randn(1, 4)
     p, q = torch.ops.sft.lowrank(x, 1, 0, 0, 0)

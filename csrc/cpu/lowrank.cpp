@@ -441,9 +441,15 @@ Factors lowrank_of(const at::Tensor& x, int64_t rank, int64_t oversample, int64_
 
 // ----------------------------------------------------------------------------- ops
 // Outputs are fresh contiguous tensors in the input dtype (never aliasing it).
+// Each op computes in its own precision: autocast is switched off for the ATen
+// calls inside (otherwise an enclosing torch.autocast would turn the fp32 GEMMs
+// into bf16 ones).
+
+using NoAutocast = c10::impl::ExcludeDispatchKeyGuard;
 
 std::tuple<at::Tensor, at::Tensor> lowrank_cpu(const at::Tensor& x, int64_t rank, int64_t oversample,
                                                int64_t power_iters, int64_t seed) {
+  const NoAutocast no_autocast(c10::autocast_dispatch_keyset);
   int64_t n = 0, h = 0;
   const Factors f = lowrank_of(x, rank, oversample, power_iters, seed, "sft::lowrank", n, h);
   if (n == 0) return {at::zeros({0, rank}, x.options()), at::zeros({h, rank}, x.options())};
@@ -454,6 +460,7 @@ std::tuple<at::Tensor, at::Tensor> lowrank_cpu(const at::Tensor& x, int64_t rank
 std::tuple<at::Tensor, at::Tensor, at::Tensor> randomized_svd_cpu(const at::Tensor& w, int64_t rank,
                                                                   int64_t oversample, int64_t power_iters,
                                                                   int64_t seed) {
+  const NoAutocast no_autocast(c10::autocast_dispatch_keyset);
   const char* op = "sft::randomized_svd";
   check_float_input(w, op, "w");
   TORCH_CHECK_VALUE(w.dim() == 2, op, ": w must be 2-D (N x H), got shape ", w.sizes());
@@ -469,6 +476,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> randomized_svd_cpu(const at::Tens
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_quantize_cpu(
     const at::Tensor& x, int64_t rank, int64_t oversample, int64_t power_iters, int64_t bits, int64_t block,
     bool stochastic, int64_t seed) {
+  const NoAutocast no_autocast(c10::autocast_dispatch_keyset);
   const char* op = "sft::lowrank_quantize";
   check_bits_block(op, bits, block);
   int64_t n = 0, h = 0;
@@ -503,6 +511,7 @@ void check_packed(const char* op, const char* cname, const at::Tensor& codes, co
 at::Tensor lowrank_dequantize_cpu(const at::Tensor& p_codes, const at::Tensor& p_scales, const at::Tensor& q_codes,
                                   const at::Tensor& q_scales, int64_t rows, int64_t cols, int64_t rank, int64_t bits,
                                   int64_t block, at::ScalarType dtype) {
+  const NoAutocast no_autocast(c10::autocast_dispatch_keyset);
   const char* op = "sft::lowrank_dequantize";
   check_bits_block(op, bits, block);
   TORCH_CHECK_VALUE(rows >= 0 && cols >= 0, op, ": rows and cols must be >= 0, got rows=", rows, ", cols=", cols);
