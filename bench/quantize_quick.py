@@ -1,7 +1,12 @@
 """Quick CPU bandwidth check of sft::quantize / sft::dequantize (not a test).
 
-Effective bandwidth = (bytes read + bytes written) / median time, compared with
-``x.clone()`` (2 * x.nbytes) on the same tensor.  Run from the repository root::
+Effective bandwidth = (bytes read + bytes written) / time, compared with
+``x.clone()`` (2 * x.nbytes) on the same tensor, and with ``y.copy_(x)`` into a
+preallocated ``y`` (no page faults: a fresh allocation above glibc's mmap
+threshold, 32 MiB, is page-faulted in on every call, which slows ``clone`` of a
+large tensor and every op that returns a large tensor alike).  Times are the
+median (and min, less sensitive to other load on the machine) of ``--reps``
+runs.  Run from the repository root::
 
     PYTHONPATH=. python bench/quantize_quick.py [--rows 16384] [--cols 768] [--block 64]
 """
@@ -16,7 +21,8 @@ import torch
 import sft_kernels  # noqa: F401  (registers torch.ops.sft)
 
 
-def median_time(fn, reps: int) -> float:
+def timings(fn, reps: int) -> tuple[float, float]:
+    """(median, min) seconds of ``reps`` calls after 3 warm-up calls."""
     for _ in range(3):
         fn()
     times = []
@@ -24,7 +30,7 @@ def median_time(fn, reps: int) -> float:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times), min(times)
 
 
 def main() -> None:
@@ -38,24 +44,34 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     q, dq = torch.ops.sft.quantize, torch.ops.sft.dequantize
     print(f"{args.rows}x{args.cols} block={args.block} threads={torch.get_num_threads()}")
-    print(f"{'case':34s} {'ms':>8s} {'GB/s':>8s} {'clone GB/s':>10s} {'fraction':>8s}")
+    print("GB/s = (bytes read + written) / time; 'x clone' = fraction of clone's GB/s, 'x copy' = of copy_'s")
+    hdr = f"{'case':28s} {'med ms':>8s} {'GB/s':>7s} {'x clone':>7s} {'x copy':>7s} | {'min ms':>8s} {'GB/s':>7s} {'x clone':>7s} {'x copy':>7s}"
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         x = torch.randn(args.rows, args.cols).to(dtype)
-        t_clone = median_time(lambda: x.clone(), args.reps)
-        bw_clone = 2 * x.nbytes / t_clone / 1e9
-        name = str(dtype).replace("torch.", "")
+        y = torch.empty_like(x)
+        base = {}
+        for name, fn in (("clone", lambda: x.clone()), ("copy_", lambda: y.copy_(x))):
+            base[name] = [2 * x.nbytes / t / 1e9 for t in timings(fn, args.reps)]
+        dname = str(dtype).replace("torch.", "")
+        print(f"\n{dname}: clone {base['clone'][0]:.2f} GB/s (min-time {base['clone'][1]:.2f}), "
+              f"copy_ {base['copy_'][0]:.2f} GB/s (min-time {base['copy_'][1]:.2f})")
+        print(hdr)
+
+        def report(label, fn, moved):
+            cells = []
+            for i, t in enumerate(timings(fn, args.reps)):
+                bw = moved / t / 1e9
+                cells.append(f"{t * 1e3:8.3f} {bw:7.2f} {bw / base['clone'][i]:7.2f} {bw / base['copy_'][i]:7.2f}")
+            print(f"{label:28s} " + " | ".join(cells))
+
         for bits, sr in ((8, False), (4, False), (2, False), (8, True)):
             codes, scales = q(x, bits, args.block, sr, 0)
-            t = median_time(lambda: q(x, bits, args.block, sr, 0), args.reps)
-            moved = x.nbytes + codes.nbytes + scales.nbytes
-            label = f"quantize {name} int{bits}{' sr' if sr else ''}"
-            print(f"{label:34s} {t * 1e3:8.3f} {moved / t / 1e9:8.2f} {bw_clone:10.2f} {moved / t / 1e9 / bw_clone:8.2f}")
-        for bits in (8, 4):
+            report(f"quantize int{bits}{' sr' if sr else ''}", lambda: q(x, bits, args.block, sr, 0),
+                   x.nbytes + codes.nbytes + scales.nbytes)
+        for bits in (8, 4, 2):
             codes, scales = q(x, bits, args.block, False, 0)
-            t = median_time(lambda: dq(codes, scales, bits, args.block, args.cols, dtype), args.reps)
-            moved = x.nbytes + codes.nbytes + scales.nbytes
-            label = f"dequantize {name} int{bits}"
-            print(f"{label:34s} {t * 1e3:8.3f} {moved / t / 1e9:8.2f} {bw_clone:10.2f} {moved / t / 1e9 / bw_clone:8.2f}")
+            report(f"dequantize int{bits}", lambda: dq(codes, scales, bits, args.block, args.cols, dtype),
+                   x.nbytes + codes.nbytes + scales.nbytes)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,535 @@
+// CPU kernels of the randomized low-rank ops: sft::lowrank, sft::randomized_svd,
+// sft::lowrank_quantize and sft::lowrank_dequantize.
+//
+// The algorithm is the one specified in sft_kernels/reference.py (module
+// docstring and `_core`): a Halko-Martinsson-Tropp range finder with a Philox
+// Rademacher sketch generated here (never passed in), shifted CholeskyQR3
+// orthonormalisation, and either `power_iters` >= 0 power iterations or the
+// single-pass sketch of Tropp et al. (2017) for power_iters = -1. All four ops
+// share one range finder (`lowrank_core`); the big products are BLAS GEMMs on
+// the fp32 view of X (no copy for contiguous fp32 input).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+// Vector helpers below are always inlined into target clones; no ABI crosses an ISA boundary.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+#include "common/philox.h"
+#include "cpu/quantize.h"
+
+namespace sft {
+namespace cpu {
+namespace {
+
+// ----------------------------------------------------------------------------- argument checks
+
+// The same ranges as sft_kernels/_checks.py, raised as ValueError so direct
+// torch.ops.sft calls fail exactly like the Python wrappers.
+void check_float_input(const at::Tensor& x, const char* op, const char* name) {
+  const auto t = x.scalar_type();
+  TORCH_CHECK_VALUE(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, op, ": ", name,
+                    " must be float32, float16 or bfloat16, got ", t);
+}
+
+void check_lowrank_args(const char* op, int64_t rank, int64_t oversample, int64_t power_iters, int64_t n,
+                        int64_t h) {
+  TORCH_CHECK_VALUE(rank >= 1, op, ": rank must be >= 1, got ", rank);
+  if (n > 0) {
+    TORCH_CHECK_VALUE(rank <= std::min(n, h), op, ": rank must be <= min(N, H) = min(", n, ", ", h,
+                      ") = ", std::min(n, h), ", got ", rank);
+  } else {
+    TORCH_CHECK_VALUE(rank <= h, op, ": rank must be <= H = ", h, ", got ", rank);
+  }
+  TORCH_CHECK_VALUE(oversample >= 0, op, ": oversample must be >= 0, got ", oversample);
+  TORCH_CHECK_VALUE(power_iters >= -1, op,
+                    ": power_iters must be >= -1 (-1 selects the single-pass sketch), got ", power_iters);
+}
+
+void check_bits_block(const char* op, int64_t bits, int64_t block) {
+  TORCH_CHECK_VALUE(bits == 2 || bits == 4 || bits == 8, op, ": bits must be one of (2, 4, 8), got ", bits);
+  TORCH_CHECK_VALUE(block >= 1, op, ": block must be >= 1, got ", block);
+}
+
+int64_t packed_cols(int64_t cols, int64_t bits) { return (cols * bits + 7) / 8; }
+int64_t num_blocks(int64_t cols, int64_t block) { return (cols + block - 1) / block; }
+
+// x viewed as the N x H matrix of the spec: leading dims flattened, a 0-dim
+// tensor is 1 x 1. Returns a view where possible (reshape copies only when the
+// strides do not allow a view).
+at::Tensor as_matrix(const at::Tensor& x) {
+  if (x.dim() == 0) return x.reshape({1, 1});
+  return x.reshape({-1, x.size(-1)});
+}
+
+// ----------------------------------------------------------------------------- random sketches
+
+// The rows x cols Rademacher test matrix of the spec, fp32: entry (i, j) has
+// index e = i*cols + j and is +1 when the top bit of Philox word e of `stream`
+// is 0, else -1.
+at::Tensor rademacher(int64_t rows, int64_t cols, uint64_t seed, uint32_t stream) {
+  at::Tensor out = at::empty({rows, cols}, at::TensorOptions().dtype(at::kFloat));
+  float* p = out.data_ptr<float>();
+  const int64_t n = rows * cols;
+  at::parallel_for(0, (n + 3) / 4, 1024, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const Philox4 w = philox_group(seed, static_cast<uint64_t>(g), stream);
+      const int64_t e0 = 4 * g, cnt = std::min<int64_t>(4, n - e0);
+      for (int64_t t = 0; t < cnt; ++t) p[e0 + t] = (w.v[t] >> 31) ? -1.0f : 1.0f;
+    }
+  });
+  return out;
+}
+
+// ----------------------------------------------------------------------------- orthonormalisation
+//
+// Tall-skinny matrices (the sketches and range bases, m x k with k << m) are
+// stored transposed, as k x m row-major tensors ("Yt"), so that the long m
+// axis is contiguous: the CholeskyQR kernel then handles 8 consecutive rows
+// per SIMD vector with plain loads, and MKL reads/writes them as transposed
+// GEMM operands at no extra cost.
+
+// Multiversioned hot loops: AVX-512, AVX2 and the portable baseline. The code
+// is the same in every clone (GCC vector extensions, -ffp-contract=off), so
+// results do not depend on which one runs.
+#define SFT_LR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define SFT_LR_INLINE inline __attribute__((always_inline))
+
+// Widest sketch handled by the fused CholeskyQR kernel below; wider ones use
+// BLAS (at::mm / trsm), which wins once the k x k work per row dominates.
+constexpr int64_t kFusedOrthMaxK = 64;
+// The kernel works on panels of kPanelVecs vectors of 8 rows.
+constexpr int kPanelVecs = 4;
+constexpr int64_t kPanelRows = 8 * kPanelVecs;
+
+// 8-lane vectors of the Gram dtype T and of fp32. They are declared with
+// element alignment: the natural alignment of a vector type differs between the
+// baseline and the AVX clones, and heap buffers are only 16-byte aligned.
+template <typename T>
+struct Lanes;
+template <>
+struct Lanes<double> {
+  typedef double V __attribute__((vector_size(64), aligned(8)));
+};
+template <>
+struct Lanes<float> {
+  typedef float V __attribute__((vector_size(32), aligned(4)));
+};
+typedef float V8f __attribute__((vector_size(32), aligned(4)));
+
+// Rows [i0, i0 + n) (n <= 8) of column j of a transposed tall matrix, zero-padded.
+SFT_LR_INLINE V8f load_rows(const float* col, int64_t i0, int64_t n) {
+  V8f v = {};
+  if (n >= 8) {
+    std::memcpy(&v, col + i0, sizeof(v));
+  } else {
+    for (int64_t l = 0; l < n; ++l) v[l] = col[i0 + l];
+  }
+  return v;
+}
+
+SFT_LR_INLINE void store_rows(float* col, int64_t i0, int64_t n, V8f v) {
+  if (n >= 8) {
+    std::memcpy(col + i0, &v, sizeof(v));
+  } else {
+    for (int64_t l = 0; l < n; ++l) col[i0 + l] = v[l];
+  }
+}
+
+// One CholeskyQR pass over rows [c0, c1) of the transposed tall matrix yt
+// (k x m fp32). With r != nullptr every row y is replaced by q solving q R = y
+// (R upper k x k row-major in T; inv_diag[j] = 1 / R[j][j]), computed in T and
+// rounded to fp32 into out (k x m). With acc != nullptr the Gram matrix of the
+// (rounded) rows is accumulated in T into acc: kp x kp vectors of 8 lane
+// partial sums, kp = k rounded up to 4 (only the upper 4 x 4 blocks are used).
+// t is scratch for one panel: kp * kPanelVecs vectors.
+template <typename T>
+SFT_LR_INLINE void cholqr_rows(const float* yt, float* out, int64_t m, int64_t k, int64_t c0, int64_t c1,
+                               const T* r, const T* inv_diag, typename Lanes<T>::V* acc,
+                               typename Lanes<T>::V* t) {
+  using V = typename Lanes<T>::V;
+  constexpr int NV = kPanelVecs;
+  const int64_t kp = (k + 3) & ~int64_t{3};
+  for (int64_t i0 = c0; i0 < c1; i0 += kPanelRows) {
+    const int64_t rows = std::min(kPanelRows, c1 - i0);
+    for (int64_t j = 0; j < kp; ++j)
+      for (int v = 0; v < NV; ++v)
+        t[j * NV + v] = j < k ? __builtin_convertvector(load_rows(yt + j * m, i0 + 8 * v, rows - 8 * v), V) : V{};
+    if (r != nullptr) {
+      // Left-looking forward substitution on the panel, all NV vectors at once.
+      for (int64_t j = 0; j < k; ++j) {
+        V s[NV];
+        for (int v = 0; v < NV; ++v) s[v] = t[j * NV + v];
+        for (int64_t i = 0; i < j; ++i) {
+          const T rij = r[i * k + j];
+          for (int v = 0; v < NV; ++v) s[v] -= rij * t[i * NV + v];
+        }
+        for (int v = 0; v < NV; ++v) t[j * NV + v] = s[v] * inv_diag[j];
+      }
+      // Round to the fp32 result; the next Gram is taken of the rounded rows.
+      for (int64_t j = 0; j < k; ++j)
+        for (int v = 0; v < NV; ++v) {
+          const V8f f = __builtin_convertvector(t[j * NV + v], V8f);
+          store_rows(out + j * m, i0 + 8 * v, rows - 8 * v, f);
+          t[j * NV + v] = __builtin_convertvector(f, V);
+        }
+    }
+    if (acc != nullptr) {
+      // Upper 4 x 4 blocks of the panel's Gram matrix, 16 accumulators each.
+      for (int64_t p = 0; p < kp; p += 4)
+        for (int64_t c = p; c < kp; c += 4) {
+          V a[4][4] = {};
+          for (int v = 0; v < NV; ++v) {
+            const V tp[4] = {t[p * NV + v], t[(p + 1) * NV + v], t[(p + 2) * NV + v], t[(p + 3) * NV + v]};
+            const V tc[4] = {t[c * NV + v], t[(c + 1) * NV + v], t[(c + 2) * NV + v], t[(c + 3) * NV + v]};
+            for (int x = 0; x < 4; ++x)
+              for (int z = 0; z < 4; ++z) a[x][z] += tp[x] * tc[z];
+          }
+          for (int x = 0; x < 4; ++x)
+            for (int z = 0; z < 4; ++z) acc[(p + x) * kp + c + z] += a[x][z];
+        }
+    }
+  }
+}
+
+SFT_LR_CLONES void cholqr_rows_f64(const float* yt, float* out, int64_t m, int64_t k, int64_t c0, int64_t c1,
+                                   const double* r, const double* inv_diag, Lanes<double>::V* acc,
+                                   Lanes<double>::V* t) {
+  cholqr_rows<double>(yt, out, m, k, c0, c1, r, inv_diag, acc, t);
+}
+SFT_LR_CLONES void cholqr_rows_f32(const float* yt, float* out, int64_t m, int64_t k, int64_t c0, int64_t c1,
+                                   const float* r, const float* inv_diag, Lanes<float>::V* acc,
+                                   Lanes<float>::V* t) {
+  cholqr_rows<float>(yt, out, m, k, c0, c1, r, inv_diag, acc, t);
+}
+SFT_LR_INLINE void cholqr_rows_any(const float* yt, float* out, int64_t m, int64_t k, int64_t c0, int64_t c1,
+                                   const double* r, const double* inv_diag, Lanes<double>::V* acc,
+                                   Lanes<double>::V* t) {
+  cholqr_rows_f64(yt, out, m, k, c0, c1, r, inv_diag, acc, t);
+}
+SFT_LR_INLINE void cholqr_rows_any(const float* yt, float* out, int64_t m, int64_t k, int64_t c0, int64_t c1,
+                                   const float* r, const float* inv_diag, Lanes<float>::V* acc, Lanes<float>::V* t) {
+  cholqr_rows_f32(yt, out, m, k, c0, c1, r, inv_diag, acc, t);
+}
+
+// Deterministic row partition of the fused kernel: the chunks depend only on
+// m, never on the thread count, and per-chunk partial Gram matrices are summed
+// in chunk order, so results are reproducible bit for bit.
+struct RowChunks {
+  int64_t count, size;
+};
+RowChunks orth_chunks(int64_t m) {
+  const int64_t count = std::clamp<int64_t>((m + 511) / 512, 1, 16);
+  const int64_t size = ((m + count - 1) / count + kPanelRows - 1) / kPanelRows * kPanelRows;
+  return {(m + size - 1) / size, size};
+}
+
+// Fused CholeskyQR pass over the transposed tall matrix yt (k x m): with r
+// defined, *out = (yt^T R^{-1})^T rounded to fp32; returns the k x k Gram
+// matrix (in T) of the result (of yt itself when r is undefined) if want_gram,
+// else an undefined tensor.
+template <typename T>
+at::Tensor cholqr_pass(const at::Tensor& yt, at::Tensor* out, const at::Tensor& r, bool want_gram) {
+  using V = typename Lanes<T>::V;
+  const int64_t k = yt.size(0), m = yt.size(1), kp = (k + 3) & ~int64_t{3};
+  const RowChunks ch = orth_chunks(m);
+  // Vector buffers are held as arrays of T (8 per vector): V has element alignment.
+  std::vector<T> acc_buf(want_gram ? static_cast<size_t>(ch.count * kp * kp * 8) : 0, T(0));
+  V* acc = reinterpret_cast<V*>(acc_buf.data());
+  std::vector<T> inv_diag(static_cast<size_t>(k));
+  if (r.defined())
+    for (int64_t j = 0; j < k; ++j) inv_diag[j] = T(1) / r.data_ptr<T>()[j * k + j];
+  const float* yp = yt.data_ptr<float>();
+  float* op = out != nullptr ? out->data_ptr<float>() : nullptr;
+  const T* rp = r.defined() ? r.data_ptr<T>() : nullptr;
+  at::parallel_for(0, ch.count, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<T> t(static_cast<size_t>(kp * kPanelVecs * 8));
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t c0 = b * ch.size, c1 = std::min(m, c0 + ch.size);
+      cholqr_rows_any(yp, op, m, k, c0, c1, rp, inv_diag.data(), want_gram ? acc + b * kp * kp : nullptr,
+                      reinterpret_cast<V*>(t.data()));
+    }
+  });
+  if (!want_gram) return at::Tensor();
+  at::Tensor g = at::empty({k, k}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  T* gp = g.data_ptr<T>();
+  for (int64_t p = 0; p < k; ++p)
+    for (int64_t c = p; c < k; ++c) {
+      T sum = 0;
+      for (int64_t b = 0; b < ch.count; ++b) {
+        const V& a = acc[b * kp * kp + p * kp + c];
+        for (int l = 0; l < 8; ++l) sum += a[l];
+      }
+      gp[p * k + c] = sum;
+      gp[c * k + p] = sum;
+    }
+  return g;
+}
+
+// Shift of shifted CholeskyQR for an m x k matrix with Gram g:
+// s = 11 (m k + k (k+1)) u tr(g) + tiny, u the unit roundoff of the Gram dtype.
+double cholqr_shift(const at::Tensor& g, int64_t m) {
+  const int64_t k = g.size(0);
+  const bool f64 = g.scalar_type() == at::kDouble;
+  const double u = (f64 ? std::numeric_limits<double>::epsilon() : double{std::numeric_limits<float>::epsilon()}) / 2;
+  const double tiny = (f64 ? std::numeric_limits<double>::min() : double{std::numeric_limits<float>::min()}) * 1e4;
+  return 11.0 * static_cast<double>(m * k + k * (k + 1)) * u * g.trace().item<double>() + tiny;
+}
+
+// Upper Cholesky factor of g + shift I (row-major contiguous). linalg_cholesky_ex
+// never throws; the shift keeps the matrix positive definite for finite input.
+at::Tensor shifted_cholesky(at::Tensor g, double shift) {
+  g.diagonal().add_(shift);
+  return std::get<0>(at::linalg_cholesky_ex(g, /*upper=*/true, /*check_errors=*/false)).contiguous();
+}
+
+template <typename T>
+at::Tensor orth_fused(const at::Tensor& yt, bool* finite) {
+  const int64_t m = yt.size(1);
+  at::Tensor g = cholqr_pass<T>(yt, nullptr, at::Tensor(), /*want_gram=*/true);
+  const double shift0 = cholqr_shift(g, m);
+  if (finite != nullptr) *finite = std::isfinite(shift0);
+  at::Tensor q = yt;
+  for (int pass = 0; pass < 3; ++pass) {
+    const at::Tensor r = shifted_cholesky(g, pass == 0 ? shift0 : cholqr_shift(g, m));
+    at::Tensor next = at::empty_like(yt);
+    g = cholqr_pass<T>(q, &next, r, /*want_gram=*/pass < 2);
+    q = next;
+  }
+  return q;
+}
+
+// Shifted CholeskyQR3 (reference `_orth`) of the tall m x k fp32 matrix Y,
+// given and returned transposed (k x m): three passes of  G = Y^T Y + s I,
+// R = chol(G),  Y <- Y R^{-1},  with the shift of `cholqr_shift`. The Gram
+// matrix, the Cholesky factor and the triangular solve run in `gram` (fp64 for
+// fp32 input, fp32 for fp16/bf16); the result is rounded back to fp32 after
+// every pass. Rank-deficient or zero Y yields finite output without
+// data-dependent branches. If `finite` is given it receives whether Y was
+// finite (its Gram trace is), which spares a separate scan of Y.
+at::Tensor orth_t(const at::Tensor& yt_in, at::ScalarType gram, bool* finite = nullptr) {
+  const at::Tensor yt = yt_in.contiguous();
+  const int64_t k = yt.size(0), m = yt.size(1);
+  if (k <= kFusedOrthMaxK) return gram == at::kDouble ? orth_fused<double>(yt, finite) : orth_fused<float>(yt, finite);
+  at::Tensor qt = yt;
+  for (int pass = 0; pass < 3; ++pass) {
+    const at::Tensor yg = qt.to(gram);
+    const at::Tensor g = at::mm(yg, yg.t());
+    const double shift = cholqr_shift(g, m);
+    if (pass == 0 && finite != nullptr) *finite = std::isfinite(shift);
+    const at::Tensor r = shifted_cholesky(g, shift);
+    // (Y R^{-1})^T = R^{-T} Y^T
+    qt = at::linalg_solve_triangular(r.t(), yg, /*upper=*/false).to(at::kFloat);
+  }
+  return qt;
+}
+
+// ----------------------------------------------------------------------------- range finder
+
+// The rank-truncated factors shared by every op, all fp32:
+// X ~= Q @ ub @ diag(s) @ vb^T, with the range basis Q (N x k) held transposed
+// as qt (k x N), ub (k x r), s (r) and vb (H x r) orthonormal.
+struct Factors {
+  at::Tensor qt, ub, s, vb;
+
+  // P = Q Ub diag(S) (N x rank), the one formula every op uses.
+  at::Tensor p() const { return at::mm(qt.t(), ub * s); }
+};
+
+// Raise the spec's RuntimeError for a sketch that is not finite. A NaN/Inf in
+// row i of X makes every entry of row i of Y = X Omega non-finite (Omega is
+// +-1), and a non-finite Y has a non-finite Gram trace, so `orth_t` detects it
+// for free and only then is X scanned to count the bad values. A finite X
+// whose sketch overflows fp32 is reported too rather than returning NaN factors.
+[[noreturn]] void raise_non_finite(const at::Tensor& x2, const char* op, const char* name) {
+  const int64_t bad = at::isfinite(x2).logical_not().sum().item<int64_t>();
+  TORCH_CHECK(bad == 0, op, ": ", name, " has ", bad, " non-finite value(s)");
+  TORCH_CHECK(false, op, ": ", name, " is finite but its sketch overflowed float32; scale ", name, " down");
+  __builtin_unreachable();
+}
+
+// Q^T = orth(Y)^T for the first sketch Y (given as yt) of x2, raising on non-finite input.
+at::Tensor orth_sketch_t(const at::Tensor& yt, at::ScalarType gram, const at::Tensor& x2, const char* op,
+                         const char* name) {
+  bool finite = true;
+  at::Tensor qt = orth_t(yt, gram, &finite);
+  if (!finite) raise_non_finite(x2, op, name);
+  return qt;
+}
+
+// Truncated SVD of the small k x H matrix b (k <= H) in `gram` precision:
+// B^T = Qb Rb (Householder QR, backward stable) and Rb = U' S V'^T give
+// B = V' S (Qb U')^T, i.e. Ub = V', Vb = Qb U'; cheaper than an SVD of the
+// wide B. Returns (ub k x r, s r, vb H x r), fp32.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> small_svd(const at::Tensor& b, int64_t rank, at::ScalarType gram) {
+  auto [qb, rb] = at::linalg_qr(b.t().to(gram), "reduced");
+  auto [u1, s, v1t] = at::linalg_svd(rb, /*full_matrices=*/false);
+  return {v1t.narrow(0, 0, rank).t().to(at::kFloat), s.narrow(0, 0, rank).to(at::kFloat),
+          at::mm(qb, u1.narrow(1, 0, rank)).to(at::kFloat)};
+}
+
+// Rows of X per block of the single-pass sketch: about 256 KiB of fp32 so a
+// block stays cache-resident for both of its products.
+int64_t single_pass_block_rows(int64_t h) {
+  return std::max<int64_t>(16, (int64_t{1} << 16) / std::max<int64_t>(h, 1));
+}
+
+// The shared range finder of reference `_core`. x2 is the N x H matrix (N >= 1)
+// in its input dtype; fp32 input is used in place, fp16/bf16 converted to fp32
+// once (or block by block in the single-pass mode, which reads X exactly once).
+// Every product with X is one MKL GEMM whose skinny operand is a transposed
+// tall matrix (see the orthonormalisation section).
+Factors lowrank_core(const at::Tensor& x2, int64_t rank, int64_t oversample, int64_t power_iters, int64_t seed,
+                     const char* op, const char* name) {
+  const int64_t n = x2.size(0), h = x2.size(1);
+  const int64_t k = std::min({rank + oversample, n, h});
+  const uint64_t useed = static_cast<uint64_t>(seed);
+  const at::ScalarType gram = x2.scalar_type() == at::kFloat ? at::kDouble : at::kFloat;
+  const at::Tensor omega = rademacher(h, k, useed, kPhiloxStreamSketch);  // H x k
+
+  if (power_iters < 0) {
+    // Single-pass sketch: Y = X Omega and W = Psi X from one read of X, block
+    // by block over rows; then Q = orth(Y), B = lstsq(Psi Q, W).
+    const int64_t ell = 2 * k + 1;
+    const at::Tensor psi = rademacher(ell, n, useed, kPhiloxStreamSketch2);  // l x N
+    at::Tensor yt = at::empty({k, n}, omega.options());
+    at::Tensor w = at::zeros({ell, h}, omega.options());
+    const int64_t bs = single_pass_block_rows(h);
+    for (int64_t r0 = 0; r0 < n; r0 += bs) {
+      const int64_t len = std::min(bs, n - r0);
+      const at::Tensor xb = x2.narrow(0, r0, len).to(at::kFloat);
+      at::Tensor yb = yt.narrow(1, r0, len);
+      at::mm_out(yb, omega.t(), xb.t());
+      w.addmm_(psi.narrow(1, r0, len), xb);
+    }
+    const at::Tensor qt = orth_sketch_t(yt, gram, x2, op, name);
+    const at::Tensor b = std::get<0>(at::linalg_lstsq(at::mm(psi, qt.t()).to(gram), w.to(gram)));
+    auto [ub, s, vb] = small_svd(b, rank, gram);
+    return {qt, ub, s, vb};
+  }
+
+  const at::Tensor xf = x2.to(at::kFloat);  // no copy for fp32 input
+  at::Tensor qt = orth_sketch_t(at::mm(omega.t(), xf.t()), gram, xf, op, name);  // (X Omega)^T
+  for (int64_t it = 0; it < power_iters; ++it) {
+    const at::Tensor zt = orth_t(at::mm(qt, xf), gram);  // (X^T Q)^T
+    qt = orth_t(at::mm(zt, xf.t()), gram);                // (X Z)^T
+  }
+  auto [ub, s, vb] = small_svd(at::mm(qt, xf), rank, gram);  // B = Q^T X
+  return {qt, ub, s, vb};
+}
+
+// Validates x and the low-rank arguments, views x as N x H (reported in n, h)
+// and runs the range finder; the factors are left undefined when N = 0.
+Factors lowrank_of(const at::Tensor& x, int64_t rank, int64_t oversample, int64_t power_iters, int64_t seed,
+                   const char* op, int64_t& n, int64_t& h) {
+  check_float_input(x, op, "x");
+  const at::Tensor x2 = as_matrix(x);
+  n = x2.size(0);
+  h = x2.size(1);
+  check_lowrank_args(op, rank, oversample, power_iters, n, h);
+  if (n == 0) return {};
+  return lowrank_core(x2, rank, oversample, power_iters, seed, op, "x");
+}
+
+// ----------------------------------------------------------------------------- ops
+// Outputs are fresh contiguous tensors in the input dtype (never aliasing it).
+// Each op computes in its own precision: autocast is switched off for the ATen
+// calls inside (otherwise an enclosing torch.autocast would turn the fp32 GEMMs
+// into bf16 ones).
+
+using NoAutocast = c10::impl::ExcludeDispatchKeyGuard;
+
+std::tuple<at::Tensor, at::Tensor> lowrank_cpu(const at::Tensor& x, int64_t rank, int64_t oversample,
+                                               int64_t power_iters, int64_t seed) {
+  const NoAutocast no_autocast(c10::autocast_dispatch_keyset);
+  int64_t n = 0, h = 0;
+  const Factors f = lowrank_of(x, rank, oversample, power_iters, seed, "sft::lowrank", n, h);
+  if (n == 0) return {at::zeros({0, rank}, x.options()), at::zeros({h, rank}, x.options())};
+  const auto dt = x.scalar_type();
+  return {f.p().to(dt), f.vb.to(dt).contiguous()};  // P, Qout = Vb
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> randomized_svd_cpu(const at::Tensor& w, int64_t rank,
+                                                                  int64_t oversample, int64_t power_iters,
+                                                                  int64_t seed) {
+  const NoAutocast no_autocast(c10::autocast_dispatch_keyset);
+  const char* op = "sft::randomized_svd";
+  check_float_input(w, op, "w");
+  TORCH_CHECK_VALUE(w.dim() == 2, op, ": w must be 2-D (N x H), got shape ", w.sizes());
+  const int64_t n = w.size(0), h = w.size(1);
+  check_lowrank_args(op, rank, oversample, power_iters, n, h);
+  const auto opts = w.options();
+  if (n == 0) return {at::zeros({0, rank}, opts), at::zeros({rank}, opts), at::zeros({h, rank}, opts)};
+  const Factors f = lowrank_core(w, rank, oversample, power_iters, seed, op, "w");
+  const auto dt = w.scalar_type();
+  return {at::mm(f.qt.t(), f.ub).to(dt), f.s.to(dt), f.vb.to(dt).contiguous()};  // U = Q Ub
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_quantize_cpu(
+    const at::Tensor& x, int64_t rank, int64_t oversample, int64_t power_iters, int64_t bits, int64_t block,
+    bool stochastic, int64_t seed) {
+  const NoAutocast no_autocast(c10::autocast_dispatch_keyset);
+  const char* op = "sft::lowrank_quantize";
+  check_bits_block(op, bits, block);
+  int64_t n = 0, h = 0;
+  const Factors f = lowrank_of(x, rank, oversample, power_iters, seed, op, n, h);
+  // Exactly the factors `lowrank` returns (rounded to x's dtype), transposed:
+  // P^T (rank x N) and Q^T = Vb^T (rank x H).
+  const auto dt = x.scalar_type();
+  const at::Tensor p_t = n == 0 ? at::zeros({rank, 0}, x.options()) : f.p().t().to(dt).contiguous();
+  const at::Tensor q_t = n == 0 ? at::zeros({rank, h}, x.options()) : f.vb.t().to(dt).contiguous();
+  // P^T uses `seed`, Q^T uses seed + 1 (mod 2^64) for stochastic rounding.
+  const int64_t seed_q = static_cast<int64_t>(static_cast<uint64_t>(seed) + 1u);
+  auto [pc, ps] = quantize(p_t, bits, block, stochastic, seed);
+  auto [qc, qs] = quantize(q_t, bits, block, stochastic, seed_q);
+  return {pc, ps, qc, qs};
+}
+
+void check_packed(const char* op, const char* cname, const at::Tensor& codes, const char* sname,
+                  const at::Tensor& scales, int64_t rank, int64_t cols, const char* cols_name, int64_t bits,
+                  int64_t block) {
+  TORCH_CHECK_VALUE(codes.scalar_type() == at::kByte, op, ": ", cname, " must be uint8, got ", codes.scalar_type());
+  TORCH_CHECK_VALUE(scales.scalar_type() == at::kFloat, op, ": ", sname, " must be float32, got ",
+                    scales.scalar_type());
+  const int64_t want_c = packed_cols(cols, bits), want_s = num_blocks(cols, block);
+  TORCH_CHECK_VALUE(codes.dim() == 2 && codes.size(0) == rank && codes.size(1) == want_c, op, ": ", cname,
+                    " must have shape (rank, ceil(", cols_name, "*bits/8)) = (", rank, ", ", want_c, ") for ",
+                    cols_name, "=", cols, ", rank=", rank, ", bits=", bits, "; got ", codes.sizes());
+  TORCH_CHECK_VALUE(scales.dim() == 2 && scales.size(0) == rank && scales.size(1) == want_s, op, ": ", sname,
+                    " must have shape (rank, ceil(", cols_name, "/block)) = (", rank, ", ", want_s, ") for ",
+                    cols_name, "=", cols, ", rank=", rank, ", block=", block, "; got ", scales.sizes());
+}
+
+at::Tensor lowrank_dequantize_cpu(const at::Tensor& p_codes, const at::Tensor& p_scales, const at::Tensor& q_codes,
+                                  const at::Tensor& q_scales, int64_t rows, int64_t cols, int64_t rank, int64_t bits,
+                                  int64_t block, at::ScalarType dtype) {
+  const NoAutocast no_autocast(c10::autocast_dispatch_keyset);
+  const char* op = "sft::lowrank_dequantize";
+  check_bits_block(op, bits, block);
+  TORCH_CHECK_VALUE(rows >= 0 && cols >= 0, op, ": rows and cols must be >= 0, got rows=", rows, ", cols=", cols);
+  TORCH_CHECK_VALUE(rank >= 1, op, ": rank must be >= 1, got ", rank);
+  check_packed(op, "p_codes", p_codes, "p_scales", p_scales, rank, rows, "rows", bits, block);
+  check_packed(op, "q_codes", q_codes, "q_scales", q_scales, rank, cols, "cols", bits, block);
+  const at::Tensor pt = dequantize(p_codes, p_scales, bits, block, rows, at::kFloat);  // rank x rows
+  const at::Tensor qt = dequantize(q_codes, q_scales, bits, block, cols, at::kFloat);  // rank x cols
+  return at::mm(pt.t(), qt).to(dtype).contiguous();
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace sft
+
+TORCH_LIBRARY_IMPL(sft, CPU, m) {
+  m.impl("lowrank", &sft::cpu::lowrank_cpu);
+  m.impl("randomized_svd", &sft::cpu::randomized_svd_cpu);
+  m.impl("lowrank_quantize", &sft::cpu::lowrank_quantize_cpu);
+  m.impl("lowrank_dequantize", &sft::cpu::lowrank_dequantize_cpu);
+}
