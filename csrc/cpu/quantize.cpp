@@ -8,12 +8,15 @@
 //   * The work is split into spans: runs of whole blocks of one row whose first
 //     element is also the first element of a packed byte, so two spans never
 //     write the same byte and can run on different threads (at::parallel_for).
-//   * Within a span, each block is handled while it is in L1: one integer pass
-//     for absmax (which also detects non-finite values), then one pass that
-//     divides and rounds into one uint8 code per element. 8-bit codes go
-//     straight to the output; 2/4-bit codes are staged in a small window and
-//     packed in registers (pack_bytes<BITS>). Dequantize mirrors this with
-//     unpack_bytes<BITS>.
+//   * Within a span, pass 1 computes each block's absmax by an integer max over
+//     the raw bits (which also detects inf/NaN) and its scale. Pass 2 walks
+//     the span, still in L1/L2, in windows of kWindow elements: it divides and
+//     rounds into one uint8 code per element, straight into the output for 8
+//     bits, or into a staging window that pack_bytes<BITS> packs in registers
+//     for 2/4 bits. Dequantize mirrors pass 2 with unpack_bytes<BITS>.
+//   * Blocks of at least kShortBlock elements are encoded block by block with
+//     the scale in a register; shorter blocks get a per-element scale array so
+//     that each window is still one long vectorised loop.
 //   * Everything is templated on the input/output dtype, on bits (so shifts,
 //     qmax and packing are compile-time constants) and on the rounding mode.
 //
@@ -142,7 +145,8 @@ struct Fmt {
   static constexpr int kQmax = kOffset - 1;
 };
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// ceil(a / b) for a >= 0, b >= 1, without overflow for any b.
+inline int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
 
 // ----------------------------------------------------------------------------- per-element rounding
 // Rounding is done with float -> int conversion (truncation) rather than
@@ -442,7 +446,7 @@ void dequantize_rows(const at::Tensor& codes, const at::Tensor& scales, at::Tens
   });
 }
 
-// Calls f(Fmt-tag) with the bits as a compile-time constant.
+// Calls f(std::integral_constant<int, bits>) (the caller has checked bits).
 template <class F>
 auto dispatch_bits(int64_t bits, F&& f) {
   switch (bits) {
