@@ -29,7 +29,9 @@
 // defines it is the scalar fallback, and it has no byte packing operations.
 // Bit-exactness does not depend on the clone: every step is an fp32 IEEE
 // operation per element (no reciprocal, no FMA; the build passes
-// -ffp-contract=off) or exact integer/bit manipulation.
+// -ffp-contract=off) or exact integer/bit manipulation. (The test suite passes
+// with each clone built alone; the hot loops were checked to vectorise in all
+// three with -fopt-info-vec, except Philox in the SSE2 baseline.)
 #include "cpu/quantize.h"
 
 #include <ATen/Parallel.h>
