@@ -130,6 +130,17 @@ def test_large_random_tensor(dtype, bits, stochastic):
     _assert_same_as_reference(x.to(dtype), bits, 64, stochastic, 99)
 
 
+@pytest.mark.parametrize("bits", BITS)
+def test_huge_block_is_one_block_per_row(bits):
+    """block far beyond cols (no overflow in ceil(cols / block)) is the same as block = cols."""
+    x = _rand((3, 50), torch.float32, 12)
+    for stochastic in (False, True):
+        c, s = q_op(x, bits, 2**62, stochastic, 1)
+        rc, rs = q_op(x, bits, 50, stochastic, 1)
+        assert torch.equal(c, rc) and torch.equal(s, rs) and s.shape == (3, 1)
+        assert torch.equal(dq_op(c, s, bits, 2**62, 50, torch.float32), dq_op(rc, rs, bits, 50, 50, torch.float32))
+
+
 @pytest.mark.parametrize("stochastic", [False, True], ids=["rn", "sr"])
 @pytest.mark.parametrize("bits", BITS)
 def test_one_long_row(bits, stochastic):
