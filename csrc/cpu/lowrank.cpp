@@ -91,11 +91,12 @@ at::Tensor rademacher(int64_t rows, int64_t cols, uint64_t seed, uint32_t stream
 
 // ----------------------------------------------------------------------------- orthonormalisation
 //
-// Tall-skinny matrices (the sketches and range bases, m x k with k << m) are
-// stored transposed, as k x m row-major tensors ("Yt"), so that the long m
-// axis is contiguous: the CholeskyQR kernel then handles 8 consecutive rows
-// per SIMD vector with plain loads, and MKL reads/writes them as transposed
-// GEMM operands at no extra cost.
+// Layout of the tall-skinny matrices (sketches and range bases, m x k with
+// k << m): MKL's threaded GEMM is fastest when it writes a tall row-major
+// result, so every product with X produces an m x k row-major matrix, and
+// `orth` returns the basis transposed (k x m, "Qt"), the layout in which its
+// fused kernel works (8 consecutive rows per SIMD vector) and which MKL reads
+// as a transposed operand at no cost.
 
 // Multiversioned hot loops: AVX-512, AVX2 and the portable baseline. The code
 // is the same in every clone (GCC vector extensions, -ffp-contract=off), so
@@ -125,7 +126,7 @@ struct Lanes<float> {
 };
 typedef float V8f __attribute__((vector_size(32), aligned(4)));
 
-// Rows [i0, i0 + n) (n <= 8) of column j of a transposed tall matrix, zero-padded.
+// Rows [i0, i0 + n) (n <= 8) of one column of a transposed tall matrix, zero-padded.
 SFT_LR_INLINE V8f load_rows(const float* col, int64_t i0, int64_t n) {
   V8f v = {};
   if (n >= 8) {
@@ -144,15 +145,22 @@ SFT_LR_INLINE void store_rows(float* col, int64_t i0, int64_t n, V8f v) {
   }
 }
 
-// One CholeskyQR pass over rows [c0, c1) of the transposed tall matrix yt
-// (k x m fp32). With r != nullptr every row y is replaced by q solving q R = y
-// (R upper k x k row-major in T; inv_diag[j] = 1 / R[j][j]), computed in T and
-// rounded to fp32 into out (k x m). With acc != nullptr the Gram matrix of the
-// (rounded) rows is accumulated in T into acc: kp x kp vectors of 8 lane
-// partial sums, kp = k rounded up to 4 (only the upper 4 x 4 blocks are used).
-// t is scratch for one panel: kp * kPanelVecs vectors.
+// Where a CholeskyQR pass reads its m x k fp32 input.
+struct TallSrc {
+  const float* data;
+  bool row_major;  // m x k row-major (a GEMM result) rather than transposed k x m
+};
+
+// One CholeskyQR pass over rows [c0, c1) of the m x k fp32 matrix `src`.
+// With r != nullptr every row y is replaced by q solving q R = y (R upper k x k
+// row-major in T; inv_diag[j] = 1 / R[j][j]), computed in T and rounded to fp32;
+// with out != nullptr the (solved or copied) rows are stored transposed (k x m).
+// With acc != nullptr the Gram matrix of the (rounded) rows is accumulated in T
+// into acc: kp x kp vectors of 8 lane partial sums, kp = k rounded up to 4
+// (only the upper 4 x 4 blocks are written). t is scratch for one panel:
+// kp * kPanelVecs vectors, lane l of vector (j, v) holding row 8 v + l, column j.
 template <typename T>
-SFT_LR_INLINE void cholqr_rows(const float* yt, float* out, int64_t m, int64_t k, int64_t c0, int64_t c1,
+SFT_LR_INLINE void cholqr_rows(TallSrc src, float* out, int64_t m, int64_t k, int64_t c0, int64_t c1,
                                const T* r, const T* inv_diag, typename Lanes<T>::V* acc,
                                typename Lanes<T>::V* t) {
   using V = typename Lanes<T>::V;
@@ -160,9 +168,20 @@ SFT_LR_INLINE void cholqr_rows(const float* yt, float* out, int64_t m, int64_t k
   const int64_t kp = (k + 3) & ~int64_t{3};
   for (int64_t i0 = c0; i0 < c1; i0 += kPanelRows) {
     const int64_t rows = std::min(kPanelRows, c1 - i0);
-    for (int64_t j = 0; j < kp; ++j)
-      for (int v = 0; v < NV; ++v)
-        t[j * NV + v] = j < k ? __builtin_convertvector(load_rows(yt + j * m, i0 + 8 * v, rows - 8 * v), V) : V{};
+    if (src.row_major) {
+      // Transpose the panel through memory: scalar stores, then vector reads.
+      for (int64_t e = 0; e < kp * NV; ++e) t[e] = V{};
+      T* ts = reinterpret_cast<T*>(t);
+      for (int64_t l = 0; l < rows; ++l) {
+        const float* y = src.data + (i0 + l) * k;
+        for (int64_t j = 0; j < k; ++j) ts[j * NV * 8 + l] = static_cast<T>(y[j]);
+      }
+    } else {
+      for (int64_t j = 0; j < kp; ++j)
+        for (int v = 0; v < NV; ++v)
+          t[j * NV + v] =
+              j < k ? __builtin_convertvector(load_rows(src.data + j * m, i0 + 8 * v, rows - 8 * v), V) : V{};
+    }
     if (r != nullptr) {
       // Left-looking forward substitution on the panel, all NV vectors at once.
       for (int64_t j = 0; j < k; ++j) {
@@ -174,6 +193,8 @@ SFT_LR_INLINE void cholqr_rows(const float* yt, float* out, int64_t m, int64_t k
         }
         for (int v = 0; v < NV; ++v) t[j * NV + v] = s[v] * inv_diag[j];
       }
+    }
+    if (out != nullptr) {
       // Round to the fp32 result; the next Gram is taken of the rounded rows.
       for (int64_t j = 0; j < k; ++j)
         for (int v = 0; v < NV; ++v) {
@@ -200,24 +221,24 @@ SFT_LR_INLINE void cholqr_rows(const float* yt, float* out, int64_t m, int64_t k
   }
 }
 
-SFT_LR_CLONES void cholqr_rows_f64(const float* yt, float* out, int64_t m, int64_t k, int64_t c0, int64_t c1,
+SFT_LR_CLONES void cholqr_rows_f64(TallSrc src, float* out, int64_t m, int64_t k, int64_t c0, int64_t c1,
                                    const double* r, const double* inv_diag, Lanes<double>::V* acc,
                                    Lanes<double>::V* t) {
-  cholqr_rows<double>(yt, out, m, k, c0, c1, r, inv_diag, acc, t);
+  cholqr_rows<double>(src, out, m, k, c0, c1, r, inv_diag, acc, t);
 }
-SFT_LR_CLONES void cholqr_rows_f32(const float* yt, float* out, int64_t m, int64_t k, int64_t c0, int64_t c1,
+SFT_LR_CLONES void cholqr_rows_f32(TallSrc src, float* out, int64_t m, int64_t k, int64_t c0, int64_t c1,
                                    const float* r, const float* inv_diag, Lanes<float>::V* acc,
                                    Lanes<float>::V* t) {
-  cholqr_rows<float>(yt, out, m, k, c0, c1, r, inv_diag, acc, t);
+  cholqr_rows<float>(src, out, m, k, c0, c1, r, inv_diag, acc, t);
 }
-SFT_LR_INLINE void cholqr_rows_any(const float* yt, float* out, int64_t m, int64_t k, int64_t c0, int64_t c1,
+SFT_LR_INLINE void cholqr_rows_any(TallSrc src, float* out, int64_t m, int64_t k, int64_t c0, int64_t c1,
                                    const double* r, const double* inv_diag, Lanes<double>::V* acc,
                                    Lanes<double>::V* t) {
-  cholqr_rows_f64(yt, out, m, k, c0, c1, r, inv_diag, acc, t);
+  cholqr_rows_f64(src, out, m, k, c0, c1, r, inv_diag, acc, t);
 }
-SFT_LR_INLINE void cholqr_rows_any(const float* yt, float* out, int64_t m, int64_t k, int64_t c0, int64_t c1,
+SFT_LR_INLINE void cholqr_rows_any(TallSrc src, float* out, int64_t m, int64_t k, int64_t c0, int64_t c1,
                                    const float* r, const float* inv_diag, Lanes<float>::V* acc, Lanes<float>::V* t) {
-  cholqr_rows_f32(yt, out, m, k, c0, c1, r, inv_diag, acc, t);
+  cholqr_rows_f32(src, out, m, k, c0, c1, r, inv_diag, acc, t);
 }
 
 // Deterministic row partition of the fused kernel: the chunks depend only on
@@ -232,29 +253,28 @@ RowChunks orth_chunks(int64_t m) {
   return {(m + size - 1) / size, size};
 }
 
-// Fused CholeskyQR pass over the transposed tall matrix yt (k x m): with r
-// defined, *out = (yt^T R^{-1})^T rounded to fp32; returns the k x k Gram
-// matrix (in T) of the result (of yt itself when r is undefined) if want_gram,
-// else an undefined tensor.
+// Fused CholeskyQR pass over the m x k matrix `src`: with r defined the rows
+// are solved against R; with out given the result is stored there transposed
+// (k x m fp32). Returns the k x k Gram matrix (in T) of the result if
+// want_gram, else an undefined tensor.
 template <typename T>
-at::Tensor cholqr_pass(const at::Tensor& yt, at::Tensor* out, const at::Tensor& r, bool want_gram) {
+at::Tensor cholqr_pass(TallSrc src, int64_t m, int64_t k, at::Tensor* out, const at::Tensor& r, bool want_gram) {
   using V = typename Lanes<T>::V;
-  const int64_t k = yt.size(0), m = yt.size(1), kp = (k + 3) & ~int64_t{3};
+  const int64_t kp = (k + 3) & ~int64_t{3};
   const RowChunks ch = orth_chunks(m);
   // Vector buffers are held as arrays of T (8 per vector): V has element alignment.
   std::vector<T> acc_buf(want_gram ? static_cast<size_t>(ch.count * kp * kp * 8) : 0, T(0));
   V* acc = reinterpret_cast<V*>(acc_buf.data());
   std::vector<T> inv_diag(static_cast<size_t>(k));
-  if (r.defined())
-    for (int64_t j = 0; j < k; ++j) inv_diag[j] = T(1) / r.data_ptr<T>()[j * k + j];
-  const float* yp = yt.data_ptr<float>();
-  float* op = out != nullptr ? out->data_ptr<float>() : nullptr;
   const T* rp = r.defined() ? r.data_ptr<T>() : nullptr;
+  if (rp != nullptr)
+    for (int64_t j = 0; j < k; ++j) inv_diag[j] = T(1) / rp[j * k + j];
+  float* op = out != nullptr ? out->data_ptr<float>() : nullptr;
   at::parallel_for(0, ch.count, 1, [&](int64_t b0, int64_t b1) {
     std::vector<T> t(static_cast<size_t>(kp * kPanelVecs * 8));
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t c0 = b * ch.size, c1 = std::min(m, c0 + ch.size);
-      cholqr_rows_any(yp, op, m, k, c0, c1, rp, inv_diag.data(), want_gram ? acc + b * kp * kp : nullptr,
+      cholqr_rows_any(src, op, m, k, c0, c1, rp, inv_diag.data(), want_gram ? acc + b * kp * kp : nullptr,
                       reinterpret_cast<V*>(t.data()));
     }
   });
@@ -276,12 +296,15 @@ at::Tensor cholqr_pass(const at::Tensor& yt, at::Tensor* out, const at::Tensor& 
 
 // Shift of shifted CholeskyQR for an m x k matrix with Gram g:
 // s = 11 (m k + k (k+1)) u tr(g) + tiny, u the unit roundoff of the Gram dtype.
+template <typename T>
 double cholqr_shift(const at::Tensor& g, int64_t m) {
   const int64_t k = g.size(0);
-  const bool f64 = g.scalar_type() == at::kDouble;
-  const double u = (f64 ? std::numeric_limits<double>::epsilon() : double{std::numeric_limits<float>::epsilon()}) / 2;
-  const double tiny = (f64 ? std::numeric_limits<double>::min() : double{std::numeric_limits<float>::min()}) * 1e4;
-  return 11.0 * static_cast<double>(m * k + k * (k + 1)) * u * g.trace().item<double>() + tiny;
+  const T* gp = g.data_ptr<T>();
+  T trace = 0;
+  for (int64_t j = 0; j < k; ++j) trace += gp[j * g.stride(0) + j];
+  const double u = static_cast<double>(std::numeric_limits<T>::epsilon()) / 2;
+  const double tiny = static_cast<double>(std::numeric_limits<T>::min()) * 1e4;
+  return 11.0 * static_cast<double>(m * k + k * (k + 1)) * u * static_cast<double>(trace) + tiny;
 }
 
 // Upper Cholesky factor of g + shift I (row-major contiguous). linalg_cholesky_ex
@@ -291,45 +314,46 @@ at::Tensor shifted_cholesky(at::Tensor g, double shift) {
   return std::get<0>(at::linalg_cholesky_ex(g, /*upper=*/true, /*check_errors=*/false)).contiguous();
 }
 
+// Fused shifted CholeskyQR3 of the row-major m x k matrix y (k <= kFusedOrthMaxK).
 template <typename T>
-at::Tensor orth_fused(const at::Tensor& yt, bool* finite) {
-  const int64_t m = yt.size(1);
-  at::Tensor g = cholqr_pass<T>(yt, nullptr, at::Tensor(), /*want_gram=*/true);
-  const double shift0 = cholqr_shift(g, m);
-  if (finite != nullptr) *finite = std::isfinite(shift0);
-  at::Tensor q = yt;
+at::Tensor orth_fused(const at::Tensor& y, bool* finite) {
+  const int64_t m = y.size(0), k = y.size(1);
+  // Pass 0 takes the Gram matrix of Y and stores Y transposed for the solves.
+  at::Tensor cur = at::empty({k, m}, y.options());
+  at::Tensor g = cholqr_pass<T>({y.data_ptr<float>(), true}, m, k, &cur, at::Tensor(), /*want_gram=*/true);
+  at::Tensor next = at::empty({k, m}, y.options());
   for (int pass = 0; pass < 3; ++pass) {
-    const at::Tensor r = shifted_cholesky(g, pass == 0 ? shift0 : cholqr_shift(g, m));
-    at::Tensor next = at::empty_like(yt);
-    g = cholqr_pass<T>(q, &next, r, /*want_gram=*/pass < 2);
-    q = next;
+    const double shift = cholqr_shift<T>(g, m);
+    if (pass == 0 && finite != nullptr) *finite = std::isfinite(shift);
+    const at::Tensor r = shifted_cholesky(g, shift);
+    g = cholqr_pass<T>({cur.data_ptr<float>(), false}, m, k, &next, r, /*want_gram=*/pass < 2);
+    std::swap(cur, next);
   }
-  return q;
+  return cur;
 }
 
-// Shifted CholeskyQR3 (reference `_orth`) of the tall m x k fp32 matrix Y,
-// given and returned transposed (k x m): three passes of  G = Y^T Y + s I,
+// Shifted CholeskyQR3 (reference `_orth`) of the tall m x k fp32 matrix Y
+// (row-major), returned transposed (k x m): three passes of  G = Y^T Y + s I,
 // R = chol(G),  Y <- Y R^{-1},  with the shift of `cholqr_shift`. The Gram
 // matrix, the Cholesky factor and the triangular solve run in `gram` (fp64 for
 // fp32 input, fp32 for fp16/bf16); the result is rounded back to fp32 after
 // every pass. Rank-deficient or zero Y yields finite output without
 // data-dependent branches. If `finite` is given it receives whether Y was
 // finite (its Gram trace is), which spares a separate scan of Y.
-at::Tensor orth_t(const at::Tensor& yt_in, at::ScalarType gram, bool* finite = nullptr) {
-  const at::Tensor yt = yt_in.contiguous();
-  const int64_t k = yt.size(0), m = yt.size(1);
-  if (k <= kFusedOrthMaxK) return gram == at::kDouble ? orth_fused<double>(yt, finite) : orth_fused<float>(yt, finite);
-  at::Tensor qt = yt;
+at::Tensor orth_t(const at::Tensor& y_in, at::ScalarType gram, bool* finite = nullptr) {
+  const at::Tensor y = y_in.contiguous();
+  const int64_t m = y.size(0), k = y.size(1);
+  if (k <= kFusedOrthMaxK) return gram == at::kDouble ? orth_fused<double>(y, finite) : orth_fused<float>(y, finite);
+  at::Tensor q = y;
   for (int pass = 0; pass < 3; ++pass) {
-    const at::Tensor yg = qt.to(gram);
-    const at::Tensor g = at::mm(yg, yg.t());
-    const double shift = cholqr_shift(g, m);
+    const at::Tensor yg = q.to(gram);
+    const at::Tensor g = at::mm(yg.t(), yg);
+    const double shift = gram == at::kDouble ? cholqr_shift<double>(g, m) : cholqr_shift<float>(g, m);
     if (pass == 0 && finite != nullptr) *finite = std::isfinite(shift);
     const at::Tensor r = shifted_cholesky(g, shift);
-    // (Y R^{-1})^T = R^{-T} Y^T
-    qt = at::linalg_solve_triangular(r.t(), yg, /*upper=*/false).to(at::kFloat);
+    q = at::linalg_solve_triangular(r, yg, /*upper=*/true, /*left=*/false).to(at::kFloat);
   }
-  return qt;
+  return q.t().contiguous();
 }
 
 // ----------------------------------------------------------------------------- range finder
@@ -356,21 +380,22 @@ struct Factors {
   __builtin_unreachable();
 }
 
-// Q^T = orth(Y)^T for the first sketch Y (given as yt) of x2, raising on non-finite input.
-at::Tensor orth_sketch_t(const at::Tensor& yt, at::ScalarType gram, const at::Tensor& x2, const char* op,
+// Q^T = orth(Y)^T for the first sketch Y of x2, raising on non-finite input.
+at::Tensor orth_sketch_t(const at::Tensor& y, at::ScalarType gram, const at::Tensor& x2, const char* op,
                          const char* name) {
   bool finite = true;
-  at::Tensor qt = orth_t(yt, gram, &finite);
+  at::Tensor qt = orth_t(y, gram, &finite);
   if (!finite) raise_non_finite(x2, op, name);
   return qt;
 }
 
-// Truncated SVD of the small k x H matrix b (k <= H) in `gram` precision:
-// B^T = Qb Rb (Householder QR, backward stable) and Rb = U' S V'^T give
-// B = V' S (Qb U')^T, i.e. Ub = V', Vb = Qb U'; cheaper than an SVD of the
-// wide B. Returns (ub k x r, s r, vb H x r), fp32.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> small_svd(const at::Tensor& b, int64_t rank, at::ScalarType gram) {
-  auto [qb, rb] = at::linalg_qr(b.t().to(gram), "reduced");
+// Truncated SVD of the small k x H matrix B (k <= H), given as bt = B^T
+// (H x k, any strides), in `gram` precision: B^T = Qb Rb (Householder QR,
+// backward stable) and Rb = U' S V'^T give B = V' S (Qb U')^T, i.e. Ub = V',
+// Vb = Qb U'; cheaper than an SVD of the wide B. Returns (ub k x r, s r,
+// vb H x r), fp32.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> small_svd(const at::Tensor& bt, int64_t rank, at::ScalarType gram) {
+  auto [qb, rb] = at::linalg_qr(bt.to(gram), "reduced");
   auto [u1, s, v1t] = at::linalg_svd(rb, /*full_matrices=*/false);
   return {v1t.narrow(0, 0, rank).t().to(at::kFloat), s.narrow(0, 0, rank).to(at::kFloat),
           at::mm(qb, u1.narrow(1, 0, rank)).to(at::kFloat)};
@@ -385,8 +410,7 @@ int64_t single_pass_block_rows(int64_t h) {
 // The shared range finder of reference `_core`. x2 is the N x H matrix (N >= 1)
 // in its input dtype; fp32 input is used in place, fp16/bf16 converted to fp32
 // once (or block by block in the single-pass mode, which reads X exactly once).
-// Every product with X is one MKL GEMM whose skinny operand is a transposed
-// tall matrix (see the orthonormalisation section).
+// Every product with X is one MKL GEMM with a tall row-major result.
 Factors lowrank_core(const at::Tensor& x2, int64_t rank, int64_t oversample, int64_t power_iters, int64_t seed,
                      const char* op, const char* name) {
   const int64_t n = x2.size(0), h = x2.size(1);
@@ -400,29 +424,29 @@ Factors lowrank_core(const at::Tensor& x2, int64_t rank, int64_t oversample, int
     // by block over rows; then Q = orth(Y), B = lstsq(Psi Q, W).
     const int64_t ell = 2 * k + 1;
     const at::Tensor psi = rademacher(ell, n, useed, kPhiloxStreamSketch2);  // l x N
-    at::Tensor yt = at::empty({k, n}, omega.options());
+    at::Tensor y = at::empty({n, k}, omega.options());
     at::Tensor w = at::zeros({ell, h}, omega.options());
     const int64_t bs = single_pass_block_rows(h);
     for (int64_t r0 = 0; r0 < n; r0 += bs) {
       const int64_t len = std::min(bs, n - r0);
       const at::Tensor xb = x2.narrow(0, r0, len).to(at::kFloat);
-      at::Tensor yb = yt.narrow(1, r0, len);
-      at::mm_out(yb, omega.t(), xb.t());
+      at::Tensor yb = y.narrow(0, r0, len);
+      at::mm_out(yb, xb, omega);
       w.addmm_(psi.narrow(1, r0, len), xb);
     }
-    const at::Tensor qt = orth_sketch_t(yt, gram, x2, op, name);
+    const at::Tensor qt = orth_sketch_t(y, gram, x2, op, name);
     const at::Tensor b = std::get<0>(at::linalg_lstsq(at::mm(psi, qt.t()).to(gram), w.to(gram)));
-    auto [ub, s, vb] = small_svd(b, rank, gram);
+    auto [ub, s, vb] = small_svd(b.t(), rank, gram);
     return {qt, ub, s, vb};
   }
 
   const at::Tensor xf = x2.to(at::kFloat);  // no copy for fp32 input
-  at::Tensor qt = orth_sketch_t(at::mm(omega.t(), xf.t()), gram, xf, op, name);  // (X Omega)^T
+  at::Tensor qt = orth_sketch_t(at::mm(xf, omega), gram, xf, op, name);  // Y = X Omega
   for (int64_t it = 0; it < power_iters; ++it) {
-    const at::Tensor zt = orth_t(at::mm(qt, xf), gram);  // (X^T Q)^T
-    qt = orth_t(at::mm(zt, xf.t()), gram);                // (X Z)^T
+    const at::Tensor zt = orth_t(at::mm(xf.t(), qt.t()), gram);  // Z = orth(X^T Q)
+    qt = orth_t(at::mm(xf, zt.t()), gram);                         // Q = orth(X Z)
   }
-  auto [ub, s, vb] = small_svd(at::mm(qt, xf), rank, gram);  // B = Q^T X
+  auto [ub, s, vb] = small_svd(at::mm(xf.t(), qt.t()), rank, gram);  // B^T = X^T Q
   return {qt, ub, s, vb};
 }
 
