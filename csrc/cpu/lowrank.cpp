@@ -6,8 +6,10 @@
 // Rademacher sketch generated here (never passed in), shifted CholeskyQR3
 // orthonormalisation, and either `power_iters` >= 0 power iterations or the
 // single-pass sketch of Tropp et al. (2017) for power_iters = -1. All four ops
-// share one range finder (`lowrank_core`); the big products are BLAS GEMMs on
-// the fp32 view of X (no copy for contiguous fp32 input).
+// share one range finder (`lowrank_core`). The products with X (N x H times a
+// skinny k-column matrix) run in register-tiled kernels that stream X without
+// the packing copies a general BLAS GEMM makes (MKL for k > 64); contiguous
+// fp32 input is never copied.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -72,31 +74,52 @@ at::Tensor as_matrix(const at::Tensor& x) {
 
 // ----------------------------------------------------------------------------- random sketches
 
-// The rows x cols Rademacher test matrix of the spec, fp32: entry (i, j) has
-// index e = i*cols + j and is +1 when the top bit of Philox word e of `stream`
-// is 0, else -1.
-at::Tensor rademacher(int64_t rows, int64_t cols, uint64_t seed, uint32_t stream) {
-  at::Tensor out = at::empty({rows, cols}, at::TensorOptions().dtype(at::kFloat));
+// The rows x cols Rademacher test matrix of the spec, fp32, written into `out`
+// (rows x cols, unit column stride): entry (i, j) has index e = i*cols + j and
+// is +1 when the top bit of Philox word e of `stream` is 0, else -1.
+void rademacher_into(at::Tensor& out, uint64_t seed, uint32_t stream) {
+  const int64_t rows = out.size(0), cols = out.size(1), ld = out.stride(0);
   float* p = out.data_ptr<float>();
   const int64_t n = rows * cols;
   at::parallel_for(0, (n + 3) / 4, 1024, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       const Philox4 w = philox_group(seed, static_cast<uint64_t>(g), stream);
       const int64_t e0 = 4 * g, cnt = std::min<int64_t>(4, n - e0);
-      for (int64_t t = 0; t < cnt; ++t) p[e0 + t] = (w.v[t] >> 31) ? -1.0f : 1.0f;
+      for (int64_t t = 0; t < cnt; ++t) {
+        const int64_t e = e0 + t;
+        p[(e / cols) * ld + e % cols] = (w.v[t] >> 31) ? -1.0f : 1.0f;
+      }
     }
   });
-  return out;
+}
+
+// ----------------------------------------------------------------------------- tall matrices
+//
+// The sketches and range bases are tall-skinny m x k fp32 matrices (k << m).
+// They are held row-major with a row stride padded to the kernels' 16-float
+// panels ("ld"); the pad columns are zero, and the m x k view of the buffer is
+// what gets passed around. Inside `orth` they are transposed (k x m) so that
+// its kernel handles 8 consecutive rows per SIMD vector.
+
+// Widest k handled by the skinny GEMM and fused CholeskyQR kernels; wider
+// sketches use MKL (at::mm / trsm), which wins once the k x k work dominates.
+constexpr int64_t kSkinnyMaxK = 64;
+// Column panel width of the skinny GEMM kernels (one 16-float vector).
+constexpr int64_t kPanel = 16;
+
+int64_t tall_ld(int64_t k) { return k <= kSkinnyMaxK ? (k + kPanel - 1) / kPanel * kPanel : k; }
+
+// A zero m x k tall matrix (view of a zero-padded m x tall_ld(k) buffer).
+at::Tensor tall_zeros(int64_t m, int64_t k) {
+  return at::zeros({m, tall_ld(k)}, at::TensorOptions().dtype(at::kFloat)).narrow(1, 0, k);
+}
+
+// Whether t is an m x k tall matrix in the padded layout the kernels expect.
+bool is_padded_tall(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat && t.stride(1) == 1 && t.stride(0) == tall_ld(t.size(1));
 }
 
 // ----------------------------------------------------------------------------- orthonormalisation
-//
-// Layout of the tall-skinny matrices (sketches and range bases, m x k with
-// k << m): MKL's threaded GEMM is fastest when it writes a tall row-major
-// result, so every product with X produces an m x k row-major matrix, and
-// `orth` returns the basis transposed (k x m, "Qt"), the layout in which its
-// fused kernel works (8 consecutive rows per SIMD vector) and which MKL reads
-// as a transposed operand at no cost.
 
 // Multiversioned hot loops: AVX-512, AVX2 and the portable baseline. The code
 // is the same in every clone (GCC vector extensions, -ffp-contract=off), so
@@ -104,10 +127,7 @@ at::Tensor rademacher(int64_t rows, int64_t cols, uint64_t seed, uint32_t stream
 #define SFT_LR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #define SFT_LR_INLINE inline __attribute__((always_inline))
 
-// Widest sketch handled by the fused CholeskyQR kernel below; wider ones use
-// BLAS (at::mm / trsm), which wins once the k x k work per row dominates.
-constexpr int64_t kFusedOrthMaxK = 64;
-// The kernel works on panels of kPanelVecs vectors of 8 rows.
+// The CholeskyQR kernel works on panels of kPanelVecs vectors of 8 rows.
 constexpr int kPanelVecs = 4;
 constexpr int64_t kPanelRows = 8 * kPanelVecs;
 
@@ -145,42 +165,43 @@ SFT_LR_INLINE void store_rows(float* col, int64_t i0, int64_t n, V8f v) {
   }
 }
 
-// Where a CholeskyQR pass reads its m x k fp32 input.
-struct TallSrc {
-  const float* data;
-  bool row_major;  // m x k row-major (a GEMM result) rather than transposed k x m
+// Where a CholeskyQR pass reads or writes an m x k fp32 matrix: row-major with
+// row stride ld, or transposed (k x m, column j at data + j * ld).
+struct TallRef {
+  float* data;
+  bool row_major;
+  int64_t ld;
 };
 
 // One CholeskyQR pass over rows [c0, c1) of the m x k fp32 matrix `src`.
 // With r != nullptr every row y is replaced by q solving q R = y (R upper k x k
-// row-major in T; inv_diag[j] = 1 / R[j][j]), computed in T and rounded to fp32;
-// with out != nullptr the (solved or copied) rows are stored transposed (k x m).
+// row-major in T; inv_diag[j] = 1 / R[j][j]), computed in T and rounded to
+// fp32; with dst.data != nullptr the (solved or copied) rows are stored there.
 // With acc != nullptr the Gram matrix of the (rounded) rows is accumulated in T
 // into acc: kp x kp vectors of 8 lane partial sums, kp = k rounded up to 4
 // (only the upper 4 x 4 blocks are written). t is scratch for one panel:
 // kp * kPanelVecs vectors, lane l of vector (j, v) holding row 8 v + l, column j.
 template <typename T>
-SFT_LR_INLINE void cholqr_rows(TallSrc src, float* out, int64_t m, int64_t k, int64_t c0, int64_t c1,
-                               const T* r, const T* inv_diag, typename Lanes<T>::V* acc,
-                               typename Lanes<T>::V* t) {
+SFT_LR_INLINE void cholqr_rows(TallRef src, TallRef dst, int64_t k, int64_t c0, int64_t c1, const T* r,
+                               const T* inv_diag, typename Lanes<T>::V* acc, typename Lanes<T>::V* t) {
   using V = typename Lanes<T>::V;
   constexpr int NV = kPanelVecs;
   const int64_t kp = (k + 3) & ~int64_t{3};
+  T* ts = reinterpret_cast<T*>(t);
   for (int64_t i0 = c0; i0 < c1; i0 += kPanelRows) {
     const int64_t rows = std::min(kPanelRows, c1 - i0);
     if (src.row_major) {
       // Transpose the panel through memory: scalar stores, then vector reads.
       for (int64_t e = 0; e < kp * NV; ++e) t[e] = V{};
-      T* ts = reinterpret_cast<T*>(t);
       for (int64_t l = 0; l < rows; ++l) {
-        const float* y = src.data + (i0 + l) * k;
+        const float* y = src.data + (i0 + l) * src.ld;
         for (int64_t j = 0; j < k; ++j) ts[j * NV * 8 + l] = static_cast<T>(y[j]);
       }
     } else {
       for (int64_t j = 0; j < kp; ++j)
         for (int v = 0; v < NV; ++v)
           t[j * NV + v] =
-              j < k ? __builtin_convertvector(load_rows(src.data + j * m, i0 + 8 * v, rows - 8 * v), V) : V{};
+              j < k ? __builtin_convertvector(load_rows(src.data + j * src.ld, i0 + 8 * v, rows - 8 * v), V) : V{};
     }
     if (r != nullptr) {
       // Left-looking forward substitution on the panel, all NV vectors at once.
@@ -193,15 +214,20 @@ SFT_LR_INLINE void cholqr_rows(TallSrc src, float* out, int64_t m, int64_t k, in
         }
         for (int v = 0; v < NV; ++v) t[j * NV + v] = s[v] * inv_diag[j];
       }
-    }
-    if (out != nullptr) {
       // Round to the fp32 result; the next Gram is taken of the rounded rows.
-      for (int64_t j = 0; j < k; ++j)
-        for (int v = 0; v < NV; ++v) {
-          const V8f f = __builtin_convertvector(t[j * NV + v], V8f);
-          store_rows(out + j * m, i0 + 8 * v, rows - 8 * v, f);
-          t[j * NV + v] = __builtin_convertvector(f, V);
+      for (int64_t e = 0; e < k * NV; ++e) t[e] = __builtin_convertvector(__builtin_convertvector(t[e], V8f), V);
+    }
+    if (dst.data != nullptr) {
+      if (dst.row_major) {
+        for (int64_t l = 0; l < rows; ++l) {
+          float* q = dst.data + (i0 + l) * dst.ld;
+          for (int64_t j = 0; j < k; ++j) q[j] = static_cast<float>(ts[j * NV * 8 + l]);
         }
+      } else {
+        for (int64_t j = 0; j < k; ++j)
+          for (int v = 0; v < NV; ++v)
+            store_rows(dst.data + j * dst.ld, i0 + 8 * v, rows - 8 * v, __builtin_convertvector(t[j * NV + v], V8f));
+      }
     }
     if (acc != nullptr) {
       // Upper 4 x 4 blocks of the panel's Gram matrix, 16 accumulators each.
@@ -221,24 +247,21 @@ SFT_LR_INLINE void cholqr_rows(TallSrc src, float* out, int64_t m, int64_t k, in
   }
 }
 
-SFT_LR_CLONES void cholqr_rows_f64(TallSrc src, float* out, int64_t m, int64_t k, int64_t c0, int64_t c1,
-                                   const double* r, const double* inv_diag, Lanes<double>::V* acc,
-                                   Lanes<double>::V* t) {
-  cholqr_rows<double>(src, out, m, k, c0, c1, r, inv_diag, acc, t);
+SFT_LR_CLONES void cholqr_rows_f64(TallRef src, TallRef dst, int64_t k, int64_t c0, int64_t c1, const double* r,
+                                   const double* inv_diag, Lanes<double>::V* acc, Lanes<double>::V* t) {
+  cholqr_rows<double>(src, dst, k, c0, c1, r, inv_diag, acc, t);
 }
-SFT_LR_CLONES void cholqr_rows_f32(TallSrc src, float* out, int64_t m, int64_t k, int64_t c0, int64_t c1,
-                                   const float* r, const float* inv_diag, Lanes<float>::V* acc,
-                                   Lanes<float>::V* t) {
-  cholqr_rows<float>(src, out, m, k, c0, c1, r, inv_diag, acc, t);
+SFT_LR_CLONES void cholqr_rows_f32(TallRef src, TallRef dst, int64_t k, int64_t c0, int64_t c1, const float* r,
+                                   const float* inv_diag, Lanes<float>::V* acc, Lanes<float>::V* t) {
+  cholqr_rows<float>(src, dst, k, c0, c1, r, inv_diag, acc, t);
 }
-SFT_LR_INLINE void cholqr_rows_any(TallSrc src, float* out, int64_t m, int64_t k, int64_t c0, int64_t c1,
-                                   const double* r, const double* inv_diag, Lanes<double>::V* acc,
-                                   Lanes<double>::V* t) {
-  cholqr_rows_f64(src, out, m, k, c0, c1, r, inv_diag, acc, t);
+SFT_LR_INLINE void cholqr_rows_any(TallRef src, TallRef dst, int64_t k, int64_t c0, int64_t c1, const double* r,
+                                   const double* inv_diag, Lanes<double>::V* acc, Lanes<double>::V* t) {
+  cholqr_rows_f64(src, dst, k, c0, c1, r, inv_diag, acc, t);
 }
-SFT_LR_INLINE void cholqr_rows_any(TallSrc src, float* out, int64_t m, int64_t k, int64_t c0, int64_t c1,
-                                   const float* r, const float* inv_diag, Lanes<float>::V* acc, Lanes<float>::V* t) {
-  cholqr_rows_f32(src, out, m, k, c0, c1, r, inv_diag, acc, t);
+SFT_LR_INLINE void cholqr_rows_any(TallRef src, TallRef dst, int64_t k, int64_t c0, int64_t c1, const float* r,
+                                   const float* inv_diag, Lanes<float>::V* acc, Lanes<float>::V* t) {
+  cholqr_rows_f32(src, dst, k, c0, c1, r, inv_diag, acc, t);
 }
 
 // Deterministic row partition of the fused kernel: the chunks depend only on
@@ -254,11 +277,10 @@ RowChunks orth_chunks(int64_t m) {
 }
 
 // Fused CholeskyQR pass over the m x k matrix `src`: with r defined the rows
-// are solved against R; with out given the result is stored there transposed
-// (k x m fp32). Returns the k x k Gram matrix (in T) of the result if
-// want_gram, else an undefined tensor.
+// are solved against R; with dst.data set the result is stored there. Returns
+// the k x k Gram matrix (in T) of the result if want_gram, else undefined.
 template <typename T>
-at::Tensor cholqr_pass(TallSrc src, int64_t m, int64_t k, at::Tensor* out, const at::Tensor& r, bool want_gram) {
+at::Tensor cholqr_pass(TallRef src, TallRef dst, int64_t m, int64_t k, const at::Tensor& r, bool want_gram) {
   using V = typename Lanes<T>::V;
   const int64_t kp = (k + 3) & ~int64_t{3};
   const RowChunks ch = orth_chunks(m);
@@ -269,12 +291,11 @@ at::Tensor cholqr_pass(TallSrc src, int64_t m, int64_t k, at::Tensor* out, const
   const T* rp = r.defined() ? r.data_ptr<T>() : nullptr;
   if (rp != nullptr)
     for (int64_t j = 0; j < k; ++j) inv_diag[j] = T(1) / rp[j * k + j];
-  float* op = out != nullptr ? out->data_ptr<float>() : nullptr;
   at::parallel_for(0, ch.count, 1, [&](int64_t b0, int64_t b1) {
     std::vector<T> t(static_cast<size_t>(kp * kPanelVecs * 8));
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t c0 = b * ch.size, c1 = std::min(m, c0 + ch.size);
-      cholqr_rows_any(src, op, m, k, c0, c1, rp, inv_diag.data(), want_gram ? acc + b * kp * kp : nullptr,
+      cholqr_rows_any(src, dst, k, c0, c1, rp, inv_diag.data(), want_gram ? acc + b * kp * kp : nullptr,
                       reinterpret_cast<V*>(t.data()));
     }
   });
@@ -301,7 +322,7 @@ double cholqr_shift(const at::Tensor& g, int64_t m) {
   const int64_t k = g.size(0);
   const T* gp = g.data_ptr<T>();
   T trace = 0;
-  for (int64_t j = 0; j < k; ++j) trace += gp[j * g.stride(0) + j];
+  for (int64_t j = 0; j < k; ++j) trace += gp[j * g.stride(0) + j * g.stride(1)];
   const double u = static_cast<double>(std::numeric_limits<T>::epsilon()) / 2;
   const double tiny = static_cast<double>(std::numeric_limits<T>::min()) * 1e4;
   return 11.0 * static_cast<double>(m * k + k * (k + 1)) * u * static_cast<double>(trace) + tiny;
@@ -314,36 +335,42 @@ at::Tensor shifted_cholesky(at::Tensor g, double shift) {
   return std::get<0>(at::linalg_cholesky_ex(g, /*upper=*/true, /*check_errors=*/false)).contiguous();
 }
 
-// Fused shifted CholeskyQR3 of the row-major m x k matrix y (k <= kFusedOrthMaxK).
+// Fused shifted CholeskyQR3 of the row-major m x k matrix y (k <= kSkinnyMaxK).
 template <typename T>
 at::Tensor orth_fused(const at::Tensor& y, bool* finite) {
   const int64_t m = y.size(0), k = y.size(1);
-  // Pass 0 takes the Gram matrix of Y and stores Y transposed for the solves.
-  at::Tensor cur = at::empty({k, m}, y.options());
-  at::Tensor g = cholqr_pass<T>({y.data_ptr<float>(), true}, m, k, &cur, at::Tensor(), /*want_gram=*/true);
-  at::Tensor next = at::empty({k, m}, y.options());
+  at::Tensor bufs[2] = {at::empty({k, m}, y.options()), at::empty({k, m}, y.options())};
+  at::Tensor q = tall_zeros(m, k);
+  const TallRef in{y.data_ptr<float>(), true, y.stride(0)};
+  const TallRef buf0{bufs[0].data_ptr<float>(), false, m}, buf1{bufs[1].data_ptr<float>(), false, m};
+  const TallRef out{q.data_ptr<float>(), true, q.stride(0)};
+  // Pass 0 takes the Gram matrix of Y and stores Y transposed for the solves;
+  // the passes then ping-pong between the two buffers, the last one writing Q.
+  at::Tensor g = cholqr_pass<T>(in, buf0, m, k, at::Tensor(), /*want_gram=*/true);
   for (int pass = 0; pass < 3; ++pass) {
     const double shift = cholqr_shift<T>(g, m);
     if (pass == 0 && finite != nullptr) *finite = std::isfinite(shift);
     const at::Tensor r = shifted_cholesky(g, shift);
-    g = cholqr_pass<T>({cur.data_ptr<float>(), false}, m, k, &next, r, /*want_gram=*/pass < 2);
-    std::swap(cur, next);
+    const TallRef src = pass % 2 == 0 ? buf0 : buf1;
+    const TallRef dst = pass == 2 ? out : (pass % 2 == 0 ? buf1 : buf0);
+    g = cholqr_pass<T>(src, dst, m, k, r, /*want_gram=*/pass < 2);
   }
-  return cur;
+  return q;
 }
 
-// Shifted CholeskyQR3 (reference `_orth`) of the tall m x k fp32 matrix Y
-// (row-major), returned transposed (k x m): three passes of  G = Y^T Y + s I,
+// Shifted CholeskyQR3 (reference `_orth`) of the tall m x k fp32 matrix Y (any
+// row stride, unit column stride): three passes of  G = Y^T Y + s I,
 // R = chol(G),  Y <- Y R^{-1},  with the shift of `cholqr_shift`. The Gram
 // matrix, the Cholesky factor and the triangular solve run in `gram` (fp64 for
 // fp32 input, fp32 for fp16/bf16); the result is rounded back to fp32 after
 // every pass. Rank-deficient or zero Y yields finite output without
-// data-dependent branches. If `finite` is given it receives whether Y was
-// finite (its Gram trace is), which spares a separate scan of Y.
-at::Tensor orth_t(const at::Tensor& y_in, at::ScalarType gram, bool* finite = nullptr) {
-  const at::Tensor y = y_in.contiguous();
+// data-dependent branches. Returns Q as a padded tall matrix. If `finite` is
+// given it receives whether Y was finite (its Gram trace is), which spares a
+// separate scan of Y.
+at::Tensor orth(const at::Tensor& y_in, at::ScalarType gram, bool* finite = nullptr) {
+  const at::Tensor y = y_in.stride(1) == 1 ? y_in : y_in.contiguous();
   const int64_t m = y.size(0), k = y.size(1);
-  if (k <= kFusedOrthMaxK) return gram == at::kDouble ? orth_fused<double>(y, finite) : orth_fused<float>(y, finite);
+  if (k <= kSkinnyMaxK) return gram == at::kDouble ? orth_fused<double>(y, finite) : orth_fused<float>(y, finite);
   at::Tensor q = y;
   for (int pass = 0; pass < 3; ++pass) {
     const at::Tensor yg = q.to(gram);
@@ -353,24 +380,171 @@ at::Tensor orth_t(const at::Tensor& y_in, at::ScalarType gram, bool* finite = nu
     const at::Tensor r = shifted_cholesky(g, shift);
     q = at::linalg_solve_triangular(r, yg, /*upper=*/true, /*left=*/false).to(at::kFloat);
   }
-  return q.t().contiguous();
+  return q.contiguous();
+}
+
+// ----------------------------------------------------------------------------- skinny GEMMs
+//
+// Y = A W and Z = A^T Q with A = X (N x H, the big operand, read in place) and
+// W, Q padded tall matrices of k <= kSkinnyMaxK columns. Register tiles of R
+// rows x 16 columns stream A once per 16-column panel with no packing copy.
+// Every output element is summed over the inner index in increasing order by
+// one thread, so results do not depend on the thread count. Vector FMA is
+// allowed here (the AVX clones); MKL contracts too.
+
+typedef float V16f __attribute__((vector_size(64), aligned(4)));
+
+// y[r, 0:16] = sum_h a[r, h] w[h, 0:16] for the R rows at a.
+template <int R>
+SFT_LR_INLINE void nn_tile(const float* a, int64_t lda, const float* w, int64_t ldw, int64_t kdim, float* y,
+                           int64_t ldy) {
+  V16f acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = V16f{};
+  for (int64_t h = 0; h < kdim; ++h) {
+    V16f wv;
+    std::memcpy(&wv, w + h * ldw, sizeof(wv));
+    for (int r = 0; r < R; ++r) acc[r] += a[r * lda + h] * wv;
+  }
+  for (int r = 0; r < R; ++r) std::memcpy(y + r * ldy, &acc[r], sizeof(V16f));
+}
+
+// Rows [i0, i1) of Y = A W (all panels).
+template <int R>
+SFT_LR_INLINE void nn_rows(const float* a, int64_t lda, const float* w, int64_t ldw, int64_t kdim, int64_t panels,
+                           float* y, int64_t ldy, int64_t i0, int64_t i1) {
+  int64_t i = i0;
+  for (; i + R <= i1; i += R)
+    for (int64_t p = 0; p < panels; ++p)
+      nn_tile<R>(a + i * lda, lda, w + p * kPanel, ldw, kdim, y + i * ldy + p * kPanel, ldy);
+  for (; i < i1; ++i)
+    for (int64_t p = 0; p < panels; ++p)
+      nn_tile<1>(a + i * lda, lda, w + p * kPanel, ldw, kdim, y + i * ldy + p * kPanel, ldy);
+}
+
+// z[h0 + x, 0:16] += sum_{r in [r0, r1)} a[r, h0 + x] q[r, 0:16] for x < R.
+template <int R>
+SFT_LR_INLINE void tn_tile(const float* a, int64_t lda, const float* q, int64_t ldq, int64_t r0, int64_t r1,
+                           float* z, int64_t ldz) {
+  V16f acc[R];
+  for (int x = 0; x < R; ++x) std::memcpy(&acc[x], z + x * ldz, sizeof(V16f));
+  for (int64_t r = r0; r < r1; ++r) {
+    V16f qv;
+    std::memcpy(&qv, q + r * ldq, sizeof(qv));
+    const float* ar = a + r * lda;
+    for (int x = 0; x < R; ++x) acc[x] += ar[x] * qv;
+  }
+  for (int x = 0; x < R; ++x) std::memcpy(z + x * ldz, &acc[x], sizeof(V16f));
+}
+
+// Rows [h0, h1) of Z = A^T Q (z zero on entry), over row blocks of A that stay in L2.
+template <int R>
+SFT_LR_INLINE void tn_rows(const float* a, int64_t lda, int64_t m, const float* q, int64_t ldq, int64_t panels,
+                           float* z, int64_t ldz, int64_t h0, int64_t h1) {
+  const int64_t block = std::max<int64_t>(16, (int64_t{1} << 16) / std::max<int64_t>(lda, 1));
+  for (int64_t r0 = 0; r0 < m; r0 += block) {
+    const int64_t r1 = std::min(m, r0 + block);
+    int64_t h = h0;
+    for (; h + R <= h1; h += R)
+      for (int64_t p = 0; p < panels; ++p) tn_tile<R>(a + h, lda, q + p * kPanel, ldq, r0, r1, z + h * ldz + p * kPanel, ldz);
+    for (; h < h1; ++h)
+      for (int64_t p = 0; p < panels; ++p) tn_tile<1>(a + h, lda, q + p * kPanel, ldq, r0, r1, z + h * ldz + p * kPanel, ldz);
+  }
+}
+
+// Tile heights per ISA: as many accumulators as the vector registers hold.
+#define SFT_LR_GEMM_VARIANT(suffix, target_attr, R_NN, R_TN)                                                       \
+  target_attr void nn_##suffix(const float* a, int64_t lda, const float* w, int64_t ldw, int64_t kdim,             \
+                               int64_t panels, float* y, int64_t ldy, int64_t i0, int64_t i1) {                    \
+    nn_rows<R_NN>(a, lda, w, ldw, kdim, panels, y, ldy, i0, i1);                                                   \
+  }                                                                                                                \
+  target_attr void tn_##suffix(const float* a, int64_t lda, int64_t m, const float* q, int64_t ldq, int64_t panels, \
+                               float* z, int64_t ldz, int64_t h0, int64_t h1) {                                    \
+    tn_rows<R_TN>(a, lda, m, q, ldq, panels, z, ldz, h0, h1);                                                      \
+  }
+SFT_LR_GEMM_VARIANT(v4, __attribute__((target("arch=x86-64-v4"), optimize("fp-contract=fast"))), 12, 12)
+SFT_LR_GEMM_VARIANT(v3, __attribute__((target("arch=x86-64-v3"), optimize("fp-contract=fast"))), 4, 4)
+SFT_LR_GEMM_VARIANT(base, , 2, 2)
+#undef SFT_LR_GEMM_VARIANT
+
+struct SkinnyKernels {
+  decltype(&nn_base) nn;
+  decltype(&tn_base) tn;
+  int64_t rows_nn, rows_tn;  // tile heights, for work splitting
+};
+
+const SkinnyKernels& skinny_kernels() {
+  static const SkinnyKernels kernels = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("x86-64-v4")) return SkinnyKernels{&nn_v4, &tn_v4, 12, 12};
+    if (__builtin_cpu_supports("x86-64-v3")) return SkinnyKernels{&nn_v3, &tn_v3, 4, 4};
+    return SkinnyKernels{&nn_base, &tn_base, 2, 2};
+  }();
+  return kernels;
+}
+
+// A as the big operand: fp32 with unit column stride (a copy only otherwise).
+at::Tensor big_operand(const at::Tensor& a) { return a.stride(1) == 1 ? a : a.contiguous(); }
+
+// Y = A W into the padded tall matrix y (M x k view); W a padded tall matrix.
+void skinny_mm_out(const at::Tensor& a_in, const at::Tensor& w, at::Tensor& y) {
+  const at::Tensor a = big_operand(a_in);
+  const int64_t m = a.size(0), kdim = a.size(1), k = w.size(1);
+  if (k > kSkinnyMaxK) {
+    at::mm_out(y, a, w);
+    return;
+  }
+  TORCH_INTERNAL_ASSERT(is_padded_tall(w) && is_padded_tall(y));
+  const SkinnyKernels& kern = skinny_kernels();
+  const float* ap = a.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t lda = a.stride(0), ldw = w.stride(0), ldy = y.stride(0), panels = ldw / kPanel;
+  const int64_t tiles = (m + kern.rows_nn - 1) / kern.rows_nn;
+  at::parallel_for(0, tiles, std::max<int64_t>(1, 64 / kern.rows_nn), [&](int64_t t0, int64_t t1) {
+    kern.nn(ap, lda, wp, ldw, kdim, panels, yp, ldy, t0 * kern.rows_nn, std::min(m, t1 * kern.rows_nn));
+  });
+}
+
+at::Tensor skinny_mm(const at::Tensor& a, const at::Tensor& w) {
+  at::Tensor y = tall_zeros(a.size(0), w.size(1));
+  skinny_mm_out(a, w, y);
+  return y;
+}
+
+// Z = A^T Q (H x k padded tall matrix); Q a padded tall matrix with A's rows.
+at::Tensor skinny_tmm(const at::Tensor& a_in, const at::Tensor& q) {
+  const at::Tensor a = big_operand(a_in);
+  const int64_t m = a.size(0), h = a.size(1), k = q.size(1);
+  if (k > kSkinnyMaxK) return at::mm(a.t(), q);
+  TORCH_INTERNAL_ASSERT(is_padded_tall(q));
+  at::Tensor z = tall_zeros(h, k);
+  const SkinnyKernels& kern = skinny_kernels();
+  const float* ap = a.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
+  float* zp = z.data_ptr<float>();
+  const int64_t lda = a.stride(0), ldq = q.stride(0), ldz = z.stride(0), panels = ldq / kPanel;
+  const int64_t tiles = (h + kern.rows_tn - 1) / kern.rows_tn;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    kern.tn(ap, lda, m, qp, ldq, panels, zp, ldz, t0 * kern.rows_tn, std::min(h, t1 * kern.rows_tn));
+  });
+  return z;
 }
 
 // ----------------------------------------------------------------------------- range finder
 
 // The rank-truncated factors shared by every op, all fp32:
-// X ~= Q @ ub @ diag(s) @ vb^T, with the range basis Q (N x k) held transposed
-// as qt (k x N), ub (k x r), s (r) and vb (H x r) orthonormal.
+// X ~= q @ ub @ diag(s) @ vb^T with the range basis q (N x k tall matrix),
+// ub (k x r), s (r) and vb (H x r) orthonormal.
 struct Factors {
-  at::Tensor qt, ub, s, vb;
+  at::Tensor q, ub, s, vb;
 
   // P = Q Ub diag(S) (N x rank), the one formula every op uses.
-  at::Tensor p() const { return at::mm(qt.t(), ub * s); }
+  at::Tensor p() const { return at::mm(q, ub * s); }
 };
 
 // Raise the spec's RuntimeError for a sketch that is not finite. A NaN/Inf in
 // row i of X makes every entry of row i of Y = X Omega non-finite (Omega is
-// +-1), and a non-finite Y has a non-finite Gram trace, so `orth_t` detects it
+// +-1), and a non-finite Y has a non-finite Gram trace, so `orth` detects it
 // for free and only then is X scanned to count the bad values. A finite X
 // whose sketch overflows fp32 is reported too rather than returning NaN factors.
 [[noreturn]] void raise_non_finite(const at::Tensor& x2, const char* op, const char* name) {
@@ -380,13 +554,13 @@ struct Factors {
   __builtin_unreachable();
 }
 
-// Q^T = orth(Y)^T for the first sketch Y of x2, raising on non-finite input.
-at::Tensor orth_sketch_t(const at::Tensor& y, at::ScalarType gram, const at::Tensor& x2, const char* op,
-                         const char* name) {
+// Q = orth(Y) for the first sketch Y of x2, raising on non-finite input.
+at::Tensor orth_sketch(const at::Tensor& y, at::ScalarType gram, const at::Tensor& x2, const char* op,
+                       const char* name) {
   bool finite = true;
-  at::Tensor qt = orth_t(y, gram, &finite);
+  at::Tensor q = orth(y, gram, &finite);
   if (!finite) raise_non_finite(x2, op, name);
-  return qt;
+  return q;
 }
 
 // Truncated SVD of the small k x H matrix B (k <= H), given as bt = B^T
@@ -410,44 +584,45 @@ int64_t single_pass_block_rows(int64_t h) {
 // The shared range finder of reference `_core`. x2 is the N x H matrix (N >= 1)
 // in its input dtype; fp32 input is used in place, fp16/bf16 converted to fp32
 // once (or block by block in the single-pass mode, which reads X exactly once).
-// Every product with X is one MKL GEMM with a tall row-major result.
 Factors lowrank_core(const at::Tensor& x2, int64_t rank, int64_t oversample, int64_t power_iters, int64_t seed,
                      const char* op, const char* name) {
   const int64_t n = x2.size(0), h = x2.size(1);
   const int64_t k = std::min({rank + oversample, n, h});
   const uint64_t useed = static_cast<uint64_t>(seed);
   const at::ScalarType gram = x2.scalar_type() == at::kFloat ? at::kDouble : at::kFloat;
-  const at::Tensor omega = rademacher(h, k, useed, kPhiloxStreamSketch);  // H x k
+  at::Tensor omega = tall_zeros(h, k);  // H x k
+  rademacher_into(omega, useed, kPhiloxStreamSketch);
 
   if (power_iters < 0) {
     // Single-pass sketch: Y = X Omega and W = Psi X from one read of X, block
     // by block over rows; then Q = orth(Y), B = lstsq(Psi Q, W).
     const int64_t ell = 2 * k + 1;
-    const at::Tensor psi = rademacher(ell, n, useed, kPhiloxStreamSketch2);  // l x N
-    at::Tensor y = at::empty({n, k}, omega.options());
+    at::Tensor psi = at::empty({ell, n}, omega.options());
+    rademacher_into(psi, useed, kPhiloxStreamSketch2);
+    at::Tensor y = tall_zeros(n, k);
     at::Tensor w = at::zeros({ell, h}, omega.options());
     const int64_t bs = single_pass_block_rows(h);
     for (int64_t r0 = 0; r0 < n; r0 += bs) {
       const int64_t len = std::min(bs, n - r0);
       const at::Tensor xb = x2.narrow(0, r0, len).to(at::kFloat);
       at::Tensor yb = y.narrow(0, r0, len);
-      at::mm_out(yb, xb, omega);
+      skinny_mm_out(xb, omega, yb);
       w.addmm_(psi.narrow(1, r0, len), xb);
     }
-    const at::Tensor qt = orth_sketch_t(y, gram, x2, op, name);
-    const at::Tensor b = std::get<0>(at::linalg_lstsq(at::mm(psi, qt.t()).to(gram), w.to(gram)));
+    const at::Tensor q = orth_sketch(y, gram, x2, op, name);
+    const at::Tensor b = std::get<0>(at::linalg_lstsq(at::mm(psi, q).to(gram), w.to(gram)));
     auto [ub, s, vb] = small_svd(b.t(), rank, gram);
-    return {qt, ub, s, vb};
+    return {q, ub, s, vb};
   }
 
-  const at::Tensor xf = x2.to(at::kFloat);  // no copy for fp32 input
-  at::Tensor qt = orth_sketch_t(at::mm(xf, omega), gram, xf, op, name);  // Y = X Omega
+  const at::Tensor xf = big_operand(x2.to(at::kFloat));  // no copy for contiguous fp32 input
+  at::Tensor q = orth_sketch(skinny_mm(xf, omega), gram, xf, op, name);  // Q = orth(X Omega)
   for (int64_t it = 0; it < power_iters; ++it) {
-    const at::Tensor zt = orth_t(at::mm(xf.t(), qt.t()), gram);  // Z = orth(X^T Q)
-    qt = orth_t(at::mm(xf, zt.t()), gram);                         // Q = orth(X Z)
+    const at::Tensor z = orth(skinny_tmm(xf, q), gram);  // Z = orth(X^T Q)
+    q = orth(skinny_mm(xf, z), gram);                      // Q = orth(X Z)
   }
-  auto [ub, s, vb] = small_svd(at::mm(xf.t(), qt.t()), rank, gram);  // B^T = X^T Q
-  return {qt, ub, s, vb};
+  auto [ub, s, vb] = small_svd(skinny_tmm(xf, q), rank, gram);  // B^T = X^T Q
+  return {q, ub, s, vb};
 }
 
 // Validates x and the low-rank arguments, views x as N x H (reported in n, h)
@@ -494,7 +669,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> randomized_svd_cpu(const at::Tens
   if (n == 0) return {at::zeros({0, rank}, opts), at::zeros({rank}, opts), at::zeros({h, rank}, opts)};
   const Factors f = lowrank_core(w, rank, oversample, power_iters, seed, op, "w");
   const auto dt = w.scalar_type();
-  return {at::mm(f.qt.t(), f.ub).to(dt), f.s.to(dt), f.vb.to(dt).contiguous()};  // U = Q Ub
+  return {at::mm(f.q, f.ub).to(dt), f.s.to(dt), f.vb.to(dt).contiguous()};  // U = Q Ub
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_quantize_cpu(
