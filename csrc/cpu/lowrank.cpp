@@ -119,6 +119,29 @@ bool is_padded_tall(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat && t.stride(1) == 1 && t.stride(0) == tall_ld(t.size(1));
 }
 
+// A small fp32 matrix (k x r) copied into the padded tall layout, as the W
+// operand of `skinny_mm`.
+at::Tensor tall_from(const at::Tensor& small) {
+  at::Tensor t = tall_zeros(small.size(0), small.size(1));
+  t.copy_(small);
+  return t;
+}
+
+// The transpose of a tall fp32 matrix (m x r, unit column stride) as a
+// contiguous r x m tensor: the row layout `quantize` takes for P^T and Q^T.
+at::Tensor transpose_tall(const at::Tensor& t) {
+  const int64_t m = t.size(0), r = t.size(1), ld = t.stride(0);
+  TORCH_INTERNAL_ASSERT(t.scalar_type() == at::kFloat && t.stride(1) == 1);
+  at::Tensor out = at::empty({r, m}, t.options());
+  const float* src = t.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, m, 4096, [&](int64_t i0, int64_t i1) {
+    for (int64_t c = 0; c < r; ++c)
+      for (int64_t i = i0; i < i1; ++i) dst[c * m + i] = src[i * ld + c];
+  });
+  return out;
+}
+
 // ----------------------------------------------------------------------------- orthonormalisation
 
 // Multiversioned hot loops: AVX-512, AVX2 and the portable baseline. The code
@@ -538,8 +561,8 @@ at::Tensor skinny_tmm(const at::Tensor& a_in, const at::Tensor& q) {
 struct Factors {
   at::Tensor q, ub, s, vb;
 
-  // P = Q Ub diag(S) (N x rank), the one formula every op uses.
-  at::Tensor p() const { return at::mm(q, ub * s); }
+  // P = Q Ub diag(S) (N x rank tall matrix), the one formula every op uses.
+  at::Tensor p() const;
 };
 
 // Raise the spec's RuntimeError for a sketch that is not finite. A NaN/Inf in
@@ -563,16 +586,18 @@ at::Tensor orth_sketch(const at::Tensor& y, at::ScalarType gram, const at::Tenso
   return q;
 }
 
-// Truncated SVD of the small k x H matrix B (k <= H), given as bt = B^T
-// (H x k, any strides), in `gram` precision: B^T = Qb Rb (Householder QR,
-// backward stable) and Rb = U' S V'^T give B = V' S (Qb U')^T, i.e. Ub = V',
-// Vb = Qb U'; cheaper than an SVD of the wide B. Returns (ub k x r, s r,
-// vb H x r), fp32.
+// Truncated SVD of the small k x H matrix B (k <= H), given as its transpose
+// bt (H x k fp32, unit column stride): B^T = Qb Rb with Qb = orth(B^T) (the
+// same shifted CholeskyQR3, which keeps Qb orthonormal when B is rank
+// deficient; always with an fp64 Gram so that its shift is negligible, as in
+// the reference's exact SVD of B) and Rb = Qb^T B^T (k x k); then the SVD
+// Rb = U' S V'^T in `gram` precision gives B = V' S (Qb U')^T, i.e. Ub = V',
+// Vb = Qb U'. Returns (ub k x r, s r, vb H x r tall matrix), fp32.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> small_svd(const at::Tensor& bt, int64_t rank, at::ScalarType gram) {
-  auto [qb, rb] = at::linalg_qr(bt.to(gram), "reduced");
-  auto [u1, s, v1t] = at::linalg_svd(rb, /*full_matrices=*/false);
+  const at::Tensor qb = orth(bt, at::kDouble);
+  auto [u1, s, v1t] = at::linalg_svd(at::mm(qb.t(), bt).to(gram), /*full_matrices=*/false);
   return {v1t.narrow(0, 0, rank).t().to(at::kFloat), s.narrow(0, 0, rank).to(at::kFloat),
-          at::mm(qb, u1.narrow(1, 0, rank)).to(at::kFloat)};
+          skinny_mm(qb, tall_from(u1.narrow(1, 0, rank).to(at::kFloat)))};
 }
 
 // Rows of X per block of the single-pass sketch: about 256 KiB of fp32 so a
@@ -611,7 +636,7 @@ Factors lowrank_core(const at::Tensor& x2, int64_t rank, int64_t oversample, int
     }
     const at::Tensor q = orth_sketch(y, gram, x2, op, name);
     const at::Tensor b = std::get<0>(at::linalg_lstsq(at::mm(psi, q).to(gram), w.to(gram)));
-    auto [ub, s, vb] = small_svd(b.t(), rank, gram);
+    auto [ub, s, vb] = small_svd(b.t().to(at::kFloat), rank, gram);
     return {q, ub, s, vb};
   }
 
@@ -624,6 +649,8 @@ Factors lowrank_core(const at::Tensor& x2, int64_t rank, int64_t oversample, int
   auto [ub, s, vb] = small_svd(skinny_tmm(xf, q), rank, gram);  // B^T = X^T Q
   return {q, ub, s, vb};
 }
+
+at::Tensor Factors::p() const { return skinny_mm(q, tall_from(ub * s)); }
 
 // Validates x and the low-rank arguments, views x as N x H (reported in n, h)
 // and runs the range finder; the factors are left undefined when N = 0.
@@ -653,7 +680,7 @@ std::tuple<at::Tensor, at::Tensor> lowrank_cpu(const at::Tensor& x, int64_t rank
   const Factors f = lowrank_of(x, rank, oversample, power_iters, seed, "sft::lowrank", n, h);
   if (n == 0) return {at::zeros({0, rank}, x.options()), at::zeros({h, rank}, x.options())};
   const auto dt = x.scalar_type();
-  return {f.p().to(dt), f.vb.to(dt).contiguous()};  // P, Qout = Vb
+  return {f.p().to(dt).contiguous(), f.vb.to(dt).contiguous()};  // P, Qout = Vb
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> randomized_svd_cpu(const at::Tensor& w, int64_t rank,
@@ -669,7 +696,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> randomized_svd_cpu(const at::Tens
   if (n == 0) return {at::zeros({0, rank}, opts), at::zeros({rank}, opts), at::zeros({h, rank}, opts)};
   const Factors f = lowrank_core(w, rank, oversample, power_iters, seed, op, "w");
   const auto dt = w.scalar_type();
-  return {at::mm(f.q, f.ub).to(dt), f.s.to(dt), f.vb.to(dt).contiguous()};  // U = Q Ub
+  const at::Tensor u = skinny_mm(f.q, tall_from(f.ub));  // U = Q Ub
+  return {u.to(dt).contiguous(), f.s.to(dt), f.vb.to(dt).contiguous()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_quantize_cpu(
@@ -683,8 +711,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_quantize_cpu(
   // Exactly the factors `lowrank` returns (rounded to x's dtype), transposed:
   // P^T (rank x N) and Q^T = Vb^T (rank x H).
   const auto dt = x.scalar_type();
-  const at::Tensor p_t = n == 0 ? at::zeros({rank, 0}, x.options()) : f.p().t().to(dt).contiguous();
-  const at::Tensor q_t = n == 0 ? at::zeros({rank, h}, x.options()) : f.vb.t().to(dt).contiguous();
+  const at::Tensor p_t = n == 0 ? at::zeros({rank, 0}, x.options()) : transpose_tall(f.p()).to(dt);
+  const at::Tensor q_t = n == 0 ? at::zeros({rank, h}, x.options()) : transpose_tall(f.vb).to(dt);
   // P^T uses `seed`, Q^T uses seed + 1 (mod 2^64) for stochastic rounding.
   const int64_t seed_q = static_cast<int64_t>(static_cast<uint64_t>(seed) + 1u);
   auto [pc, ps] = quantize(p_t, bits, block, stochastic, seed);
