@@ -74,11 +74,13 @@ at::Tensor as_matrix(const at::Tensor& x) {
 
 // ----------------------------------------------------------------------------- random sketches
 
-// The rows x cols Rademacher test matrix of the spec, fp32, written into `out`
-// (rows x cols, unit column stride): entry (i, j) has index e = i*cols + j and
-// is +1 when the top bit of Philox word e of `stream` is 0, else -1.
-void rademacher_into(at::Tensor& out, uint64_t seed, uint32_t stream) {
-  const int64_t rows = out.size(0), cols = out.size(1), ld = out.stride(0);
+// The rows x cols Rademacher test matrix of the spec, fp32: entry (i, j) has
+// index e = i*cols + j and is +1 when the top bit of Philox word e of `stream`
+// is 0, else -1. It is written into `out` (unit column stride), which is
+// rows x cols, or cols x rows (the transpose) when `transposed`.
+void rademacher_into(at::Tensor& out, int64_t rows, int64_t cols, bool transposed, uint64_t seed, uint32_t stream) {
+  TORCH_INTERNAL_ASSERT(out.size(0) == (transposed ? cols : rows) && out.size(1) == (transposed ? rows : cols));
+  const int64_t ld = out.stride(0);
   float* p = out.data_ptr<float>();
   const int64_t n = rows * cols;
   at::parallel_for(0, (n + 3) / 4, 1024, [&](int64_t g0, int64_t g1) {
@@ -86,8 +88,8 @@ void rademacher_into(at::Tensor& out, uint64_t seed, uint32_t stream) {
       const Philox4 w = philox_group(seed, static_cast<uint64_t>(g), stream);
       const int64_t e0 = 4 * g, cnt = std::min<int64_t>(4, n - e0);
       for (int64_t t = 0; t < cnt; ++t) {
-        const int64_t e = e0 + t;
-        p[(e / cols) * ld + e % cols] = (w.v[t] >> 31) ? -1.0f : 1.0f;
+        const int64_t i = (e0 + t) / cols, j = (e0 + t) % cols;
+        p[transposed ? j * ld + i : i * ld + j] = (w.v[t] >> 31) ? -1.0f : 1.0f;
       }
     }
   });
@@ -534,13 +536,16 @@ at::Tensor skinny_mm(const at::Tensor& a, const at::Tensor& w) {
   return y;
 }
 
-// Z = A^T Q (H x k padded tall matrix); Q a padded tall matrix with A's rows.
-at::Tensor skinny_tmm(const at::Tensor& a_in, const at::Tensor& q) {
+// Z += A^T Q into the padded tall matrix z (H x k view); Q a padded tall
+// matrix with A's rows.
+void skinny_tmm_acc(const at::Tensor& a_in, const at::Tensor& q, at::Tensor& z) {
   const at::Tensor a = big_operand(a_in);
   const int64_t m = a.size(0), h = a.size(1), k = q.size(1);
-  if (k > kSkinnyMaxK) return at::mm(a.t(), q);
-  TORCH_INTERNAL_ASSERT(is_padded_tall(q));
-  at::Tensor z = tall_zeros(h, k);
+  if (k > kSkinnyMaxK) {
+    z.addmm_(a.t(), q);
+    return;
+  }
+  TORCH_INTERNAL_ASSERT(is_padded_tall(q) && is_padded_tall(z));
   const SkinnyKernels& kern = skinny_kernels();
   const float* ap = a.data_ptr<float>();
   const float* qp = q.data_ptr<float>();
@@ -550,6 +555,12 @@ at::Tensor skinny_tmm(const at::Tensor& a_in, const at::Tensor& q) {
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     kern.tn(ap, lda, m, qp, ldq, panels, zp, ldz, t0 * kern.rows_tn, std::min(h, t1 * kern.rows_tn));
   });
+}
+
+// Z = A^T Q as a padded tall matrix (H x k).
+at::Tensor skinny_tmm(const at::Tensor& a, const at::Tensor& q) {
+  at::Tensor z = tall_zeros(a.size(1), q.size(1));
+  skinny_tmm_acc(a, q, z);
   return z;
 }
 
@@ -600,10 +611,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> small_svd(const at::Tensor& bt, i
           skinny_mm(qb, tall_from(u1.narrow(1, 0, rank).to(at::kFloat)))};
 }
 
-// Rows of X per block of the single-pass sketch: about 256 KiB of fp32 so a
-// block stays cache-resident for both of its products.
+// Rows of X per block of the single-pass sketch: about 1 MiB of fp32, so a
+// block is read from memory once and stays cache-resident for its two products.
 int64_t single_pass_block_rows(int64_t h) {
-  return std::max<int64_t>(16, (int64_t{1} << 16) / std::max<int64_t>(h, 1));
+  return std::max<int64_t>(64, (int64_t{1} << 18) / std::max<int64_t>(h, 1));
 }
 
 // The shared range finder of reference `_core`. x2 is the N x H matrix (N >= 1)
@@ -615,27 +626,28 @@ Factors lowrank_core(const at::Tensor& x2, int64_t rank, int64_t oversample, int
   const int64_t k = std::min({rank + oversample, n, h});
   const uint64_t useed = static_cast<uint64_t>(seed);
   const at::ScalarType gram = x2.scalar_type() == at::kFloat ? at::kDouble : at::kFloat;
-  at::Tensor omega = tall_zeros(h, k);  // H x k
-  rademacher_into(omega, useed, kPhiloxStreamSketch);
+  at::Tensor omega = tall_zeros(h, k);
+  rademacher_into(omega, h, k, /*transposed=*/false, useed, kPhiloxStreamSketch);
 
   if (power_iters < 0) {
-    // Single-pass sketch: Y = X Omega and W = Psi X from one read of X, block
-    // by block over rows; then Q = orth(Y), B = lstsq(Psi Q, W).
+    // Single-pass sketch: Y = X Omega and W^T = X^T Psi^T from one read of X,
+    // block by block over rows; then Q = orth(Y), B = lstsq(Psi Q, W).
     const int64_t ell = 2 * k + 1;
-    at::Tensor psi = at::empty({ell, n}, omega.options());
-    rademacher_into(psi, useed, kPhiloxStreamSketch2);
+    at::Tensor psi_t = tall_zeros(n, ell);  // Psi^T, N x l
+    rademacher_into(psi_t, ell, n, /*transposed=*/true, useed, kPhiloxStreamSketch2);
     at::Tensor y = tall_zeros(n, k);
-    at::Tensor w = at::zeros({ell, h}, omega.options());
+    at::Tensor w_t = tall_zeros(h, ell);
     const int64_t bs = single_pass_block_rows(h);
     for (int64_t r0 = 0; r0 < n; r0 += bs) {
       const int64_t len = std::min(bs, n - r0);
-      const at::Tensor xb = x2.narrow(0, r0, len).to(at::kFloat);
+      const at::Tensor xb = big_operand(x2.narrow(0, r0, len).to(at::kFloat));
       at::Tensor yb = y.narrow(0, r0, len);
       skinny_mm_out(xb, omega, yb);
-      w.addmm_(psi.narrow(1, r0, len), xb);
+      skinny_tmm_acc(xb, psi_t.narrow(0, r0, len), w_t);
     }
     const at::Tensor q = orth_sketch(y, gram, x2, op, name);
-    const at::Tensor b = std::get<0>(at::linalg_lstsq(at::mm(psi, q).to(gram), w.to(gram)));
+    const at::Tensor psi_q = at::mm(psi_t.t(), q);  // l x k
+    const at::Tensor b = std::get<0>(at::linalg_lstsq(psi_q.to(gram), w_t.t().to(gram)));
     auto [ub, s, vb] = small_svd(b.t().to(at::kFloat), rank, gram);
     return {q, ub, s, vb};
   }
