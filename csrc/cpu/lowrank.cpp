@@ -6,8 +6,10 @@
 // Rademacher sketch generated here (never passed in), shifted CholeskyQR3
 // orthonormalisation, and either `power_iters` >= 0 power iterations or the
 // single-pass sketch of Tropp et al. (2017) for power_iters = -1. All four ops
-// share one range finder (`lowrank_core`); the big products are BLAS GEMMs on
-// the fp32 view of X (no copy for contiguous fp32 input).
+// share one range finder (`lowrank_core`). The products with X (N x H times a
+// skinny k-column matrix) run in register-tiled kernels that stream X without
+// the packing copies a general BLAS GEMM makes (MKL for k > 64); contiguous
+// fp32 input is never copied.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -74,28 +76,75 @@ at::Tensor as_matrix(const at::Tensor& x) {
 
 // The rows x cols Rademacher test matrix of the spec, fp32: entry (i, j) has
 // index e = i*cols + j and is +1 when the top bit of Philox word e of `stream`
-// is 0, else -1.
-at::Tensor rademacher(int64_t rows, int64_t cols, uint64_t seed, uint32_t stream) {
-  at::Tensor out = at::empty({rows, cols}, at::TensorOptions().dtype(at::kFloat));
+// is 0, else -1. It is written into `out` (unit column stride), which is
+// rows x cols, or cols x rows (the transpose) when `transposed`.
+void rademacher_into(at::Tensor& out, int64_t rows, int64_t cols, bool transposed, uint64_t seed, uint32_t stream) {
+  TORCH_INTERNAL_ASSERT(out.size(0) == (transposed ? cols : rows) && out.size(1) == (transposed ? rows : cols));
+  const int64_t ld = out.stride(0);
   float* p = out.data_ptr<float>();
   const int64_t n = rows * cols;
   at::parallel_for(0, (n + 3) / 4, 1024, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       const Philox4 w = philox_group(seed, static_cast<uint64_t>(g), stream);
       const int64_t e0 = 4 * g, cnt = std::min<int64_t>(4, n - e0);
-      for (int64_t t = 0; t < cnt; ++t) p[e0 + t] = (w.v[t] >> 31) ? -1.0f : 1.0f;
+      for (int64_t t = 0; t < cnt; ++t) {
+        const int64_t i = (e0 + t) / cols, j = (e0 + t) % cols;
+        p[transposed ? j * ld + i : i * ld + j] = (w.v[t] >> 31) ? -1.0f : 1.0f;
+      }
     }
+  });
+}
+
+// ----------------------------------------------------------------------------- tall matrices
+//
+// The sketches and range bases are tall-skinny m x k fp32 matrices (k << m).
+// They are held row-major with a row stride padded to the kernels' 16-float
+// panels ("ld"); the pad columns are zero, and the m x k view of the buffer is
+// what gets passed around. Inside `orth` they are transposed (k x m) so that
+// its kernel handles 8 consecutive rows per SIMD vector.
+
+// Widest k handled by the skinny GEMM and fused CholeskyQR kernels; wider
+// sketches use MKL (at::mm / trsm), which wins once the k x k work dominates.
+constexpr int64_t kSkinnyMaxK = 64;
+// Column panel width of the skinny GEMM kernels (one 16-float vector).
+constexpr int64_t kPanel = 16;
+
+int64_t tall_ld(int64_t k) { return k <= kSkinnyMaxK ? (k + kPanel - 1) / kPanel * kPanel : k; }
+
+// A zero m x k tall matrix (view of a zero-padded m x tall_ld(k) buffer).
+at::Tensor tall_zeros(int64_t m, int64_t k) {
+  return at::zeros({m, tall_ld(k)}, at::TensorOptions().dtype(at::kFloat)).narrow(1, 0, k);
+}
+
+// Whether t is an m x k tall matrix in the padded layout the kernels expect.
+bool is_padded_tall(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat && t.stride(1) == 1 && t.stride(0) == tall_ld(t.size(1));
+}
+
+// A small fp32 matrix (k x r) copied into the padded tall layout, as the W
+// operand of `skinny_mm`.
+at::Tensor tall_from(const at::Tensor& small) {
+  at::Tensor t = tall_zeros(small.size(0), small.size(1));
+  t.copy_(small);
+  return t;
+}
+
+// The transpose of a tall fp32 matrix (m x r, unit column stride) as a
+// contiguous r x m tensor: the row layout `quantize` takes for P^T and Q^T.
+at::Tensor transpose_tall(const at::Tensor& t) {
+  const int64_t m = t.size(0), r = t.size(1), ld = t.stride(0);
+  TORCH_INTERNAL_ASSERT(t.scalar_type() == at::kFloat && t.stride(1) == 1);
+  at::Tensor out = at::empty({r, m}, t.options());
+  const float* src = t.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, m, 4096, [&](int64_t i0, int64_t i1) {
+    for (int64_t c = 0; c < r; ++c)
+      for (int64_t i = i0; i < i1; ++i) dst[c * m + i] = src[i * ld + c];
   });
   return out;
 }
 
 // ----------------------------------------------------------------------------- orthonormalisation
-//
-// Tall-skinny matrices (the sketches and range bases, m x k with k << m) are
-// stored transposed, as k x m row-major tensors ("Yt"), so that the long m
-// axis is contiguous: the CholeskyQR kernel then handles 8 consecutive rows
-// per SIMD vector with plain loads, and MKL reads/writes them as transposed
-// GEMM operands at no extra cost.
 
 // Multiversioned hot loops: AVX-512, AVX2 and the portable baseline. The code
 // is the same in every clone (GCC vector extensions, -ffp-contract=off), so
@@ -103,10 +152,7 @@ at::Tensor rademacher(int64_t rows, int64_t cols, uint64_t seed, uint32_t stream
 #define SFT_LR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #define SFT_LR_INLINE inline __attribute__((always_inline))
 
-// Widest sketch handled by the fused CholeskyQR kernel below; wider ones use
-// BLAS (at::mm / trsm), which wins once the k x k work per row dominates.
-constexpr int64_t kFusedOrthMaxK = 64;
-// The kernel works on panels of kPanelVecs vectors of 8 rows.
+// The CholeskyQR kernel works on panels of kPanelVecs vectors of 8 rows.
 constexpr int kPanelVecs = 4;
 constexpr int64_t kPanelRows = 8 * kPanelVecs;
 
@@ -125,7 +171,7 @@ struct Lanes<float> {
 };
 typedef float V8f __attribute__((vector_size(32), aligned(4)));
 
-// Rows [i0, i0 + n) (n <= 8) of column j of a transposed tall matrix, zero-padded.
+// Rows [i0, i0 + n) (n <= 8) of one column of a transposed tall matrix, zero-padded.
 SFT_LR_INLINE V8f load_rows(const float* col, int64_t i0, int64_t n) {
   V8f v = {};
   if (n >= 8) {
@@ -144,25 +190,44 @@ SFT_LR_INLINE void store_rows(float* col, int64_t i0, int64_t n, V8f v) {
   }
 }
 
-// One CholeskyQR pass over rows [c0, c1) of the transposed tall matrix yt
-// (k x m fp32). With r != nullptr every row y is replaced by q solving q R = y
-// (R upper k x k row-major in T; inv_diag[j] = 1 / R[j][j]), computed in T and
-// rounded to fp32 into out (k x m). With acc != nullptr the Gram matrix of the
-// (rounded) rows is accumulated in T into acc: kp x kp vectors of 8 lane
-// partial sums, kp = k rounded up to 4 (only the upper 4 x 4 blocks are used).
-// t is scratch for one panel: kp * kPanelVecs vectors.
+// Where a CholeskyQR pass reads or writes an m x k fp32 matrix: row-major with
+// row stride ld, or transposed (k x m, column j at data + j * ld).
+struct TallRef {
+  float* data;
+  bool row_major;
+  int64_t ld;
+};
+
+// One CholeskyQR pass over rows [c0, c1) of the m x k fp32 matrix `src`.
+// With r != nullptr every row y is replaced by q solving q R = y (R upper k x k
+// row-major in T; inv_diag[j] = 1 / R[j][j]), computed in T and rounded to
+// fp32; with dst.data != nullptr the (solved or copied) rows are stored there.
+// With acc != nullptr the Gram matrix of the (rounded) rows is accumulated in T
+// into acc: kp x kp vectors of 8 lane partial sums, kp = k rounded up to 4
+// (only the upper 4 x 4 blocks are written). t is scratch for one panel:
+// kp * kPanelVecs vectors, lane l of vector (j, v) holding row 8 v + l, column j.
 template <typename T>
-SFT_LR_INLINE void cholqr_rows(const float* yt, float* out, int64_t m, int64_t k, int64_t c0, int64_t c1,
-                               const T* r, const T* inv_diag, typename Lanes<T>::V* acc,
-                               typename Lanes<T>::V* t) {
+SFT_LR_INLINE void cholqr_rows(TallRef src, TallRef dst, int64_t k, int64_t c0, int64_t c1, const T* r,
+                               const T* inv_diag, typename Lanes<T>::V* acc, typename Lanes<T>::V* t) {
   using V = typename Lanes<T>::V;
   constexpr int NV = kPanelVecs;
   const int64_t kp = (k + 3) & ~int64_t{3};
+  T* ts = reinterpret_cast<T*>(t);
   for (int64_t i0 = c0; i0 < c1; i0 += kPanelRows) {
     const int64_t rows = std::min(kPanelRows, c1 - i0);
-    for (int64_t j = 0; j < kp; ++j)
-      for (int v = 0; v < NV; ++v)
-        t[j * NV + v] = j < k ? __builtin_convertvector(load_rows(yt + j * m, i0 + 8 * v, rows - 8 * v), V) : V{};
+    if (src.row_major) {
+      // Transpose the panel through memory: scalar stores, then vector reads.
+      for (int64_t e = 0; e < kp * NV; ++e) t[e] = V{};
+      for (int64_t l = 0; l < rows; ++l) {
+        const float* y = src.data + (i0 + l) * src.ld;
+        for (int64_t j = 0; j < k; ++j) ts[j * NV * 8 + l] = static_cast<T>(y[j]);
+      }
+    } else {
+      for (int64_t j = 0; j < kp; ++j)
+        for (int v = 0; v < NV; ++v)
+          t[j * NV + v] =
+              j < k ? __builtin_convertvector(load_rows(src.data + j * src.ld, i0 + 8 * v, rows - 8 * v), V) : V{};
+    }
     if (r != nullptr) {
       // Left-looking forward substitution on the panel, all NV vectors at once.
       for (int64_t j = 0; j < k; ++j) {
@@ -175,12 +240,19 @@ SFT_LR_INLINE void cholqr_rows(const float* yt, float* out, int64_t m, int64_t k
         for (int v = 0; v < NV; ++v) t[j * NV + v] = s[v] * inv_diag[j];
       }
       // Round to the fp32 result; the next Gram is taken of the rounded rows.
-      for (int64_t j = 0; j < k; ++j)
-        for (int v = 0; v < NV; ++v) {
-          const V8f f = __builtin_convertvector(t[j * NV + v], V8f);
-          store_rows(out + j * m, i0 + 8 * v, rows - 8 * v, f);
-          t[j * NV + v] = __builtin_convertvector(f, V);
+      for (int64_t e = 0; e < k * NV; ++e) t[e] = __builtin_convertvector(__builtin_convertvector(t[e], V8f), V);
+    }
+    if (dst.data != nullptr) {
+      if (dst.row_major) {
+        for (int64_t l = 0; l < rows; ++l) {
+          float* q = dst.data + (i0 + l) * dst.ld;
+          for (int64_t j = 0; j < k; ++j) q[j] = static_cast<float>(ts[j * NV * 8 + l]);
         }
+      } else {
+        for (int64_t j = 0; j < k; ++j)
+          for (int v = 0; v < NV; ++v)
+            store_rows(dst.data + j * dst.ld, i0 + 8 * v, rows - 8 * v, __builtin_convertvector(t[j * NV + v], V8f));
+      }
     }
     if (acc != nullptr) {
       // Upper 4 x 4 blocks of the panel's Gram matrix, 16 accumulators each.
@@ -200,24 +272,21 @@ SFT_LR_INLINE void cholqr_rows(const float* yt, float* out, int64_t m, int64_t k
   }
 }
 
-SFT_LR_CLONES void cholqr_rows_f64(const float* yt, float* out, int64_t m, int64_t k, int64_t c0, int64_t c1,
-                                   const double* r, const double* inv_diag, Lanes<double>::V* acc,
-                                   Lanes<double>::V* t) {
-  cholqr_rows<double>(yt, out, m, k, c0, c1, r, inv_diag, acc, t);
+SFT_LR_CLONES void cholqr_rows_f64(TallRef src, TallRef dst, int64_t k, int64_t c0, int64_t c1, const double* r,
+                                   const double* inv_diag, Lanes<double>::V* acc, Lanes<double>::V* t) {
+  cholqr_rows<double>(src, dst, k, c0, c1, r, inv_diag, acc, t);
 }
-SFT_LR_CLONES void cholqr_rows_f32(const float* yt, float* out, int64_t m, int64_t k, int64_t c0, int64_t c1,
-                                   const float* r, const float* inv_diag, Lanes<float>::V* acc,
-                                   Lanes<float>::V* t) {
-  cholqr_rows<float>(yt, out, m, k, c0, c1, r, inv_diag, acc, t);
+SFT_LR_CLONES void cholqr_rows_f32(TallRef src, TallRef dst, int64_t k, int64_t c0, int64_t c1, const float* r,
+                                   const float* inv_diag, Lanes<float>::V* acc, Lanes<float>::V* t) {
+  cholqr_rows<float>(src, dst, k, c0, c1, r, inv_diag, acc, t);
 }
-SFT_LR_INLINE void cholqr_rows_any(const float* yt, float* out, int64_t m, int64_t k, int64_t c0, int64_t c1,
-                                   const double* r, const double* inv_diag, Lanes<double>::V* acc,
-                                   Lanes<double>::V* t) {
-  cholqr_rows_f64(yt, out, m, k, c0, c1, r, inv_diag, acc, t);
+SFT_LR_INLINE void cholqr_rows_any(TallRef src, TallRef dst, int64_t k, int64_t c0, int64_t c1, const double* r,
+                                   const double* inv_diag, Lanes<double>::V* acc, Lanes<double>::V* t) {
+  cholqr_rows_f64(src, dst, k, c0, c1, r, inv_diag, acc, t);
 }
-SFT_LR_INLINE void cholqr_rows_any(const float* yt, float* out, int64_t m, int64_t k, int64_t c0, int64_t c1,
-                                   const float* r, const float* inv_diag, Lanes<float>::V* acc, Lanes<float>::V* t) {
-  cholqr_rows_f32(yt, out, m, k, c0, c1, r, inv_diag, acc, t);
+SFT_LR_INLINE void cholqr_rows_any(TallRef src, TallRef dst, int64_t k, int64_t c0, int64_t c1, const float* r,
+                                   const float* inv_diag, Lanes<float>::V* acc, Lanes<float>::V* t) {
+  cholqr_rows_f32(src, dst, k, c0, c1, r, inv_diag, acc, t);
 }
 
 // Deterministic row partition of the fused kernel: the chunks depend only on
@@ -232,29 +301,26 @@ RowChunks orth_chunks(int64_t m) {
   return {(m + size - 1) / size, size};
 }
 
-// Fused CholeskyQR pass over the transposed tall matrix yt (k x m): with r
-// defined, *out = (yt^T R^{-1})^T rounded to fp32; returns the k x k Gram
-// matrix (in T) of the result (of yt itself when r is undefined) if want_gram,
-// else an undefined tensor.
+// Fused CholeskyQR pass over the m x k matrix `src`: with r defined the rows
+// are solved against R; with dst.data set the result is stored there. Returns
+// the k x k Gram matrix (in T) of the result if want_gram, else undefined.
 template <typename T>
-at::Tensor cholqr_pass(const at::Tensor& yt, at::Tensor* out, const at::Tensor& r, bool want_gram) {
+at::Tensor cholqr_pass(TallRef src, TallRef dst, int64_t m, int64_t k, const at::Tensor& r, bool want_gram) {
   using V = typename Lanes<T>::V;
-  const int64_t k = yt.size(0), m = yt.size(1), kp = (k + 3) & ~int64_t{3};
+  const int64_t kp = (k + 3) & ~int64_t{3};
   const RowChunks ch = orth_chunks(m);
   // Vector buffers are held as arrays of T (8 per vector): V has element alignment.
   std::vector<T> acc_buf(want_gram ? static_cast<size_t>(ch.count * kp * kp * 8) : 0, T(0));
   V* acc = reinterpret_cast<V*>(acc_buf.data());
   std::vector<T> inv_diag(static_cast<size_t>(k));
-  if (r.defined())
-    for (int64_t j = 0; j < k; ++j) inv_diag[j] = T(1) / r.data_ptr<T>()[j * k + j];
-  const float* yp = yt.data_ptr<float>();
-  float* op = out != nullptr ? out->data_ptr<float>() : nullptr;
   const T* rp = r.defined() ? r.data_ptr<T>() : nullptr;
+  if (rp != nullptr)
+    for (int64_t j = 0; j < k; ++j) inv_diag[j] = T(1) / rp[j * k + j];
   at::parallel_for(0, ch.count, 1, [&](int64_t b0, int64_t b1) {
     std::vector<T> t(static_cast<size_t>(kp * kPanelVecs * 8));
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t c0 = b * ch.size, c1 = std::min(m, c0 + ch.size);
-      cholqr_rows_any(yp, op, m, k, c0, c1, rp, inv_diag.data(), want_gram ? acc + b * kp * kp : nullptr,
+      cholqr_rows_any(src, dst, k, c0, c1, rp, inv_diag.data(), want_gram ? acc + b * kp * kp : nullptr,
                       reinterpret_cast<V*>(t.data()));
     }
   });
@@ -276,12 +342,15 @@ at::Tensor cholqr_pass(const at::Tensor& yt, at::Tensor* out, const at::Tensor& 
 
 // Shift of shifted CholeskyQR for an m x k matrix with Gram g:
 // s = 11 (m k + k (k+1)) u tr(g) + tiny, u the unit roundoff of the Gram dtype.
+template <typename T>
 double cholqr_shift(const at::Tensor& g, int64_t m) {
   const int64_t k = g.size(0);
-  const bool f64 = g.scalar_type() == at::kDouble;
-  const double u = (f64 ? std::numeric_limits<double>::epsilon() : double{std::numeric_limits<float>::epsilon()}) / 2;
-  const double tiny = (f64 ? std::numeric_limits<double>::min() : double{std::numeric_limits<float>::min()}) * 1e4;
-  return 11.0 * static_cast<double>(m * k + k * (k + 1)) * u * g.trace().item<double>() + tiny;
+  const T* gp = g.data_ptr<T>();
+  T trace = 0;
+  for (int64_t j = 0; j < k; ++j) trace += gp[j * g.stride(0) + j * g.stride(1)];
+  const double u = static_cast<double>(std::numeric_limits<T>::epsilon()) / 2;
+  const double tiny = static_cast<double>(std::numeric_limits<T>::min()) * 1e4;
+  return 11.0 * static_cast<double>(m * k + k * (k + 1)) * u * static_cast<double>(trace) + tiny;
 }
 
 // Upper Cholesky factor of g + shift I (row-major contiguous). linalg_cholesky_ex
@@ -291,62 +360,225 @@ at::Tensor shifted_cholesky(at::Tensor g, double shift) {
   return std::get<0>(at::linalg_cholesky_ex(g, /*upper=*/true, /*check_errors=*/false)).contiguous();
 }
 
+// Fused shifted CholeskyQR3 of the row-major m x k matrix y (k <= kSkinnyMaxK).
 template <typename T>
-at::Tensor orth_fused(const at::Tensor& yt, bool* finite) {
-  const int64_t m = yt.size(1);
-  at::Tensor g = cholqr_pass<T>(yt, nullptr, at::Tensor(), /*want_gram=*/true);
-  const double shift0 = cholqr_shift(g, m);
-  if (finite != nullptr) *finite = std::isfinite(shift0);
-  at::Tensor q = yt;
+at::Tensor orth_fused(const at::Tensor& y, bool* finite) {
+  const int64_t m = y.size(0), k = y.size(1);
+  at::Tensor bufs[2] = {at::empty({k, m}, y.options()), at::empty({k, m}, y.options())};
+  at::Tensor q = tall_zeros(m, k);
+  const TallRef in{y.data_ptr<float>(), true, y.stride(0)};
+  const TallRef buf0{bufs[0].data_ptr<float>(), false, m}, buf1{bufs[1].data_ptr<float>(), false, m};
+  const TallRef out{q.data_ptr<float>(), true, q.stride(0)};
+  // Pass 0 takes the Gram matrix of Y and stores Y transposed for the solves;
+  // the passes then ping-pong between the two buffers, the last one writing Q.
+  at::Tensor g = cholqr_pass<T>(in, buf0, m, k, at::Tensor(), /*want_gram=*/true);
   for (int pass = 0; pass < 3; ++pass) {
-    const at::Tensor r = shifted_cholesky(g, pass == 0 ? shift0 : cholqr_shift(g, m));
-    at::Tensor next = at::empty_like(yt);
-    g = cholqr_pass<T>(q, &next, r, /*want_gram=*/pass < 2);
-    q = next;
+    const double shift = cholqr_shift<T>(g, m);
+    if (pass == 0 && finite != nullptr) *finite = std::isfinite(shift);
+    const at::Tensor r = shifted_cholesky(g, shift);
+    const TallRef src = pass % 2 == 0 ? buf0 : buf1;
+    const TallRef dst = pass == 2 ? out : (pass % 2 == 0 ? buf1 : buf0);
+    g = cholqr_pass<T>(src, dst, m, k, r, /*want_gram=*/pass < 2);
   }
   return q;
 }
 
-// Shifted CholeskyQR3 (reference `_orth`) of the tall m x k fp32 matrix Y,
-// given and returned transposed (k x m): three passes of  G = Y^T Y + s I,
+// Shifted CholeskyQR3 (reference `_orth`) of the tall m x k fp32 matrix Y (any
+// row stride, unit column stride): three passes of  G = Y^T Y + s I,
 // R = chol(G),  Y <- Y R^{-1},  with the shift of `cholqr_shift`. The Gram
 // matrix, the Cholesky factor and the triangular solve run in `gram` (fp64 for
 // fp32 input, fp32 for fp16/bf16); the result is rounded back to fp32 after
 // every pass. Rank-deficient or zero Y yields finite output without
-// data-dependent branches. If `finite` is given it receives whether Y was
-// finite (its Gram trace is), which spares a separate scan of Y.
-at::Tensor orth_t(const at::Tensor& yt_in, at::ScalarType gram, bool* finite = nullptr) {
-  const at::Tensor yt = yt_in.contiguous();
-  const int64_t k = yt.size(0), m = yt.size(1);
-  if (k <= kFusedOrthMaxK) return gram == at::kDouble ? orth_fused<double>(yt, finite) : orth_fused<float>(yt, finite);
-  at::Tensor qt = yt;
+// data-dependent branches. Returns Q as a padded tall matrix. If `finite` is
+// given it receives whether Y was finite (its Gram trace is), which spares a
+// separate scan of Y.
+at::Tensor orth(const at::Tensor& y_in, at::ScalarType gram, bool* finite = nullptr) {
+  const at::Tensor y = y_in.stride(1) == 1 ? y_in : y_in.contiguous();
+  const int64_t m = y.size(0), k = y.size(1);
+  if (k <= kSkinnyMaxK) return gram == at::kDouble ? orth_fused<double>(y, finite) : orth_fused<float>(y, finite);
+  at::Tensor q = y;
   for (int pass = 0; pass < 3; ++pass) {
-    const at::Tensor yg = qt.to(gram);
-    const at::Tensor g = at::mm(yg, yg.t());
-    const double shift = cholqr_shift(g, m);
+    const at::Tensor yg = q.to(gram);
+    const at::Tensor g = at::mm(yg.t(), yg);
+    const double shift = gram == at::kDouble ? cholqr_shift<double>(g, m) : cholqr_shift<float>(g, m);
     if (pass == 0 && finite != nullptr) *finite = std::isfinite(shift);
     const at::Tensor r = shifted_cholesky(g, shift);
-    // (Y R^{-1})^T = R^{-T} Y^T
-    qt = at::linalg_solve_triangular(r.t(), yg, /*upper=*/false).to(at::kFloat);
+    q = at::linalg_solve_triangular(r, yg, /*upper=*/true, /*left=*/false).to(at::kFloat);
   }
-  return qt;
+  return q.contiguous();
+}
+
+// ----------------------------------------------------------------------------- skinny GEMMs
+//
+// Y = A W and Z = A^T Q with A = X (N x H, the big operand, read in place) and
+// W, Q padded tall matrices of k <= kSkinnyMaxK columns. Register tiles of R
+// rows x 16 columns stream A once per 16-column panel with no packing copy.
+// Every output element is summed over the inner index in increasing order by
+// one thread, so results do not depend on the thread count. Vector FMA is
+// allowed here (the AVX clones); MKL contracts too.
+
+typedef float V16f __attribute__((vector_size(64), aligned(4)));
+
+// y[r, 0:16] = sum_h a[r, h] w[h, 0:16] for the R rows at a.
+template <int R>
+SFT_LR_INLINE void nn_tile(const float* a, int64_t lda, const float* w, int64_t ldw, int64_t kdim, float* y,
+                           int64_t ldy) {
+  V16f acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = V16f{};
+  for (int64_t h = 0; h < kdim; ++h) {
+    V16f wv;
+    std::memcpy(&wv, w + h * ldw, sizeof(wv));
+    for (int r = 0; r < R; ++r) acc[r] += a[r * lda + h] * wv;
+  }
+  for (int r = 0; r < R; ++r) std::memcpy(y + r * ldy, &acc[r], sizeof(V16f));
+}
+
+// Rows [i0, i1) of Y = A W (all panels).
+template <int R>
+SFT_LR_INLINE void nn_rows(const float* a, int64_t lda, const float* w, int64_t ldw, int64_t kdim, int64_t panels,
+                           float* y, int64_t ldy, int64_t i0, int64_t i1) {
+  int64_t i = i0;
+  for (; i + R <= i1; i += R)
+    for (int64_t p = 0; p < panels; ++p)
+      nn_tile<R>(a + i * lda, lda, w + p * kPanel, ldw, kdim, y + i * ldy + p * kPanel, ldy);
+  for (; i < i1; ++i)
+    for (int64_t p = 0; p < panels; ++p)
+      nn_tile<1>(a + i * lda, lda, w + p * kPanel, ldw, kdim, y + i * ldy + p * kPanel, ldy);
+}
+
+// z[h0 + x, 0:16] += sum_{r in [r0, r1)} a[r, h0 + x] q[r, 0:16] for x < R.
+template <int R>
+SFT_LR_INLINE void tn_tile(const float* a, int64_t lda, const float* q, int64_t ldq, int64_t r0, int64_t r1,
+                           float* z, int64_t ldz) {
+  V16f acc[R];
+  for (int x = 0; x < R; ++x) std::memcpy(&acc[x], z + x * ldz, sizeof(V16f));
+  for (int64_t r = r0; r < r1; ++r) {
+    V16f qv;
+    std::memcpy(&qv, q + r * ldq, sizeof(qv));
+    const float* ar = a + r * lda;
+    for (int x = 0; x < R; ++x) acc[x] += ar[x] * qv;
+  }
+  for (int x = 0; x < R; ++x) std::memcpy(z + x * ldz, &acc[x], sizeof(V16f));
+}
+
+// Rows [h0, h1) of Z = A^T Q (z zero on entry), over row blocks of A that stay in L2.
+template <int R>
+SFT_LR_INLINE void tn_rows(const float* a, int64_t lda, int64_t m, const float* q, int64_t ldq, int64_t panels,
+                           float* z, int64_t ldz, int64_t h0, int64_t h1) {
+  const int64_t block = std::max<int64_t>(16, (int64_t{1} << 16) / std::max<int64_t>(lda, 1));
+  for (int64_t r0 = 0; r0 < m; r0 += block) {
+    const int64_t r1 = std::min(m, r0 + block);
+    int64_t h = h0;
+    for (; h + R <= h1; h += R)
+      for (int64_t p = 0; p < panels; ++p) tn_tile<R>(a + h, lda, q + p * kPanel, ldq, r0, r1, z + h * ldz + p * kPanel, ldz);
+    for (; h < h1; ++h)
+      for (int64_t p = 0; p < panels; ++p) tn_tile<1>(a + h, lda, q + p * kPanel, ldq, r0, r1, z + h * ldz + p * kPanel, ldz);
+  }
+}
+
+// Tile heights per ISA: as many accumulators as the vector registers hold.
+#define SFT_LR_GEMM_VARIANT(suffix, target_attr, R_NN, R_TN)                                                       \
+  target_attr void nn_##suffix(const float* a, int64_t lda, const float* w, int64_t ldw, int64_t kdim,             \
+                               int64_t panels, float* y, int64_t ldy, int64_t i0, int64_t i1) {                    \
+    nn_rows<R_NN>(a, lda, w, ldw, kdim, panels, y, ldy, i0, i1);                                                   \
+  }                                                                                                                \
+  target_attr void tn_##suffix(const float* a, int64_t lda, int64_t m, const float* q, int64_t ldq, int64_t panels, \
+                               float* z, int64_t ldz, int64_t h0, int64_t h1) {                                    \
+    tn_rows<R_TN>(a, lda, m, q, ldq, panels, z, ldz, h0, h1);                                                      \
+  }
+SFT_LR_GEMM_VARIANT(v4, __attribute__((target("arch=x86-64-v4"), optimize("fp-contract=fast"))), 12, 12)
+SFT_LR_GEMM_VARIANT(v3, __attribute__((target("arch=x86-64-v3"), optimize("fp-contract=fast"))), 4, 4)
+SFT_LR_GEMM_VARIANT(base, , 2, 2)
+#undef SFT_LR_GEMM_VARIANT
+
+struct SkinnyKernels {
+  decltype(&nn_base) nn;
+  decltype(&tn_base) tn;
+  int64_t rows_nn, rows_tn;  // tile heights, for work splitting
+};
+
+const SkinnyKernels& skinny_kernels() {
+  static const SkinnyKernels kernels = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("x86-64-v4")) return SkinnyKernels{&nn_v4, &tn_v4, 12, 12};
+    if (__builtin_cpu_supports("x86-64-v3")) return SkinnyKernels{&nn_v3, &tn_v3, 4, 4};
+    return SkinnyKernels{&nn_base, &tn_base, 2, 2};
+  }();
+  return kernels;
+}
+
+// A as the big operand: fp32 with unit column stride (a copy only otherwise).
+at::Tensor big_operand(const at::Tensor& a) { return a.stride(1) == 1 ? a : a.contiguous(); }
+
+// Y = A W into the padded tall matrix y (M x k view); W a padded tall matrix.
+void skinny_mm_out(const at::Tensor& a_in, const at::Tensor& w, at::Tensor& y) {
+  const at::Tensor a = big_operand(a_in);
+  const int64_t m = a.size(0), kdim = a.size(1), k = w.size(1);
+  if (k > kSkinnyMaxK) {
+    at::mm_out(y, a, w);
+    return;
+  }
+  TORCH_INTERNAL_ASSERT(is_padded_tall(w) && is_padded_tall(y));
+  const SkinnyKernels& kern = skinny_kernels();
+  const float* ap = a.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t lda = a.stride(0), ldw = w.stride(0), ldy = y.stride(0), panels = ldw / kPanel;
+  const int64_t tiles = (m + kern.rows_nn - 1) / kern.rows_nn;
+  at::parallel_for(0, tiles, std::max<int64_t>(1, 64 / kern.rows_nn), [&](int64_t t0, int64_t t1) {
+    kern.nn(ap, lda, wp, ldw, kdim, panels, yp, ldy, t0 * kern.rows_nn, std::min(m, t1 * kern.rows_nn));
+  });
+}
+
+at::Tensor skinny_mm(const at::Tensor& a, const at::Tensor& w) {
+  at::Tensor y = tall_zeros(a.size(0), w.size(1));
+  skinny_mm_out(a, w, y);
+  return y;
+}
+
+// Z += A^T Q into the padded tall matrix z (H x k view); Q a padded tall
+// matrix with A's rows.
+void skinny_tmm_acc(const at::Tensor& a_in, const at::Tensor& q, at::Tensor& z) {
+  const at::Tensor a = big_operand(a_in);
+  const int64_t m = a.size(0), h = a.size(1), k = q.size(1);
+  if (k > kSkinnyMaxK) {
+    z.addmm_(a.t(), q);
+    return;
+  }
+  TORCH_INTERNAL_ASSERT(is_padded_tall(q) && is_padded_tall(z));
+  const SkinnyKernels& kern = skinny_kernels();
+  const float* ap = a.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
+  float* zp = z.data_ptr<float>();
+  const int64_t lda = a.stride(0), ldq = q.stride(0), ldz = z.stride(0), panels = ldq / kPanel;
+  const int64_t tiles = (h + kern.rows_tn - 1) / kern.rows_tn;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    kern.tn(ap, lda, m, qp, ldq, panels, zp, ldz, t0 * kern.rows_tn, std::min(h, t1 * kern.rows_tn));
+  });
+}
+
+// Z = A^T Q as a padded tall matrix (H x k).
+at::Tensor skinny_tmm(const at::Tensor& a, const at::Tensor& q) {
+  at::Tensor z = tall_zeros(a.size(1), q.size(1));
+  skinny_tmm_acc(a, q, z);
+  return z;
 }
 
 // ----------------------------------------------------------------------------- range finder
 
 // The rank-truncated factors shared by every op, all fp32:
-// X ~= Q @ ub @ diag(s) @ vb^T, with the range basis Q (N x k) held transposed
-// as qt (k x N), ub (k x r), s (r) and vb (H x r) orthonormal.
+// X ~= q @ ub @ diag(s) @ vb^T with the range basis q (N x k tall matrix),
+// ub (k x r), s (r) and vb (H x r) orthonormal.
 struct Factors {
-  at::Tensor qt, ub, s, vb;
+  at::Tensor q, ub, s, vb;
 
-  // P = Q Ub diag(S) (N x rank), the one formula every op uses.
-  at::Tensor p() const { return at::mm(qt.t(), ub * s); }
+  // P = Q Ub diag(S) (N x rank tall matrix), the one formula every op uses.
+  at::Tensor p() const;
 };
 
 // Raise the spec's RuntimeError for a sketch that is not finite. A NaN/Inf in
 // row i of X makes every entry of row i of Y = X Omega non-finite (Omega is
-// +-1), and a non-finite Y has a non-finite Gram trace, so `orth_t` detects it
+// +-1), and a non-finite Y has a non-finite Gram trace, so `orth` detects it
 // for free and only then is X scanned to count the bad values. A finite X
 // whose sketch overflows fp32 is reported too rather than returning NaN factors.
 [[noreturn]] void raise_non_finite(const at::Tensor& x2, const char* op, const char* name) {
@@ -356,75 +588,81 @@ struct Factors {
   __builtin_unreachable();
 }
 
-// Q^T = orth(Y)^T for the first sketch Y (given as yt) of x2, raising on non-finite input.
-at::Tensor orth_sketch_t(const at::Tensor& yt, at::ScalarType gram, const at::Tensor& x2, const char* op,
-                         const char* name) {
+// Q = orth(Y) for the first sketch Y of x2, raising on non-finite input.
+at::Tensor orth_sketch(const at::Tensor& y, at::ScalarType gram, const at::Tensor& x2, const char* op,
+                       const char* name) {
   bool finite = true;
-  at::Tensor qt = orth_t(yt, gram, &finite);
+  at::Tensor q = orth(y, gram, &finite);
   if (!finite) raise_non_finite(x2, op, name);
-  return qt;
+  return q;
 }
 
-// Truncated SVD of the small k x H matrix b (k <= H) in `gram` precision:
-// B^T = Qb Rb (Householder QR, backward stable) and Rb = U' S V'^T give
-// B = V' S (Qb U')^T, i.e. Ub = V', Vb = Qb U'; cheaper than an SVD of the
-// wide B. Returns (ub k x r, s r, vb H x r), fp32.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> small_svd(const at::Tensor& b, int64_t rank, at::ScalarType gram) {
-  auto [qb, rb] = at::linalg_qr(b.t().to(gram), "reduced");
-  auto [u1, s, v1t] = at::linalg_svd(rb, /*full_matrices=*/false);
+// Truncated SVD of the small k x H matrix B (k <= H), given as its transpose
+// bt (H x k fp32, unit column stride): B^T = Qb Rb with Qb = orth(B^T) (the
+// same shifted CholeskyQR3, which keeps Qb orthonormal when B is rank
+// deficient; always with an fp64 Gram so that its shift is negligible, as in
+// the reference's exact SVD of B) and Rb = Qb^T B^T (k x k); then the SVD
+// Rb = U' S V'^T in `gram` precision gives B = V' S (Qb U')^T, i.e. Ub = V',
+// Vb = Qb U'. Returns (ub k x r, s r, vb H x r tall matrix), fp32.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> small_svd(const at::Tensor& bt, int64_t rank, at::ScalarType gram) {
+  const at::Tensor qb = orth(bt, at::kDouble);
+  auto [u1, s, v1t] = at::linalg_svd(at::mm(qb.t(), bt).to(gram), /*full_matrices=*/false);
   return {v1t.narrow(0, 0, rank).t().to(at::kFloat), s.narrow(0, 0, rank).to(at::kFloat),
-          at::mm(qb, u1.narrow(1, 0, rank)).to(at::kFloat)};
+          skinny_mm(qb, tall_from(u1.narrow(1, 0, rank).to(at::kFloat)))};
 }
 
-// Rows of X per block of the single-pass sketch: about 256 KiB of fp32 so a
-// block stays cache-resident for both of its products.
+// Rows of X per block of the single-pass sketch: about 1 MiB of fp32, so a
+// block is read from memory once and stays cache-resident for its two products.
 int64_t single_pass_block_rows(int64_t h) {
-  return std::max<int64_t>(16, (int64_t{1} << 16) / std::max<int64_t>(h, 1));
+  return std::max<int64_t>(64, (int64_t{1} << 18) / std::max<int64_t>(h, 1));
 }
 
 // The shared range finder of reference `_core`. x2 is the N x H matrix (N >= 1)
 // in its input dtype; fp32 input is used in place, fp16/bf16 converted to fp32
 // once (or block by block in the single-pass mode, which reads X exactly once).
-// Every product with X is one MKL GEMM whose skinny operand is a transposed
-// tall matrix (see the orthonormalisation section).
 Factors lowrank_core(const at::Tensor& x2, int64_t rank, int64_t oversample, int64_t power_iters, int64_t seed,
                      const char* op, const char* name) {
   const int64_t n = x2.size(0), h = x2.size(1);
   const int64_t k = std::min({rank + oversample, n, h});
   const uint64_t useed = static_cast<uint64_t>(seed);
   const at::ScalarType gram = x2.scalar_type() == at::kFloat ? at::kDouble : at::kFloat;
-  const at::Tensor omega = rademacher(h, k, useed, kPhiloxStreamSketch);  // H x k
+  at::Tensor omega = tall_zeros(h, k);
+  rademacher_into(omega, h, k, /*transposed=*/false, useed, kPhiloxStreamSketch);
 
   if (power_iters < 0) {
-    // Single-pass sketch: Y = X Omega and W = Psi X from one read of X, block
-    // by block over rows; then Q = orth(Y), B = lstsq(Psi Q, W).
+    // Single-pass sketch: Y = X Omega and W^T = X^T Psi^T from one read of X,
+    // block by block over rows; then Q = orth(Y), B = lstsq(Psi Q, W).
     const int64_t ell = 2 * k + 1;
-    const at::Tensor psi = rademacher(ell, n, useed, kPhiloxStreamSketch2);  // l x N
-    at::Tensor yt = at::empty({k, n}, omega.options());
-    at::Tensor w = at::zeros({ell, h}, omega.options());
+    at::Tensor psi_t = tall_zeros(n, ell);  // Psi^T, N x l
+    rademacher_into(psi_t, ell, n, /*transposed=*/true, useed, kPhiloxStreamSketch2);
+    at::Tensor y = tall_zeros(n, k);
+    at::Tensor w_t = tall_zeros(h, ell);
     const int64_t bs = single_pass_block_rows(h);
     for (int64_t r0 = 0; r0 < n; r0 += bs) {
       const int64_t len = std::min(bs, n - r0);
-      const at::Tensor xb = x2.narrow(0, r0, len).to(at::kFloat);
-      at::Tensor yb = yt.narrow(1, r0, len);
-      at::mm_out(yb, omega.t(), xb.t());
-      w.addmm_(psi.narrow(1, r0, len), xb);
+      const at::Tensor xb = big_operand(x2.narrow(0, r0, len).to(at::kFloat));
+      at::Tensor yb = y.narrow(0, r0, len);
+      skinny_mm_out(xb, omega, yb);
+      skinny_tmm_acc(xb, psi_t.narrow(0, r0, len), w_t);
     }
-    const at::Tensor qt = orth_sketch_t(yt, gram, x2, op, name);
-    const at::Tensor b = std::get<0>(at::linalg_lstsq(at::mm(psi, qt.t()).to(gram), w.to(gram)));
-    auto [ub, s, vb] = small_svd(b, rank, gram);
-    return {qt, ub, s, vb};
+    const at::Tensor q = orth_sketch(y, gram, x2, op, name);
+    const at::Tensor psi_q = at::mm(psi_t.t(), q);  // l x k
+    const at::Tensor b = std::get<0>(at::linalg_lstsq(psi_q.to(gram), w_t.t().to(gram)));
+    auto [ub, s, vb] = small_svd(b.t().to(at::kFloat), rank, gram);
+    return {q, ub, s, vb};
   }
 
-  const at::Tensor xf = x2.to(at::kFloat);  // no copy for fp32 input
-  at::Tensor qt = orth_sketch_t(at::mm(omega.t(), xf.t()), gram, xf, op, name);  // (X Omega)^T
+  const at::Tensor xf = big_operand(x2.to(at::kFloat));  // no copy for contiguous fp32 input
+  at::Tensor q = orth_sketch(skinny_mm(xf, omega), gram, xf, op, name);  // Q = orth(X Omega)
   for (int64_t it = 0; it < power_iters; ++it) {
-    const at::Tensor zt = orth_t(at::mm(qt, xf), gram);  // (X^T Q)^T
-    qt = orth_t(at::mm(zt, xf.t()), gram);                // (X Z)^T
+    const at::Tensor z = orth(skinny_tmm(xf, q), gram);  // Z = orth(X^T Q)
+    q = orth(skinny_mm(xf, z), gram);                      // Q = orth(X Z)
   }
-  auto [ub, s, vb] = small_svd(at::mm(qt, xf), rank, gram);  // B = Q^T X
-  return {qt, ub, s, vb};
+  auto [ub, s, vb] = small_svd(skinny_tmm(xf, q), rank, gram);  // B^T = X^T Q
+  return {q, ub, s, vb};
 }
+
+at::Tensor Factors::p() const { return skinny_mm(q, tall_from(ub * s)); }
 
 // Validates x and the low-rank arguments, views x as N x H (reported in n, h)
 // and runs the range finder; the factors are left undefined when N = 0.
@@ -454,7 +692,7 @@ std::tuple<at::Tensor, at::Tensor> lowrank_cpu(const at::Tensor& x, int64_t rank
   const Factors f = lowrank_of(x, rank, oversample, power_iters, seed, "sft::lowrank", n, h);
   if (n == 0) return {at::zeros({0, rank}, x.options()), at::zeros({h, rank}, x.options())};
   const auto dt = x.scalar_type();
-  return {f.p().to(dt), f.vb.to(dt).contiguous()};  // P, Qout = Vb
+  return {f.p().to(dt).contiguous(), f.vb.to(dt).contiguous()};  // P, Qout = Vb
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> randomized_svd_cpu(const at::Tensor& w, int64_t rank,
@@ -470,7 +708,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> randomized_svd_cpu(const at::Tens
   if (n == 0) return {at::zeros({0, rank}, opts), at::zeros({rank}, opts), at::zeros({h, rank}, opts)};
   const Factors f = lowrank_core(w, rank, oversample, power_iters, seed, op, "w");
   const auto dt = w.scalar_type();
-  return {at::mm(f.qt.t(), f.ub).to(dt), f.s.to(dt), f.vb.to(dt).contiguous()};  // U = Q Ub
+  const at::Tensor u = skinny_mm(f.q, tall_from(f.ub));  // U = Q Ub
+  return {u.to(dt).contiguous(), f.s.to(dt), f.vb.to(dt).contiguous()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_quantize_cpu(
@@ -484,8 +723,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_quantize_cpu(
   // Exactly the factors `lowrank` returns (rounded to x's dtype), transposed:
   // P^T (rank x N) and Q^T = Vb^T (rank x H).
   const auto dt = x.scalar_type();
-  const at::Tensor p_t = n == 0 ? at::zeros({rank, 0}, x.options()) : f.p().t().to(dt).contiguous();
-  const at::Tensor q_t = n == 0 ? at::zeros({rank, h}, x.options()) : f.vb.t().to(dt).contiguous();
+  const at::Tensor p_t = n == 0 ? at::zeros({rank, 0}, x.options()) : transpose_tall(f.p()).to(dt);
+  const at::Tensor q_t = n == 0 ? at::zeros({rank, h}, x.options()) : transpose_tall(f.vb).to(dt);
   // P^T uses `seed`, Q^T uses seed + 1 (mod 2^64) for stochastic rounding.
   const int64_t seed_q = static_cast<int64_t>(static_cast<uint64_t>(seed) + 1u);
   auto [pc, ps] = quantize(p_t, bits, block, stochastic, seed);
