@@ -166,21 +166,16 @@ template <int BITS>
 SFT_INLINE uint8_t code_nearest(float x, float scale) {
   constexpr float kJustBelowHalf = 0.5f - 0x1p-25f;
   const float t = x / scale;
-  int q = int(t + std::copysign(kJustBelowHalf, t));
-  q = q > -Fmt<BITS>::kQmax ? q : -Fmt<BITS>::kQmax;
-  q = q < Fmt<BITS>::kQmax ? q : Fmt<BITS>::kQmax;
-  return uint8_t(q + Fmt<BITS>::kOffset);
+  const int q = int(t + std::copysign(kJustBelowHalf, t));
+  return uint8_t(std::min(std::max(q, -Fmt<BITS>::kQmax), Fmt<BITS>::kQmax) + Fmt<BITS>::kOffset);
 }
 
 // Stochastic code of x in a block with scale > 0 (or +inf): floor(t + u), u from Philox word r.
 template <int BITS>
 SFT_INLINE uint8_t code_stochastic(float x, float scale, uint32_t r) {
   const float v = x / scale + philox_u01(r);
-  int q = int(v);
-  q -= int(float(q) > v);  // truncation -> floor
-  q = q > -Fmt<BITS>::kQmax ? q : -Fmt<BITS>::kQmax;
-  q = q < Fmt<BITS>::kQmax ? q : Fmt<BITS>::kQmax;
-  return uint8_t(q + Fmt<BITS>::kOffset);
+  const int q = int(v) - int(float(int(v)) > v);  // truncation -> floor
+  return uint8_t(std::min(std::max(q, -Fmt<BITS>::kQmax), Fmt<BITS>::kQmax) + Fmt<BITS>::kOffset);
 }
 
 // ----------------------------------------------------------------------------- packing
