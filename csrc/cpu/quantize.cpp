@@ -203,7 +203,12 @@ SFT_INLINE void pack_bytes(const CodeWord<BITS>* __restrict w, int64_t n, uint8_
   };
   const int64_t full = n / kPB, rest = n - full * kPB;
   for (int64_t j = 0; j < full; ++j) out[j] = gather(w[j]);
-  if (rest) out[full] = gather(W(w[full] & ((W(1) << (8 * rest)) - 1)));  // drop codes past n
+  if (rest) {  // a partial last byte: only its first `rest` code bytes were written
+    const uint8_t* c = reinterpret_cast<const uint8_t*>(w + full);
+    unsigned v = 0;
+    for (int64_t s = 0; s < rest; ++s) v |= unsigned(c[s]) << (s * BITS);
+    out[full] = uint8_t(v);
+  }
 }
 
 // Inverse of pack_bytes: the codes of the ceil(n*BITS/8) bytes `in`, one per
