@@ -47,12 +47,13 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtypes", default="float32,bfloat16,float16", help="comma-separated")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     q, dq = torch.ops.sft.quantize, torch.ops.sft.dequantize
     print(f"{args.rows}x{args.cols} block={args.block} threads={torch.get_num_threads()}; GB/s = (read + written) / time")
     print(f"{'case':26s} {'stat':>6s} {'ms':>8s} {'GB/s':>7s} {'clone':>7s} {'x clone':>7s} {'copy_':>7s} {'x copy':>7s}")
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for dtype in (getattr(torch, name) for name in args.dtypes.split(",")):
         x = torch.randn(args.rows, args.cols).to(dtype)
         y = torch.empty_like(x)
         dname = str(dtype).replace("torch.", "")

@@ -166,21 +166,16 @@ template <int BITS>
 SFT_INLINE uint8_t code_nearest(float x, float scale) {
   constexpr float kJustBelowHalf = 0.5f - 0x1p-25f;
   const float t = x / scale;
-  int q = int(t + std::copysign(kJustBelowHalf, t));
-  q = q > -Fmt<BITS>::kQmax ? q : -Fmt<BITS>::kQmax;
-  q = q < Fmt<BITS>::kQmax ? q : Fmt<BITS>::kQmax;
-  return uint8_t(q + Fmt<BITS>::kOffset);
+  const int q = int(t + std::copysign(kJustBelowHalf, t));
+  return uint8_t(std::min(std::max(q, -Fmt<BITS>::kQmax), Fmt<BITS>::kQmax) + Fmt<BITS>::kOffset);
 }
 
 // Stochastic code of x in a block with scale > 0 (or +inf): floor(t + u), u from Philox word r.
 template <int BITS>
 SFT_INLINE uint8_t code_stochastic(float x, float scale, uint32_t r) {
   const float v = x / scale + philox_u01(r);
-  int q = int(v);
-  q -= int(float(q) > v);  // truncation -> floor
-  q = q > -Fmt<BITS>::kQmax ? q : -Fmt<BITS>::kQmax;
-  q = q < Fmt<BITS>::kQmax ? q : Fmt<BITS>::kQmax;
-  return uint8_t(q + Fmt<BITS>::kOffset);
+  const int q = int(v) - int(float(int(v)) > v);  // truncation -> floor
+  return uint8_t(std::min(std::max(q, -Fmt<BITS>::kQmax), Fmt<BITS>::kQmax) + Fmt<BITS>::kOffset);
 }
 
 // ----------------------------------------------------------------------------- packing
@@ -208,7 +203,12 @@ SFT_INLINE void pack_bytes(const CodeWord<BITS>* __restrict w, int64_t n, uint8_
   };
   const int64_t full = n / kPB, rest = n - full * kPB;
   for (int64_t j = 0; j < full; ++j) out[j] = gather(w[j]);
-  if (rest) out[full] = gather(W(w[full] & ((W(1) << (8 * rest)) - 1)));  // drop codes past n
+  if (rest) {  // a partial last byte: only its first `rest` code bytes were written
+    const uint8_t* c = reinterpret_cast<const uint8_t*>(w + full);
+    unsigned v = 0;
+    for (int64_t s = 0; s < rest; ++s) v |= unsigned(c[s]) << (s * BITS);
+    out[full] = uint8_t(v);
+  }
 }
 
 // Inverse of pack_bytes: the codes of the ceil(n*BITS/8) bytes `in`, one per
