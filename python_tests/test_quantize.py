@@ -474,5 +474,4 @@ def test_dequantize_zero_dim_codes():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.int32, torch.uint8])
 def test_dequantize_bad_output_dtype(dtype):
     codes, scales = _packed()
-    with pytest.raises(ValueError, match="dtype must be float32, float16 or bfloat16"):
-        dq_op(codes, scales, 8, 64, 64, dtype)
+    _expect(_both_dequantize(codes, scales, dtype=dtype), ValueError, "dtype must be float32, float16 or bfloat16")

@@ -29,6 +29,12 @@ def check_float_input(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
 
 
+def check_out_dtype(dtype: torch.dtype) -> None:
+    """Raise ``ValueError`` unless ``dtype`` is an output dtype the decoders support."""
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+
+
 def lowrank_k(rank: int, oversample: int, n: int, h: int) -> int:
     """Sketch width ``k = min(rank + oversample, N, H)``."""
     return min(rank + oversample, n, h)

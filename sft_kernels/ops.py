@@ -21,6 +21,7 @@ from ._checks import (
     check_bits_block,
     check_float_input,
     check_lowrank_args,
+    check_out_dtype,
     check_packed_shapes,
     num_blocks,
     packed_cols,
@@ -66,6 +67,7 @@ def dequantize(
 ) -> torch.Tensor:
     """Inverse of :func:`quantize`: returns ``(..., cols)`` in ``dtype``."""
     check_bits_block(bits, block)
+    check_out_dtype(dtype)
     check_packed_shapes(codes, scales, bits, block, cols)
     return _sft.dequantize(codes, scales, bits, block, cols, dtype)
 
@@ -126,6 +128,7 @@ def lowrank_dequantize(
 ) -> torch.Tensor:
     """Reconstruct the ``rows x cols`` matrix from :func:`lowrank_quantize`'s output."""
     check_bits_block(bits, block)
+    check_out_dtype(dtype)
     if rows < 0 or cols < 0:
         raise ValueError(f"rows and cols must be >= 0, got rows={rows}, cols={cols}")
     if rank <= 0:
