@@ -98,18 +98,19 @@ void rademacher_into(at::Tensor& out, int64_t rows, int64_t cols, bool transpose
 // ----------------------------------------------------------------------------- tall matrices
 //
 // The sketches and range bases are tall-skinny m x k fp32 matrices (k << m).
-// They are held row-major with a row stride padded to the kernels' 16-float
-// panels ("ld"); the pad columns are zero, and the m x k view of the buffer is
+// They are held row-major with a row stride padded to a multiple of 8 floats
+// (the kernels' column panels are 16 or 8 wide); the pad columns are zero, and the m x k view of the buffer is
 // what gets passed around. Inside `orth` they are transposed (k x m) so that
 // its kernel handles 8 consecutive rows per SIMD vector.
 
 // Widest k handled by the skinny GEMM and fused CholeskyQR kernels; wider
 // sketches use MKL (at::mm / trsm), which wins once the k x k work dominates.
 constexpr int64_t kSkinnyMaxK = 64;
-// Column panel width of the skinny GEMM kernels (one 16-float vector).
+// Column panel width of the skinny GEMM kernels (one 16-float vector; the
+// last panel of a row may be 8 wide).
 constexpr int64_t kPanel = 16;
 
-int64_t tall_ld(int64_t k) { return k <= kSkinnyMaxK ? (k + kPanel - 1) / kPanel * kPanel : k; }
+int64_t tall_ld(int64_t k) { return k <= kSkinnyMaxK ? (k + 7) / 8 * 8 : k; }
 
 // A zero m x k tall matrix (view of a zero-padded m x tall_ld(k) buffer).
 at::Tensor tall_zeros(int64_t m, int64_t k) {
@@ -412,97 +413,108 @@ at::Tensor orth(const at::Tensor& y_in, at::ScalarType gram, bool* finite = null
 //
 // Y = A W and Z = A^T Q with A = X (N x H, the big operand, read in place) and
 // W, Q padded tall matrices of k <= kSkinnyMaxK columns. Register tiles of R
-// rows x 16 columns stream A once per 16-column panel with no packing copy.
-// Every output element is summed over the inner index in increasing order by
-// one thread, so results do not depend on the thread count. Vector FMA is
-// allowed here (the AVX clones); MKL contracts too.
+// rows x one column panel (a 16- or 8-float vector) stream A once per panel
+// with no packing copy. Every output element is summed over the inner index in
+// increasing order by one thread, so results do not depend on the thread
+// count. Vector FMA is allowed here (the AVX variants); MKL contracts too.
 
 typedef float V16f __attribute__((vector_size(64), aligned(4)));
 
-// y[r, 0:16] = sum_h a[r, h] w[h, 0:16] for the R rows at a.
-template <int R>
+// y[r, panel] = sum_h a[r, h] w[h, panel] for the R rows at a; VT is the panel's vector type.
+template <int R, typename VT>
 SFT_LR_INLINE void nn_tile(const float* a, int64_t lda, const float* w, int64_t ldw, int64_t kdim, float* y,
                            int64_t ldy) {
-  V16f acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = V16f{};
+  VT acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = VT{};
   for (int64_t h = 0; h < kdim; ++h) {
-    V16f wv;
+    VT wv;
     std::memcpy(&wv, w + h * ldw, sizeof(wv));
     for (int r = 0; r < R; ++r) acc[r] += a[r * lda + h] * wv;
   }
-  for (int r = 0; r < R; ++r) std::memcpy(y + r * ldy, &acc[r], sizeof(V16f));
+  for (int r = 0; r < R; ++r) std::memcpy(y + r * ldy, &acc[r], sizeof(VT));
 }
 
-// Rows [i0, i1) of Y = A W (all panels).
+// All column panels of R rows of Y = A W: 16-wide, then an 8-wide remainder.
 template <int R>
-SFT_LR_INLINE void nn_rows(const float* a, int64_t lda, const float* w, int64_t ldw, int64_t kdim, int64_t panels,
-                           float* y, int64_t ldy, int64_t i0, int64_t i1) {
+SFT_LR_INLINE void nn_panels(const float* a, int64_t lda, const float* w, int64_t ldw, int64_t kdim, float* y,
+                             int64_t ldy) {
+  int64_t c = 0;
+  for (; c + kPanel <= ldw; c += kPanel) nn_tile<R, V16f>(a, lda, w + c, ldw, kdim, y + c, ldy);
+  if (c < ldw) nn_tile<R, V8f>(a, lda, w + c, ldw, kdim, y + c, ldy);
+}
+
+// Rows [i0, i1) of Y = A W.
+template <int R>
+SFT_LR_INLINE void nn_rows(const float* a, int64_t lda, const float* w, int64_t ldw, int64_t kdim, float* y,
+                           int64_t ldy, int64_t i0, int64_t i1) {
   int64_t i = i0;
-  for (; i + R <= i1; i += R)
-    for (int64_t p = 0; p < panels; ++p)
-      nn_tile<R>(a + i * lda, lda, w + p * kPanel, ldw, kdim, y + i * ldy + p * kPanel, ldy);
-  for (; i < i1; ++i)
-    for (int64_t p = 0; p < panels; ++p)
-      nn_tile<1>(a + i * lda, lda, w + p * kPanel, ldw, kdim, y + i * ldy + p * kPanel, ldy);
+  for (; i + R <= i1; i += R) nn_panels<R>(a + i * lda, lda, w, ldw, kdim, y + i * ldy, ldy);
+  for (; i < i1; ++i) nn_panels<1>(a + i * lda, lda, w, ldw, kdim, y + i * ldy, ldy);
 }
 
-// z[h0 + x, 0:16] += sum_{r in [r0, r1)} a[r, h0 + x] q[r, 0:16] for x < R.
-template <int R>
+// z[x, panel] += sum_{r in [r0, r1)} a[r, x] q[r, panel] for x < R (a, z offset to the tile).
+template <int R, typename VT>
 SFT_LR_INLINE void tn_tile(const float* a, int64_t lda, const float* q, int64_t ldq, int64_t r0, int64_t r1,
                            float* z, int64_t ldz) {
-  V16f acc[R];
-  for (int x = 0; x < R; ++x) std::memcpy(&acc[x], z + x * ldz, sizeof(V16f));
+  VT acc[R];
+  for (int x = 0; x < R; ++x) std::memcpy(&acc[x], z + x * ldz, sizeof(VT));
   for (int64_t r = r0; r < r1; ++r) {
-    V16f qv;
+    VT qv;
     std::memcpy(&qv, q + r * ldq, sizeof(qv));
     const float* ar = a + r * lda;
     for (int x = 0; x < R; ++x) acc[x] += ar[x] * qv;
   }
-  for (int x = 0; x < R; ++x) std::memcpy(z + x * ldz, &acc[x], sizeof(V16f));
+  for (int x = 0; x < R; ++x) std::memcpy(z + x * ldz, &acc[x], sizeof(VT));
 }
 
-// Rows [h0, h1) of Z = A^T Q (z zero on entry), over row blocks of A that stay in L2.
 template <int R>
-SFT_LR_INLINE void tn_rows(const float* a, int64_t lda, int64_t m, const float* q, int64_t ldq, int64_t panels,
-                           float* z, int64_t ldz, int64_t h0, int64_t h1) {
+SFT_LR_INLINE void tn_panels(const float* a, int64_t lda, const float* q, int64_t ldq, int64_t r0, int64_t r1,
+                             float* z, int64_t ldz) {
+  int64_t c = 0;
+  for (; c + kPanel <= ldq; c += kPanel) tn_tile<R, V16f>(a, lda, q + c, ldq, r0, r1, z + c, ldz);
+  if (c < ldq) tn_tile<R, V8f>(a, lda, q + c, ldq, r0, r1, z + c, ldz);
+}
+
+// Rows [h0, h1) of Z += A^T Q, over row blocks of A that stay in L2.
+template <int R>
+SFT_LR_INLINE void tn_rows(const float* a, int64_t lda, int64_t m, const float* q, int64_t ldq, float* z,
+                           int64_t ldz, int64_t h0, int64_t h1) {
   const int64_t block = std::max<int64_t>(16, (int64_t{1} << 16) / std::max<int64_t>(lda, 1));
   for (int64_t r0 = 0; r0 < m; r0 += block) {
     const int64_t r1 = std::min(m, r0 + block);
     int64_t h = h0;
-    for (; h + R <= h1; h += R)
-      for (int64_t p = 0; p < panels; ++p) tn_tile<R>(a + h, lda, q + p * kPanel, ldq, r0, r1, z + h * ldz + p * kPanel, ldz);
-    for (; h < h1; ++h)
-      for (int64_t p = 0; p < panels; ++p) tn_tile<1>(a + h, lda, q + p * kPanel, ldq, r0, r1, z + h * ldz + p * kPanel, ldz);
+    for (; h + R <= h1; h += R) tn_panels<R>(a + h, lda, q, ldq, r0, r1, z + h * ldz, ldz);
+    for (; h < h1; ++h) tn_panels<1>(a + h, lda, q, ldq, r0, r1, z + h * ldz, ldz);
   }
 }
 
 // Tile heights per ISA: as many accumulators as the vector registers hold.
-#define SFT_LR_GEMM_VARIANT(suffix, target_attr, R_NN, R_TN)                                                       \
-  target_attr void nn_##suffix(const float* a, int64_t lda, const float* w, int64_t ldw, int64_t kdim,             \
-                               int64_t panels, float* y, int64_t ldy, int64_t i0, int64_t i1) {                    \
-    nn_rows<R_NN>(a, lda, w, ldw, kdim, panels, y, ldy, i0, i1);                                                   \
-  }                                                                                                                \
-  target_attr void tn_##suffix(const float* a, int64_t lda, int64_t m, const float* q, int64_t ldq, int64_t panels, \
-                               float* z, int64_t ldz, int64_t h0, int64_t h1) {                                    \
-    tn_rows<R_TN>(a, lda, m, q, ldq, panels, z, ldz, h0, h1);                                                      \
+#define SFT_LR_GEMM_VARIANT(suffix, target_attr, R)                                                              \
+  target_attr void nn_##suffix(const float* a, int64_t lda, const float* w, int64_t ldw, int64_t kdim, float* y, \
+                               int64_t ldy, int64_t i0, int64_t i1) {                                            \
+    nn_rows<R>(a, lda, w, ldw, kdim, y, ldy, i0, i1);                                                            \
+  }                                                                                                              \
+  target_attr void tn_##suffix(const float* a, int64_t lda, int64_t m, const float* q, int64_t ldq, float* z,    \
+                               int64_t ldz, int64_t h0, int64_t h1) {                                            \
+    tn_rows<R>(a, lda, m, q, ldq, z, ldz, h0, h1);                                                               \
   }
-SFT_LR_GEMM_VARIANT(v4, __attribute__((target("arch=x86-64-v4"), optimize("fp-contract=fast"))), 12, 12)
-SFT_LR_GEMM_VARIANT(v3, __attribute__((target("arch=x86-64-v3"), optimize("fp-contract=fast"))), 4, 4)
-SFT_LR_GEMM_VARIANT(base, , 2, 2)
+SFT_LR_GEMM_VARIANT(v4, __attribute__((target("arch=x86-64-v4"), optimize("fp-contract=fast"))), 12)
+SFT_LR_GEMM_VARIANT(v3, __attribute__((target("arch=x86-64-v3"), optimize("fp-contract=fast"))), 4)
+SFT_LR_GEMM_VARIANT(base, , 2)
 #undef SFT_LR_GEMM_VARIANT
 
 struct SkinnyKernels {
   decltype(&nn_base) nn;
   decltype(&tn_base) tn;
-  int64_t rows_nn, rows_tn;  // tile heights, for work splitting
+  int64_t rows;  // tile height, for work splitting
 };
 
 const SkinnyKernels& skinny_kernels() {
   static const SkinnyKernels kernels = [] {
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("x86-64-v4")) return SkinnyKernels{&nn_v4, &tn_v4, 12, 12};
-    if (__builtin_cpu_supports("x86-64-v3")) return SkinnyKernels{&nn_v3, &tn_v3, 4, 4};
-    return SkinnyKernels{&nn_base, &tn_base, 2, 2};
+    if (__builtin_cpu_supports("x86-64-v4")) return SkinnyKernels{&nn_v4, &tn_v4, 12};
+    if (__builtin_cpu_supports("x86-64-v3")) return SkinnyKernels{&nn_v3, &tn_v3, 4};
+    return SkinnyKernels{&nn_base, &tn_base, 2};
   }();
   return kernels;
 }
@@ -523,10 +535,10 @@ void skinny_mm_out(const at::Tensor& a_in, const at::Tensor& w, at::Tensor& y) {
   const float* ap = a.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const int64_t lda = a.stride(0), ldw = w.stride(0), ldy = y.stride(0), panels = ldw / kPanel;
-  const int64_t tiles = (m + kern.rows_nn - 1) / kern.rows_nn;
-  at::parallel_for(0, tiles, std::max<int64_t>(1, 64 / kern.rows_nn), [&](int64_t t0, int64_t t1) {
-    kern.nn(ap, lda, wp, ldw, kdim, panels, yp, ldy, t0 * kern.rows_nn, std::min(m, t1 * kern.rows_nn));
+  const int64_t lda = a.stride(0), ldw = w.stride(0), ldy = y.stride(0);
+  const int64_t tiles = (m + kern.rows - 1) / kern.rows;
+  at::parallel_for(0, tiles, std::max<int64_t>(1, 64 / kern.rows), [&](int64_t t0, int64_t t1) {
+    kern.nn(ap, lda, wp, ldw, kdim, yp, ldy, t0 * kern.rows, std::min(m, t1 * kern.rows));
   });
 }
 
@@ -550,10 +562,10 @@ void skinny_tmm_acc(const at::Tensor& a_in, const at::Tensor& q, at::Tensor& z) 
   const float* ap = a.data_ptr<float>();
   const float* qp = q.data_ptr<float>();
   float* zp = z.data_ptr<float>();
-  const int64_t lda = a.stride(0), ldq = q.stride(0), ldz = z.stride(0), panels = ldq / kPanel;
-  const int64_t tiles = (h + kern.rows_tn - 1) / kern.rows_tn;
+  const int64_t lda = a.stride(0), ldq = q.stride(0), ldz = z.stride(0);
+  const int64_t tiles = (h + kern.rows - 1) / kern.rows;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    kern.tn(ap, lda, m, qp, ldq, panels, zp, ldz, t0 * kern.rows_tn, std::min(h, t1 * kern.rows_tn));
+    kern.tn(ap, lda, m, qp, ldq, zp, ldz, t0 * kern.rows, std::min(h, t1 * kern.rows));
   });
 }
 
