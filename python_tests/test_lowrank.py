@@ -68,7 +68,8 @@ CASES = {
     "1d": (lambda dt: torch.randn(9).to(dt), 1),
     "0d": (lambda dt: torch.tensor(2.5).to(dt), 1),
     "tall_odd": (lambda dt: decaying(1003, 37, 5, dtype=dt), 8),  # several fused-kernel chunks, ragged tile
-    "wide_k": (lambda dt: decaying(300, 200, 6, decay="exp", dtype=dt), 60),  # k = 70 > 64: BLAS orth path
+    "wide_k": (lambda dt: decaying(300, 200, 6, decay="exp", dtype=dt), 60),  # k = 70 > 64: MKL path
+    "expanded": (lambda dt: torch.randn(1, 40).to(dt).expand(70, 40), 1),  # row stride 0
 }
 
 
@@ -93,10 +94,13 @@ def test_lowrank_matches_reference(case, dtype, power_iters):
     assert ortho_err(q) <= ORTHO_TOL[dtype]
 
 
+@pytest.mark.parametrize("transposed", (False, True), ids=("contig", "transposed"))
 @pytest.mark.parametrize("power_iters", POWER_ITERS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_randomized_svd_matches_reference(dtype, power_iters):
+def test_randomized_svd_matches_reference(dtype, power_iters, transposed):
     w = decaying(120, 70, 11, decay="exp", dtype=dtype)
+    if transposed:  # same values, column-major (as for a weight passed as lin.weight.T)
+        w = w.T.contiguous().T
     u, s, v = torch.ops.sft.randomized_svd(w, 8, 8, power_iters, 3)
     ur, sr, vr = ref.randomized_svd(w, 8, 8, power_iters, 3)
     assert u.shape == (120, 8) and s.shape == (8,) and v.shape == (70, 8)

@@ -576,6 +576,22 @@ at::Tensor skinny_tmm(const at::Tensor& a, const at::Tensor& q) {
   return z;
 }
 
+// X (N x H fp32) as the big operand of the range finder, used in place when
+// either its rows or its columns are contiguous: for a transposed X (e.g. a
+// weight passed as w.T) the two kernels swap roles, since X W = (X^T)^T W.
+// Any other layout is copied once.
+struct BigMatrix {
+  bool transposed;
+  at::Tensor a;  // X, or X^T when `transposed`; unit column stride
+
+  explicit BigMatrix(const at::Tensor& x)
+      : transposed(x.stride(1) != 1 && x.stride(0) == 1),
+        a(transposed ? x.t() : big_operand(x)) {}
+
+  at::Tensor times(const at::Tensor& w) const { return transposed ? skinny_tmm(a, w) : skinny_mm(a, w); }
+  at::Tensor t_times(const at::Tensor& q) const { return transposed ? skinny_mm(a, q) : skinny_tmm(a, q); }
+};
+
 // ----------------------------------------------------------------------------- range finder
 
 // The rank-truncated factors shared by every op, all fp32:
@@ -596,7 +612,7 @@ struct Factors {
 [[noreturn]] void raise_non_finite(const at::Tensor& x2, const char* op, const char* name) {
   const int64_t bad = at::isfinite(x2).logical_not().sum().item<int64_t>();
   TORCH_CHECK(bad == 0, op, ": ", name, " has ", bad, " non-finite value(s)");
-  TORCH_CHECK(false, op, ": ", name, " is finite but its sketch overflowed float32; scale ", name, " down");
+  TORCH_CHECK(false, op, ": ", name, " is finite but too large: its sketch overflowed; scale ", name, " down");
   __builtin_unreachable();
 }
 
@@ -664,13 +680,13 @@ Factors lowrank_core(const at::Tensor& x2, int64_t rank, int64_t oversample, int
     return {q, ub, s, vb};
   }
 
-  const at::Tensor xf = big_operand(x2.to(at::kFloat));  // no copy for contiguous fp32 input
-  at::Tensor q = orth_sketch(skinny_mm(xf, omega), gram, xf, op, name);  // Q = orth(X Omega)
+  const BigMatrix xm(x2.to(at::kFloat));  // no copy for fp32 input with contiguous rows or columns
+  at::Tensor q = orth_sketch(xm.times(omega), gram, x2, op, name);  // Q = orth(X Omega)
   for (int64_t it = 0; it < power_iters; ++it) {
-    const at::Tensor z = orth(skinny_tmm(xf, q), gram);  // Z = orth(X^T Q)
-    q = orth(skinny_mm(xf, z), gram);                      // Q = orth(X Z)
+    const at::Tensor z = orth(xm.t_times(q), gram);  // Z = orth(X^T Q)
+    q = orth(xm.times(z), gram);                       // Q = orth(X Z)
   }
-  auto [ub, s, vb] = small_svd(skinny_tmm(xf, q), rank, gram);  // B^T = X^T Q
+  auto [ub, s, vb] = small_svd(xm.t_times(q), rank, gram);  // B^T = X^T Q
   return {q, ub, s, vb};
 }
 
