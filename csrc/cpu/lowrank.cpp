@@ -626,17 +626,13 @@ at::Tensor orth_sketch(const at::Tensor& y, at::ScalarType gram, const at::Tenso
 }
 
 // Truncated SVD of the small k x H matrix B (k <= H), given as its transpose
-// bt (H x k fp32, unit column stride): B^T = Qb Rb with Qb = orth(B^T) (the
-// same shifted CholeskyQR3, which keeps Qb orthonormal when B is rank
-// deficient; always with an fp64 Gram so that its shift is negligible, as in
-// the reference's exact SVD of B) and Rb = Qb^T B^T (k x k); then the SVD
-// Rb = U' S V'^T in `gram` precision gives B = V' S (Qb U')^T, i.e. Ub = V',
-// Vb = Qb U'. Returns (ub k x r, s r, vb H x r tall matrix), fp32.
+// bt (H x k, any strides), in `gram` precision (LAPACK, like the reference):
+// B^T = U2 S V2^T gives B = V2 S U2^T, i.e. Ub = V2 and Vb = U2, orthonormal
+// even when B is exactly rank deficient. Returns (ub k x r, s r, vb H x r), fp32.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> small_svd(const at::Tensor& bt, int64_t rank, at::ScalarType gram) {
-  const at::Tensor qb = orth(bt, at::kDouble);
-  auto [u1, s, v1t] = at::linalg_svd(at::mm(qb.t(), bt).to(gram), /*full_matrices=*/false);
-  return {v1t.narrow(0, 0, rank).t().to(at::kFloat), s.narrow(0, 0, rank).to(at::kFloat),
-          skinny_mm(qb, tall_from(u1.narrow(1, 0, rank).to(at::kFloat)))};
+  auto [u2, s, v2t] = at::linalg_svd(bt.to(gram), /*full_matrices=*/false);
+  return {v2t.narrow(0, 0, rank).t().to(at::kFloat), s.narrow(0, 0, rank).to(at::kFloat),
+          u2.narrow(1, 0, rank).to(at::kFloat).contiguous()};
 }
 
 // Rows of X per block of the single-pass sketch: about 1 MiB of fp32, so a
@@ -676,7 +672,7 @@ Factors lowrank_core(const at::Tensor& x2, int64_t rank, int64_t oversample, int
     const at::Tensor q = orth_sketch(y, gram, x2, op, name);
     const at::Tensor psi_q = at::mm(psi_t.t(), q);  // l x k
     const at::Tensor b = std::get<0>(at::linalg_lstsq(psi_q.to(gram), w_t.t().to(gram)));
-    auto [ub, s, vb] = small_svd(b.t().to(at::kFloat), rank, gram);
+    auto [ub, s, vb] = small_svd(b.t(), rank, gram);
     return {q, ub, s, vb};
   }
 
