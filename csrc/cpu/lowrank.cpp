@@ -201,8 +201,8 @@ struct TallRef {
 
 // One CholeskyQR pass over rows [c0, c1) of the m x k fp32 matrix `src`.
 // With r != nullptr every row y is replaced by q solving q R = y (R upper k x k
-// row-major in T; inv_diag[j] = 1 / R[j][j]), computed in T and rounded to
-// fp32; with dst.data != nullptr the (solved or copied) rows are stored there.
+// row-major in T; inv_diag[j] = 1 / R[j][j], a multiply within an ulp of the
+// division), computed in T and rounded to fp32; with dst.data != nullptr the (solved or copied) rows are stored there.
 // With acc != nullptr the Gram matrix of the (rounded) rows is accumulated in T
 // into acc: kp x kp vectors of 8 lane partial sums, kp = k rounded up to 4
 // (only the upper 4 x 4 blocks are written). t is scratch for one panel:
