@@ -19,7 +19,6 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
-#include <type_traits>
 #include <vector>
 
 // Vector helpers below are always inlined into target clones; no ABI crosses an ISA boundary.
@@ -99,12 +98,13 @@ void rademacher_into(at::Tensor& out, int64_t rows, int64_t cols, bool transpose
 //
 // The sketches and range bases are tall-skinny m x k fp32 matrices (k << m).
 // They are held row-major with a row stride padded to a multiple of 8 floats
-// (the kernels' column panels are 16 or 8 wide); the pad columns are zero, and the m x k view of the buffer is
-// what gets passed around. Inside `orth` they are transposed (k x m) so that
-// its kernel handles 8 consecutive rows per SIMD vector.
+// (the kernels' column panels are 16 or 8 wide); the pad columns are zero, and
+// the m x k view of the buffer is what gets passed around. Inside `orth` they
+// are transposed (k x m) so that its kernel handles 8 consecutive rows per
+// SIMD vector.
 
-// Widest k handled by the skinny GEMM and fused CholeskyQR kernels; wider
-// sketches use MKL (at::mm / trsm), which wins once the k x k work dominates.
+// Widest k handled by the skinny GEMM and fused CholeskyQR kernels (their
+// per-chunk scratch grows as k^2); wider sketches use MKL (at::mm / trsm).
 constexpr int64_t kSkinnyMaxK = 64;
 // Column panel width of the skinny GEMM kernels (one 16-float vector; the
 // last panel of a row may be 8 wide).
