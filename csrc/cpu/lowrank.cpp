@@ -671,7 +671,12 @@ Factors lowrank_core(const at::Tensor& x2, int64_t rank, int64_t oversample, int
     }
     const at::Tensor q = orth_sketch(y, gram, x2, op, name);
     const at::Tensor psi_q = at::mm(psi_t.t(), q);  // l x k
-    const at::Tensor b = std::get<0>(at::linalg_lstsq(psi_q.to(gram), w_t.t().to(gram)));
+    // Q is fp32, so singular values of Psi Q below k fp32 ulps of the largest
+    // are rounding noise (an exactly rank-deficient X leaves ~0 columns in Q):
+    // lstsq treats them as zero and returns the minimum-norm B, instead of
+    // amplifying the noise by the default fp64 cutoff.
+    const double rcond = static_cast<double>(k) * std::numeric_limits<float>::epsilon();
+    const at::Tensor b = std::get<0>(at::linalg_lstsq(psi_q.to(gram), w_t.t().to(gram), rcond));
     auto [ub, s, vb] = small_svd(b.t(), rank, gram);
     return {q, ub, s, vb};
   }
