@@ -18,19 +18,33 @@ demo: install
 test: install cuda-check
 	$(PYTHON) -m pytest python_tests -q $(PYTEST_ARGS)
 
-# C++ driver (ctest) under ASan/UBSan: builds csrc/ against libtorch with CMake.
+# C++ driver (ctest) under ASan/UBSan: builds csrc/ against libtorch with CMake
+# (CMakeLists.txt) and runs csrc/test/driver.cpp.
 test-cpp:
 	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSFT_SANITIZE=ON \
 	  -DCMAKE_PREFIX_PATH="$$($(PYTHON) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')"
-	cmake --build build/cmake -j2
+	cmake --build build/cmake -j$$(nproc)
 	cd build/cmake && ctest --output-on-failure
 
-# Compile the CUDA kernel files (which include only <cuda_runtime.h>) with nvcc,
-# so a CPU-only machine still checks they build. No-op without nvcc or kernels.
+# Compile the CUDA kernel files with nvcc for every arch in CUDA_ARCHS, so a
+# CPU-only machine still checks they build (no GPU or CUDA torch needed), and
+# enforce the layout rule of csrc/cuda/README.md: *_kernels.cu and kernels.h
+# include only CUDA toolkit headers, <stdint.h>, common/*.h and cuda/kernels.h.
+# The nvcc step is skipped without nvcc or kernel files.
+CUDA_ARCHS ?= 80 90
+CUDA_INCLUDE_OK = \#[[:space:]]*include[[:space:]]*(<(cuda_runtime|cuda_fp16|cuda_bf16|stdint)\.h>|"(common/[A-Za-z0-9_]+|cuda/kernels)\.h")
 cuda-check:
+	@bad=$$(grep -HnE '^[[:space:]]*#[[:space:]]*include' csrc/cuda/*_kernels.cu csrc/cuda/kernels.h 2>/dev/null \
+	  | grep -vE '$(CUDA_INCLUDE_OK)'); \
+	if [ -n "$$bad" ]; then echo "cuda-check: kernel files include more than the layout rule allows:"; \
+	  echo "$$bad"; exit 1; fi
 	@if command -v nvcc >/dev/null 2>&1 && ls csrc/cuda/*_kernels.cu >/dev/null 2>&1; then \
+	  mkdir -p build/cuda-check; \
 	  for f in csrc/cuda/*_kernels.cu; do \
-	    echo "nvcc -c $$f"; nvcc -std=c++17 -O3 --fmad=false -Icsrc -arch=sm_80 -c $$f -o /tmp/$$(basename $$f).o || exit 1; \
+	    echo "nvcc -c $$f (sm_$(subst $() ,$(,) sm_,$(CUDA_ARCHS)))"; \
+	    nvcc -std=c++17 -O3 --fmad=false -Xcompiler -Wall -Icsrc \
+	      $(foreach a,$(CUDA_ARCHS),-gencode arch=compute_$(a),code=sm_$(a)) \
+	      -c $$f -o build/cuda-check/$$(basename $$f .cu).o || exit 1; \
 	  done; \
 	else echo "cuda-check: skipped (no nvcc or no csrc/cuda/*_kernels.cu)"; fi
 

@@ -1,7 +1,17 @@
 """Quick CPU bandwidth check of sft::quantize / sft::dequantize (not a test).
 
-Effective bandwidth = (bytes read + bytes written) / median time, compared with
-``x.clone()`` (2 * x.nbytes) on the same tensor.  Run from the repository root::
+Effective bandwidth = (bytes read + bytes written) / time.  Each op is compared
+with two baselines on the same tensor, timed interleaved with it (so that other
+load on the machine hits both alike):
+
+* ``x.clone()``: 2 * x.nbytes.  A fresh allocation above glibc's mmap threshold
+  (32 MiB at most) is page-faulted in on every call, which dominates ``clone``
+  of a large tensor (and also any op whose *output* is that large, e.g. an fp32
+  dequantize of 48 MiB).
+* ``y.copy_(x)`` into a preallocated ``y``: the machine's copy bandwidth.
+
+Times are the median and the minimum of ``--reps`` runs.  Run from the
+repository root::
 
     PYTHONPATH=. python bench/quantize_quick.py [--rows 16384] [--cols 768] [--block 64]
 """
@@ -16,15 +26,18 @@ import torch
 import sft_kernels  # noqa: F401  (registers torch.ops.sft)
 
 
-def median_time(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
+def interleaved(fns, reps: int) -> list[tuple[float, float]]:
+    """(median, min) seconds of each of ``fns``, called in turn ``reps`` times after warm-up."""
+    for fn in fns:
+        for _ in range(3):
+            fn()
+    times = [[] for _ in fns]
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [(statistics.median(ts), min(ts)) for ts in times]
 
 
 def main() -> None:
@@ -32,30 +45,36 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=16384)
     ap.add_argument("--cols", type=int, default=768)
     ap.add_argument("--block", type=int, default=64)
-    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtypes", default="float32,bfloat16,float16", help="comma-separated")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     q, dq = torch.ops.sft.quantize, torch.ops.sft.dequantize
-    print(f"{args.rows}x{args.cols} block={args.block} threads={torch.get_num_threads()}")
-    print(f"{'case':34s} {'ms':>8s} {'GB/s':>8s} {'clone GB/s':>10s} {'fraction':>8s}")
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    print(f"{args.rows}x{args.cols} block={args.block} threads={torch.get_num_threads()}; GB/s = (read + written) / time")
+    print(f"{'case':26s} {'stat':>6s} {'ms':>8s} {'GB/s':>7s} {'clone':>7s} {'x clone':>7s} {'copy_':>7s} {'x copy':>7s}")
+    for dtype in (getattr(torch, name) for name in args.dtypes.split(",")):
         x = torch.randn(args.rows, args.cols).to(dtype)
-        t_clone = median_time(lambda: x.clone(), args.reps)
-        bw_clone = 2 * x.nbytes / t_clone / 1e9
-        name = str(dtype).replace("torch.", "")
+        y = torch.empty_like(x)
+        dname = str(dtype).replace("torch.", "")
+        cases = []
         for bits, sr in ((8, False), (4, False), (2, False), (8, True)):
             codes, scales = q(x, bits, args.block, sr, 0)
-            t = median_time(lambda: q(x, bits, args.block, sr, 0), args.reps)
-            moved = x.nbytes + codes.nbytes + scales.nbytes
-            label = f"quantize {name} int{bits}{' sr' if sr else ''}"
-            print(f"{label:34s} {t * 1e3:8.3f} {moved / t / 1e9:8.2f} {bw_clone:10.2f} {moved / t / 1e9 / bw_clone:8.2f}")
-        for bits in (8, 4):
+            cases.append((f"{dname} quantize int{bits}{' sr' if sr else ''}",
+                          lambda bits=bits, sr=sr: q(x, bits, args.block, sr, 0),
+                          x.nbytes + codes.nbytes + scales.nbytes))
+        for bits in (8, 4, 2):
             codes, scales = q(x, bits, args.block, False, 0)
-            t = median_time(lambda: dq(codes, scales, bits, args.block, args.cols, dtype), args.reps)
-            moved = x.nbytes + codes.nbytes + scales.nbytes
-            label = f"dequantize {name} int{bits}"
-            print(f"{label:34s} {t * 1e3:8.3f} {moved / t / 1e9:8.2f} {bw_clone:10.2f} {moved / t / 1e9 / bw_clone:8.2f}")
+            cases.append((f"{dname} dequantize int{bits}",
+                          lambda c=codes, s=scales, bits=bits: dq(c, s, bits, args.block, args.cols, dtype),
+                          x.nbytes + codes.nbytes + scales.nbytes))
+        for label, fn, moved in cases:
+            op_t, clone_t, copy_t = interleaved([fn, lambda: x.clone(), lambda: y.copy_(x)], args.reps)
+            for i, stat in enumerate(("median", "min")):
+                bw = moved / op_t[i] / 1e9
+                bw_clone, bw_copy = 2 * x.nbytes / clone_t[i] / 1e9, 2 * x.nbytes / copy_t[i] / 1e9
+                print(f"{label if i == 0 else '':26s} {stat:>6s} {op_t[i] * 1e3:8.3f} {bw:7.2f} {bw_clone:7.2f} "
+                      f"{bw / bw_clone:7.2f} {bw_copy:7.2f} {bw / bw_copy:7.2f}")
 
 
 if __name__ == "__main__":

@@ -130,6 +130,17 @@ def test_large_random_tensor(dtype, bits, stochastic):
     _assert_same_as_reference(x.to(dtype), bits, 64, stochastic, 99)
 
 
+@pytest.mark.parametrize("bits", BITS)
+def test_huge_block_is_one_block_per_row(bits):
+    """block far beyond cols (no overflow in ceil(cols / block)) is the same as block = cols."""
+    x = _rand((3, 50), torch.float32, 12)
+    for stochastic in (False, True):
+        c, s = q_op(x, bits, 2**62, stochastic, 1)
+        rc, rs = q_op(x, bits, 50, stochastic, 1)
+        assert torch.equal(c, rc) and torch.equal(s, rs) and s.shape == (3, 1)
+        assert torch.equal(dq_op(c, s, bits, 2**62, 50, torch.float32), dq_op(rc, rs, bits, 50, 50, torch.float32))
+
+
 @pytest.mark.parametrize("stochastic", [False, True], ids=["rn", "sr"])
 @pytest.mark.parametrize("bits", BITS)
 def test_one_long_row(bits, stochastic):
@@ -168,12 +179,12 @@ def test_exact_ties(dtype, bits, stochastic):
 def test_round_half_away_from_zero(bits):
     qmax = _qmax(bits)
     below = 0.49999997  # largest fp32 below 0.5
-    one_half = 1.5 if qmax > 1 else 0.5
-    x = torch.tensor([[qmax, 0.5, -0.5, one_half, -one_half, below, -below, -0.0]])
+    tie, rounded = (1.5, 2) if qmax > 1 else (0.5, 1)  # int2 has qmax = 1
+    x = torch.tensor([[qmax, 0.5, -0.5, tie, -tie, below, -below, -0.0]])
     codes, scales = q_op(x, bits, 8, False, 0)
     assert scales.item() == 1.0  # so t = x exactly
     q = dq_op(codes, scales, bits, 8, 8, torch.float32)[0].tolist()
-    assert q == [qmax, 1, -1, round(one_half + 0.5), -round(one_half + 0.5), 0, 0, 0]
+    assert q == [qmax, 1, -1, rounded, -rounded, 0, 0, 0]
 
 
 def test_clamp_edge_subnormal_scale():

@@ -23,7 +23,7 @@ struct Philox4 {
 
 SFT_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
   const uint32_t M0 = 0xD2511F53u, M1 = 0xCD9E8D57u, W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
-#if defined(__CUDACC__)
+#if defined(__CUDA_ARCH__)  // device pass only: the host compiler does not know the pragma
 #pragma unroll
 #endif
   for (int r = 0; r < 10; ++r) {

@@ -8,12 +8,15 @@
 //   * The work is split into spans: runs of whole blocks of one row whose first
 //     element is also the first element of a packed byte, so two spans never
 //     write the same byte and can run on different threads (at::parallel_for).
-//   * Within a span, each block is handled while it is in L1: one integer pass
-//     for absmax (which also detects non-finite values), then one pass that
-//     divides and rounds into one uint8 code per element. 8-bit codes go
-//     straight to the output; 2/4-bit codes are staged in a small window and
-//     packed in registers (pack_bytes<BITS>). Dequantize mirrors this with
-//     unpack_bytes<BITS>.
+//   * Within a span, pass 1 computes each block's absmax by an integer max over
+//     the raw bits (which also detects inf/NaN) and its scale. Pass 2 walks
+//     the span, still in L1/L2, in windows of kWindow elements: it divides and
+//     rounds into one uint8 code per element, straight into the output for 8
+//     bits, or into a staging window that pack_bytes<BITS> packs in registers
+//     for 2/4 bits. Dequantize mirrors pass 2 with unpack_bytes<BITS>.
+//   * Blocks of at least kShortBlock elements are encoded block by block with
+//     the scale in a register; shorter blocks get a per-element scale array so
+//     that each window is still one long vectorised loop.
 //   * Everything is templated on the input/output dtype, on bits (so shifts,
 //     qmax and packing are compile-time constants) and on the rounding mode.
 //
@@ -26,7 +29,9 @@
 // defines it is the scalar fallback, and it has no byte packing operations.
 // Bit-exactness does not depend on the clone: every step is an fp32 IEEE
 // operation per element (no reciprocal, no FMA; the build passes
-// -ffp-contract=off) or exact integer/bit manipulation.
+// -ffp-contract=off) or exact integer/bit manipulation. (The test suite passes
+// with each clone built alone; the hot loops were checked to vectorise in all
+// three with -fopt-info-vec, except Philox in the SSE2 baseline.)
 #include "cpu/quantize.h"
 
 #include <ATen/Parallel.h>
@@ -39,6 +44,7 @@
 #include <cstdint>
 #include <cstring>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "common/philox.h"
@@ -141,71 +147,84 @@ struct Fmt {
   static constexpr int kQmax = kOffset - 1;
 };
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// ceil(a / b) for a >= 0, b >= 1, without overflow for any b.
+inline int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
 
 // ----------------------------------------------------------------------------- per-element rounding
-// floor is done by int conversion (truncation, corrected for negatives) rather
-// than std::floor, which GCC does not vectorise without -fno-trapping-math.
-// It is exact: |t| < 2^31 always, since |x| <= absmax and a nonzero scale is
-// >= 2^-149, so |t| <= absmax * 2^149 < 127 * 2^23 for a subnormal absmax/qmax,
-// and |t| <= qmax * (1 + 2^-23) otherwise.
+// Rounding is done with float -> int conversion (truncation) rather than
+// std::floor / std::round, which GCC does not vectorise (without
+// -fno-trapping-math / at all). This is exact because |t| < 2^31 always: |x| <=
+// absmax and a nonzero scale is >= 2^-149, so |t| <= absmax * 2^149 < 127 * 2^23
+// when absmax / qmax is subnormal, and |t| <= qmax * (1 + 2^-23) otherwise.
 
-// Deterministic code of x in a block with scale > 0: round half away from zero,
-// done exactly as floor(|t|) plus (frac >= 0.5) (frac = |t| - floor(|t|) is exact).
+// Deterministic code of x in a block with scale > 0 (or +inf, see quantize_span):
+// round half away from zero. For |t| < 2^31, trunc(|t| + h) with h = 0.5 - 2^-25
+// (the float just below 0.5) is exactly round-half-away(|t|) (checked
+// exhaustively over all such floats; h = 0.5 itself fails for t = 0.49999997,
+// where |t| + 0.5 rounds up to 1), and both steps are odd functions of t.
 template <int BITS>
 SFT_INLINE uint8_t code_nearest(float x, float scale) {
+  constexpr float kJustBelowHalf = 0.5f - 0x1p-25f;
   const float t = x / scale;
-  const float a = std::fabs(t);
-  const int f = int(a);
-  int m = f + int(a - float(f) >= 0.5f);
-  m = m < Fmt<BITS>::kQmax ? m : Fmt<BITS>::kQmax;
-  return uint8_t((t < 0.0f ? -m : m) + Fmt<BITS>::kOffset);
+  const int q = int(t + std::copysign(kJustBelowHalf, t));
+  return uint8_t(std::min(std::max(q, -Fmt<BITS>::kQmax), Fmt<BITS>::kQmax) + Fmt<BITS>::kOffset);
 }
 
-// Stochastic code of x in a block with scale > 0: floor(t + u), u from Philox word r.
+// Stochastic code of x in a block with scale > 0 (or +inf): floor(t + u), u from Philox word r.
 template <int BITS>
 SFT_INLINE uint8_t code_stochastic(float x, float scale, uint32_t r) {
   const float v = x / scale + philox_u01(r);
-  int q = int(v);
-  q -= int(float(q) > v);  // truncation -> floor
-  q = q > -Fmt<BITS>::kQmax ? q : -Fmt<BITS>::kQmax;
-  q = q < Fmt<BITS>::kQmax ? q : Fmt<BITS>::kQmax;
-  return uint8_t(q + Fmt<BITS>::kOffset);
+  const int q = int(v) - int(float(int(v)) > v);  // truncation -> floor
+  return uint8_t(std::min(std::max(q, -Fmt<BITS>::kQmax), Fmt<BITS>::kQmax) + Fmt<BITS>::kOffset);
 }
 
 // ----------------------------------------------------------------------------- packing
 // For 2 and 4 bits, codes are first produced one uint8 per element into a
-// staging window (that loop vectorises over elements), then packed: each output
-// byte is assembled in registers from kPerByte consecutive codes. Windows start
-// on a byte boundary. 8-bit codes are the packed bytes and need no staging.
+// staging window (that loop vectorises over elements), then packed. The
+// kPerByte codes of one output byte are read as one little-endian word
+// (CodeWord), and moved into place with shifts in registers: code s sits at bit
+// 8s of the word and belongs at bit s*BITS of the byte. This is a plain
+// word -> byte loop, which vectorises without interleaving shuffles. Windows
+// start on a byte boundary. 8-bit codes are the packed bytes: no staging.
 
-// Packs codes c[0, n) into the ceil(n*BITS/8) bytes out; pad bits of a partial last byte are 0.
 template <int BITS>
-SFT_INLINE void pack_bytes(const uint8_t* __restrict c, int64_t n, uint8_t* __restrict out) {
+using CodeWord = std::conditional_t<BITS == 2, uint32_t, std::conditional_t<BITS == 4, uint16_t, uint8_t>>;
+
+// Packs the n codes held in the bytes of w into the ceil(n*BITS/8) bytes out;
+// pad bits of a partial last byte are 0.
+template <int BITS>
+SFT_INLINE void pack_bytes(const CodeWord<BITS>* __restrict w, int64_t n, uint8_t* __restrict out) {
+  using W = CodeWord<BITS>;
   constexpr int kPB = Fmt<BITS>::kPerByte;
+  auto gather = [](W v) {
+    W b = 0;
+    for (int s = 0; s < kPB; ++s) b = W(b | (v >> (s * (8 - BITS))));
+    return uint8_t(b);
+  };
   const int64_t full = n / kPB, rest = n - full * kPB;
-  for (int64_t j = 0; j < full; ++j) {
+  for (int64_t j = 0; j < full; ++j) out[j] = gather(w[j]);
+  if (rest) {  // a partial last byte: only its first `rest` code bytes were written
+    const uint8_t* c = reinterpret_cast<const uint8_t*>(w + full);
     unsigned v = 0;
-    for (int s = 0; s < kPB; ++s) v |= unsigned(c[j * kPB + s]) << (s * BITS);
-    out[j] = uint8_t(v);
-  }
-  if (rest) {
-    unsigned v = 0;
-    for (int64_t s = 0; s < rest; ++s) v |= unsigned(c[full * kPB + s]) << (s * BITS);
+    for (int64_t s = 0; s < rest; ++s) v |= unsigned(c[s]) << (s * BITS);
     out[full] = uint8_t(v);
   }
 }
 
-// Inverse of pack_bytes: the n codes held in the ceil(n*BITS/8) bytes `in`, into c[0, n).
+// Inverse of pack_bytes: the codes of the ceil(n*BITS/8) bytes `in`, one per
+// byte of w (which must have room for a whole last word).
 template <int BITS>
-SFT_INLINE void unpack_bytes(const uint8_t* __restrict in, int64_t n, uint8_t* __restrict c) {
+SFT_INLINE void unpack_bytes(const uint8_t* __restrict in, int64_t n, CodeWord<BITS>* __restrict w) {
+  using W = CodeWord<BITS>;
   constexpr int kPB = Fmt<BITS>::kPerByte;
-  const int64_t full = n / kPB, rest = n - full * kPB;
-  for (int64_t j = 0; j < full; ++j) {
-    const unsigned v = in[j];
-    for (int s = 0; s < kPB; ++s) c[j * kPB + s] = uint8_t((v >> (s * BITS)) & Fmt<BITS>::kMask);
+  constexpr W kLowBits = W(W(~W(0)) / 0xFF * Fmt<BITS>::kMask);  // kMask in every byte
+  const int64_t nwords = ceil_div(n, kPB);
+  for (int64_t j = 0; j < nwords; ++j) {
+    const W v = in[j];
+    W spread = 0;
+    for (int s = 0; s < kPB; ++s) spread = W(spread | (v << (s * (8 - BITS))));
+    w[j] = W(spread & kLowBits);
   }
-  for (int64_t s = 0; s < rest; ++s) c[full * kPB + s] = uint8_t((in[full] >> (s * BITS)) & Fmt<BITS>::kMask);
 }
 
 // ----------------------------------------------------------------------------- block helpers
@@ -232,59 +251,122 @@ SFT_INLINE int64_t count_nonfinite(const typename In::bits_t* x, int64_t n) {
 
 // Fills buf with the stream-0 Philox words of element indices i0 .. i0+n-1
 // (n <= kWindow) and returns p with p[k] the word of index i0 + k.
+//
+// This is sft::philox_group (common/philox.h) with every 32-bit state word
+// held in a 64-bit variable: the 32x32->64 products then need no lane-width
+// conversions once vectorised, which makes the AVX-512 clone 2x faster than
+// calling philox_group (the words are the same; the tests check them against
+// the reference).
 SFT_INLINE const uint32_t* philox_words(uint32_t* __restrict buf, uint64_t seed, uint64_t i0, int64_t n) {
+  constexpr uint64_t kLo = 0xffffffffu;
   const uint64_t g0 = i0 / 4;
   const int64_t ngroups = int64_t((i0 + uint64_t(n) + 3) / 4 - g0);
   for (int64_t g = 0; g < ngroups; ++g) {
-    const Philox4 w = philox_group(seed, g0 + uint64_t(g), kPhiloxStreamRounding);
-    for (int j = 0; j < 4; ++j) buf[4 * g + j] = w.v[j];
+    const uint64_t group = g0 + uint64_t(g);
+    uint64_t c0 = group & kLo, c1 = group >> 32, c2 = kPhiloxStreamRounding, c3 = 0;
+    uint64_t k0 = seed & kLo, k1 = seed >> 32;
+    for (int r = 0; r < 10; ++r) {
+      if (r) {
+        k0 = (k0 + 0x9E3779B9u) & kLo;
+        k1 = (k1 + 0xBB67AE85u) & kLo;
+      }
+      const uint64_t p0 = c0 * 0xD2511F53u, p1 = c2 * 0xCD9E8D57u;
+      c0 = (p1 >> 32) ^ c1 ^ k0;
+      c1 = p1 & kLo;
+      c2 = (p0 >> 32) ^ c3 ^ k1;
+      c3 = p0 & kLo;
+    }
+    buf[4 * g + 0] = uint32_t(c0);
+    buf[4 * g + 1] = uint32_t(c1);
+    buf[4 * g + 2] = uint32_t(c2);
+    buf[4 * g + 3] = uint32_t(c3);
   }
   return buf + (i0 - 4 * g0);
 }
 
-// ----------------------------------------------------------------------------- span kernels
+// Blocks at least this long are encoded / decoded block by block with the
+// scale in a register. Shorter blocks would leave those loops too short to
+// vectorise, so their windows first get a per-element scale array and then
+// run as one loop (which costs one extra store and load per element).
+constexpr int64_t kShortBlock = 64;
+
+// Calls fn(k0, k1, scale) for each block's part [w0 + k0, w0 + k1) of the
+// window [w0, w1) of a row; b is the block of element w0 and is advanced past
+// the window. A zero scale is passed as zero_as.
+template <class Fn>
+SFT_INLINE void for_each_segment(const float* __restrict scales, int64_t w0, int64_t w1, int64_t block, int64_t& b,
+                                 float zero_as, Fn fn) {
+  for (int64_t e = w0; e < w1;) {
+    const int64_t block_end = (b + 1) * block, end = std::min(w1, block_end);
+    fn(e - w0, end - w0, scales[b] == 0.0f ? zero_as : scales[b]);
+    b += end == block_end;
+    e = end;
+  }
+}
+
+// Runs body(k0, k1, scale_of) over the window [w0, w1), where scale_of(k) is
+// the (zero_as-substituted) scale of element w0 + k: per block for long blocks,
+// or once over the whole window with a per-element scale array `sc`.
+template <class Body>
+SFT_INLINE void for_window_scales(float* __restrict sc, const float* __restrict scales, int64_t w0, int64_t w1,
+                                  int64_t block, int64_t& b, float zero_as, Body body) {
+  if (block >= kShortBlock) {
+    for_each_segment(scales, w0, w1, block, b, zero_as,
+                     [&](int64_t k0, int64_t k1, float s) { body(k0, k1, [s](int64_t) { return s; }); });
+  } else {
+    for_each_segment(scales, w0, w1, block, b, zero_as, [&](int64_t k0, int64_t k1, float s) {
+      for (int64_t k = k0; k < k1; ++k) sc[k] = s;
+    });
+    body(0, w1 - w0, [sc](int64_t k) { return sc[k]; });
+  }
+}
 
 // Quantizes blocks [b0, b1) of one row: x, codes and scales point at the row,
 // index0 is the row-major index of the row's first element. Returns the number
-// of non-finite values seen (the caller throws if it is not 0).
+// of non-finite values seen; if it is not 0 the codes are not written (the
+// caller throws).
 template <class In, int BITS, bool SR>
 SFT_CLONES int64_t quantize_span(const typename In::bits_t* __restrict x, uint8_t* __restrict codes,
                                  float* __restrict scales, int64_t b0, int64_t b1, int64_t cols, int64_t block,
                                  uint64_t index0, uint64_t seed) {
   constexpr bool kStaged = BITS != 8;
   constexpr int kPB = Fmt<BITS>::kPerByte;
-  alignas(64) uint8_t stage[kStaged ? kWindow : 1];
-  alignas(64) uint32_t words[SR ? kWindow + 8 : 1];
-  const int64_t span_end = std::min(cols, b1 * block);
-  int64_t w0 = b0 * block;  // first element of the current window
+  // Pass 1: the scales of all blocks of the span (a span is ~kSpanElems
+  // elements or one block, so it is still in L1/L2 for pass 2).
   int64_t nonfinite = 0;
   for (int64_t b = b0; b < b1; ++b) {
-    const int64_t e0 = b * block, e1 = std::min(cols, e0 + block);
-    const uint32_t amax = absmax_bits<In>(x + e0, e1 - e0);
-    if (amax >= In::kInf) nonfinite += count_nonfinite<In>(x + e0, e1 - e0);
-    // a non-finite block is given scale 0 too, only so that its codes are written
-    const float scale = amax < In::kInf ? In::to_float(typename In::bits_t(amax)) / float(Fmt<BITS>::kQmax) : 0.0f;
-    scales[b] = scale;
-    for (int64_t e = e0; e < e1;) {  // the block's part in each window
-      const int64_t w1 = std::min(span_end, w0 + kWindow), end = std::min(e1, w1), n = end - e;
-      uint8_t* __restrict dst = (kStaged ? stage : codes + w0) + (e - w0);
-      const typename In::bits_t* __restrict xe = x + e;
-      if (scale == 0.0f) {  // all-zero block (or absmax / qmax underflowed): q = 0
-        std::memset(dst, Fmt<BITS>::kOffset, size_t(n));
-      } else if (!SR) {
-        for (int64_t k = 0; k < n; ++k) dst[k] = code_nearest<BITS>(In::to_float(xe[k]), scale);
-      } else {
-        const uint32_t* __restrict r = philox_words(words, seed, index0 + uint64_t(e), n);
-        for (int64_t k = 0; k < n; ++k) dst[k] = code_stochastic<BITS>(In::to_float(xe[k]), scale, r[k]);
-      }
-      e = end;
-      if (e == w1) {  // window complete
-        if constexpr (kStaged) pack_bytes<BITS>(stage, w1 - w0, codes + w0 / kPB);
-        w0 = w1;
-      }
-    }
+    const int64_t e0 = b * block, n = std::min(cols, e0 + block) - e0;
+    const uint32_t amax = absmax_bits<In>(x + e0, n);
+    if (amax >= In::kInf) nonfinite += count_nonfinite<In>(x + e0, n);
+    scales[b] = In::to_float(typename In::bits_t(amax)) / float(Fmt<BITS>::kQmax);
   }
-  return nonfinite;
+  if (nonfinite) return nonfinite;
+
+  // Pass 2: codes, one window at a time. An all-zero block (or one whose
+  // absmax / qmax underflows) has scale 0 and must get q = 0: dividing by +inf
+  // instead gives t = +-0, hence q = 0 in both rounding modes (u < 1).
+  alignas(64) float sc[kWindow];  // per-element scales, used only for short blocks
+  alignas(64) CodeWord<BITS> stage[kStaged ? kWindow / kPB : 1];
+  alignas(64) uint32_t words[SR ? kWindow + 8 : 1];
+  const int64_t span_end = std::min(cols, b1 * block);
+  int64_t b = b0;
+  for (int64_t w0 = b0 * block; w0 < span_end; w0 += kWindow) {
+    const int64_t w1 = std::min(span_end, w0 + kWindow);
+    uint8_t* __restrict dst = kStaged ? reinterpret_cast<uint8_t*>(stage) : codes + w0;
+    const typename In::bits_t* __restrict xw = x + w0;
+    const uint32_t* __restrict r = SR ? philox_words(words, seed, index0 + uint64_t(w0), w1 - w0) : nullptr;
+    for_window_scales(sc, scales, w0, w1, block, b, INFINITY, [&](int64_t k0, int64_t k1, auto scale_of) {
+      for (int64_t k = k0; k < k1; ++k) {
+        if constexpr (SR) {
+          dst[k] = code_stochastic<BITS>(In::to_float(xw[k]), scale_of(k), r[k]);
+        } else {
+          dst[k] = code_nearest<BITS>(In::to_float(xw[k]), scale_of(k));
+        }
+      }
+    });
+    if constexpr (kStaged) pack_bytes<BITS>(stage, w1 - w0, codes + w0 / kPB);
+  }
+  return 0;
 }
 
 // Dequantizes blocks [b0, b1) of one row into y (the row of the output).
@@ -294,25 +376,21 @@ SFT_CLONES void dequantize_span(const uint8_t* __restrict codes, const float* __
                                 int64_t block) {
   constexpr bool kStaged = BITS != 8;
   constexpr int kPB = Fmt<BITS>::kPerByte;
-  alignas(64) uint8_t stage[kStaged ? kWindow : 1];
+  alignas(64) float sc[kWindow];  // per-element scales, used only for short blocks
+  alignas(64) CodeWord<BITS> stage[kStaged ? kWindow / kPB : 1];
   const int64_t span_end = std::min(cols, b1 * block);
-  int64_t b = b0;  // block of the current element
+  int64_t b = b0;
   for (int64_t w0 = b0 * block; w0 < span_end; w0 += kWindow) {
     const int64_t w1 = std::min(span_end, w0 + kWindow);
-    const uint8_t* c = codes + w0;
+    const uint8_t* __restrict c = codes + w0;
     if constexpr (kStaged) {
       unpack_bytes<BITS>(codes + w0 / kPB, w1 - w0, stage);
-      c = stage;
+      c = reinterpret_cast<const uint8_t*>(stage);
     }
-    for (int64_t e = w0; e < w1;) {  // each block's part in the window
-      const int64_t block_end = (b + 1) * block, end = std::min(w1, block_end);
-      const float scale = scales[b];
-      const uint8_t* __restrict ce = c + (e - w0);
-      typename Out::bits_t* __restrict ye = y + e;
-      for (int64_t k = 0; k < end - e; ++k) ye[k] = Out::from_float(float(int(ce[k]) - Fmt<BITS>::kOffset) * scale);
-      if (end == block_end) ++b;
-      e = end;
-    }
+    typename Out::bits_t* __restrict yw = y + w0;
+    for_window_scales(sc, scales, w0, w1, block, b, 0.0f, [&](int64_t k0, int64_t k1, auto scale_of) {
+      for (int64_t k = k0; k < k1; ++k) yw[k] = Out::from_float(float(int(c[k]) - Fmt<BITS>::kOffset) * scale_of(k));
+    });
   }
 }
 
@@ -370,7 +448,7 @@ void dequantize_rows(const at::Tensor& codes, const at::Tensor& scales, at::Tens
   });
 }
 
-// Calls f(Fmt-tag) with the bits as a compile-time constant.
+// Calls f(std::integral_constant<int, bits>) (the caller has checked bits).
 template <class F>
 auto dispatch_bits(int64_t bits, F&& f) {
   switch (bits) {
