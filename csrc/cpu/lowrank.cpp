@@ -60,8 +60,17 @@ void check_bits_block(const char* op, int64_t bits, int64_t block) {
   TORCH_CHECK_VALUE(block >= 1, op, ": block must be >= 1, got ", block);
 }
 
-int64_t packed_cols(int64_t cols, int64_t bits) { return (cols * bits + 7) / 8; }
-int64_t num_blocks(int64_t cols, int64_t block) { return (cols + block - 1) / block; }
+// ceil(cols * bits / 8) and ceil(cols / block), without overflow for any
+// cols >= 0, bits in {2, 4, 8} and block >= 1.
+int64_t packed_cols(int64_t cols, int64_t bits) { return cols / 8 * bits + (cols % 8 * bits + 7) / 8; }
+int64_t num_blocks(int64_t cols, int64_t block) { return cols == 0 ? 0 : (cols - 1) / block + 1; }
+
+// Sketch width k = min(rank + oversample, N, H) for 1 <= rank <= min(N, H),
+// without overflow for any oversample >= 0.
+int64_t sketch_width(int64_t rank, int64_t oversample, int64_t n, int64_t h) {
+  const int64_t m = std::min(n, h);
+  return oversample >= m - rank ? m : rank + oversample;
+}
 
 // x viewed as the N x H matrix of the spec: leading dims flattened, a 0-dim
 // tensor is 1 x 1. Returns a view where possible (reshape copies only when the
@@ -130,17 +139,17 @@ at::Tensor tall_from(const at::Tensor& small) {
   return t;
 }
 
-// The transpose of a tall fp32 matrix (m x r, unit column stride) as a
-// contiguous r x m tensor: the row layout `quantize` takes for P^T and Q^T.
+// The transpose of an m x r fp32 matrix (a tall matrix or vb, any strides) as
+// a contiguous r x m tensor: the row layout `quantize` takes for P^T and Q^T.
 at::Tensor transpose_tall(const at::Tensor& t) {
-  const int64_t m = t.size(0), r = t.size(1), ld = t.stride(0);
-  TORCH_INTERNAL_ASSERT(t.scalar_type() == at::kFloat && t.stride(1) == 1);
+  TORCH_INTERNAL_ASSERT(t.scalar_type() == at::kFloat);
+  const int64_t m = t.size(0), r = t.size(1), s0 = t.stride(0), s1 = t.stride(1);
   at::Tensor out = at::empty({r, m}, t.options());
   const float* src = t.data_ptr<float>();
   float* dst = out.data_ptr<float>();
   at::parallel_for(0, m, 4096, [&](int64_t i0, int64_t i1) {
     for (int64_t c = 0; c < r; ++c)
-      for (int64_t i = i0; i < i1; ++i) dst[c * m + i] = src[i * ld + c];
+      for (int64_t i = i0; i < i1; ++i) dst[c * m + i] = src[i * s0 + c * s1];
   });
   return out;
 }
@@ -647,7 +656,7 @@ int64_t single_pass_block_rows(int64_t h) {
 Factors lowrank_core(const at::Tensor& x2, int64_t rank, int64_t oversample, int64_t power_iters, int64_t seed,
                      const char* op, const char* name) {
   const int64_t n = x2.size(0), h = x2.size(1);
-  const int64_t k = std::min({rank + oversample, n, h});
+  const int64_t k = sketch_width(rank, oversample, n, h);
   const uint64_t useed = static_cast<uint64_t>(seed);
   const at::ScalarType gram = x2.scalar_type() == at::kFloat ? at::kDouble : at::kFloat;
   at::Tensor omega = tall_zeros(h, k);
