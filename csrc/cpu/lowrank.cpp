@@ -19,7 +19,6 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
-#include <type_traits>
 #include <vector>
 
 // Vector helpers below are always inlined into target clones; no ABI crosses an ISA boundary.
@@ -61,8 +60,17 @@ void check_bits_block(const char* op, int64_t bits, int64_t block) {
   TORCH_CHECK_VALUE(block >= 1, op, ": block must be >= 1, got ", block);
 }
 
-int64_t packed_cols(int64_t cols, int64_t bits) { return (cols * bits + 7) / 8; }
-int64_t num_blocks(int64_t cols, int64_t block) { return (cols + block - 1) / block; }
+// ceil(cols * bits / 8) and ceil(cols / block), without overflow for any
+// cols >= 0, bits in {2, 4, 8} and block >= 1.
+int64_t packed_cols(int64_t cols, int64_t bits) { return cols / 8 * bits + (cols % 8 * bits + 7) / 8; }
+int64_t num_blocks(int64_t cols, int64_t block) { return cols == 0 ? 0 : (cols - 1) / block + 1; }
+
+// Sketch width k = min(rank + oversample, N, H) for 1 <= rank <= min(N, H),
+// without overflow for any oversample >= 0.
+int64_t sketch_width(int64_t rank, int64_t oversample, int64_t n, int64_t h) {
+  const int64_t m = std::min(n, h);
+  return oversample >= m - rank ? m : rank + oversample;
+}
 
 // x viewed as the N x H matrix of the spec: leading dims flattened, a 0-dim
 // tensor is 1 x 1. Returns a view where possible (reshape copies only when the
@@ -98,18 +106,20 @@ void rademacher_into(at::Tensor& out, int64_t rows, int64_t cols, bool transpose
 // ----------------------------------------------------------------------------- tall matrices
 //
 // The sketches and range bases are tall-skinny m x k fp32 matrices (k << m).
-// They are held row-major with a row stride padded to the kernels' 16-float
-// panels ("ld"); the pad columns are zero, and the m x k view of the buffer is
-// what gets passed around. Inside `orth` they are transposed (k x m) so that
-// its kernel handles 8 consecutive rows per SIMD vector.
+// They are held row-major with a row stride padded to a multiple of 8 floats
+// (the kernels' column panels are 16 or 8 wide); the pad columns are zero, and
+// the m x k view of the buffer is what gets passed around. Inside `orth` they
+// are transposed (k x m) so that its kernel handles 8 consecutive rows per
+// SIMD vector.
 
-// Widest k handled by the skinny GEMM and fused CholeskyQR kernels; wider
-// sketches use MKL (at::mm / trsm), which wins once the k x k work dominates.
+// Widest k handled by the skinny GEMM and fused CholeskyQR kernels (their
+// per-chunk scratch grows as k^2); wider sketches use MKL (at::mm / trsm).
 constexpr int64_t kSkinnyMaxK = 64;
-// Column panel width of the skinny GEMM kernels (one 16-float vector).
+// Column panel width of the skinny GEMM kernels (one 16-float vector; the
+// last panel of a row may be 8 wide).
 constexpr int64_t kPanel = 16;
 
-int64_t tall_ld(int64_t k) { return k <= kSkinnyMaxK ? (k + kPanel - 1) / kPanel * kPanel : k; }
+int64_t tall_ld(int64_t k) { return k <= kSkinnyMaxK ? (k + 7) / 8 * 8 : k; }
 
 // A zero m x k tall matrix (view of a zero-padded m x tall_ld(k) buffer).
 at::Tensor tall_zeros(int64_t m, int64_t k) {
@@ -129,17 +139,17 @@ at::Tensor tall_from(const at::Tensor& small) {
   return t;
 }
 
-// The transpose of a tall fp32 matrix (m x r, unit column stride) as a
-// contiguous r x m tensor: the row layout `quantize` takes for P^T and Q^T.
+// The transpose of an m x r fp32 matrix (a tall matrix or vb, any strides) as
+// a contiguous r x m tensor: the row layout `quantize` takes for P^T and Q^T.
 at::Tensor transpose_tall(const at::Tensor& t) {
-  const int64_t m = t.size(0), r = t.size(1), ld = t.stride(0);
-  TORCH_INTERNAL_ASSERT(t.scalar_type() == at::kFloat && t.stride(1) == 1);
+  TORCH_INTERNAL_ASSERT(t.scalar_type() == at::kFloat);
+  const int64_t m = t.size(0), r = t.size(1), s0 = t.stride(0), s1 = t.stride(1);
   at::Tensor out = at::empty({r, m}, t.options());
   const float* src = t.data_ptr<float>();
   float* dst = out.data_ptr<float>();
   at::parallel_for(0, m, 4096, [&](int64_t i0, int64_t i1) {
     for (int64_t c = 0; c < r; ++c)
-      for (int64_t i = i0; i < i1; ++i) dst[c * m + i] = src[i * ld + c];
+      for (int64_t i = i0; i < i1; ++i) dst[c * m + i] = src[i * s0 + c * s1];
   });
   return out;
 }
@@ -200,8 +210,8 @@ struct TallRef {
 
 // One CholeskyQR pass over rows [c0, c1) of the m x k fp32 matrix `src`.
 // With r != nullptr every row y is replaced by q solving q R = y (R upper k x k
-// row-major in T; inv_diag[j] = 1 / R[j][j]), computed in T and rounded to
-// fp32; with dst.data != nullptr the (solved or copied) rows are stored there.
+// row-major in T; inv_diag[j] = 1 / R[j][j], a multiply within an ulp of the
+// division), computed in T and rounded to fp32; with dst.data != nullptr the (solved or copied) rows are stored there.
 // With acc != nullptr the Gram matrix of the (rounded) rows is accumulated in T
 // into acc: kp x kp vectors of 8 lane partial sums, kp = k rounded up to 4
 // (only the upper 4 x 4 blocks are written). t is scratch for one panel:
@@ -412,97 +422,108 @@ at::Tensor orth(const at::Tensor& y_in, at::ScalarType gram, bool* finite = null
 //
 // Y = A W and Z = A^T Q with A = X (N x H, the big operand, read in place) and
 // W, Q padded tall matrices of k <= kSkinnyMaxK columns. Register tiles of R
-// rows x 16 columns stream A once per 16-column panel with no packing copy.
-// Every output element is summed over the inner index in increasing order by
-// one thread, so results do not depend on the thread count. Vector FMA is
-// allowed here (the AVX clones); MKL contracts too.
+// rows x one column panel (a 16- or 8-float vector) stream A once per panel
+// with no packing copy. Every output element is summed over the inner index in
+// increasing order by one thread, so results do not depend on the thread
+// count. Vector FMA is allowed here (the AVX variants); MKL contracts too.
 
 typedef float V16f __attribute__((vector_size(64), aligned(4)));
 
-// y[r, 0:16] = sum_h a[r, h] w[h, 0:16] for the R rows at a.
-template <int R>
+// y[r, panel] = sum_h a[r, h] w[h, panel] for the R rows at a; VT is the panel's vector type.
+template <int R, typename VT>
 SFT_LR_INLINE void nn_tile(const float* a, int64_t lda, const float* w, int64_t ldw, int64_t kdim, float* y,
                            int64_t ldy) {
-  V16f acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = V16f{};
+  VT acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = VT{};
   for (int64_t h = 0; h < kdim; ++h) {
-    V16f wv;
+    VT wv;
     std::memcpy(&wv, w + h * ldw, sizeof(wv));
     for (int r = 0; r < R; ++r) acc[r] += a[r * lda + h] * wv;
   }
-  for (int r = 0; r < R; ++r) std::memcpy(y + r * ldy, &acc[r], sizeof(V16f));
+  for (int r = 0; r < R; ++r) std::memcpy(y + r * ldy, &acc[r], sizeof(VT));
 }
 
-// Rows [i0, i1) of Y = A W (all panels).
+// All column panels of R rows of Y = A W: 16-wide, then an 8-wide remainder.
 template <int R>
-SFT_LR_INLINE void nn_rows(const float* a, int64_t lda, const float* w, int64_t ldw, int64_t kdim, int64_t panels,
-                           float* y, int64_t ldy, int64_t i0, int64_t i1) {
+SFT_LR_INLINE void nn_panels(const float* a, int64_t lda, const float* w, int64_t ldw, int64_t kdim, float* y,
+                             int64_t ldy) {
+  int64_t c = 0;
+  for (; c + kPanel <= ldw; c += kPanel) nn_tile<R, V16f>(a, lda, w + c, ldw, kdim, y + c, ldy);
+  if (c < ldw) nn_tile<R, V8f>(a, lda, w + c, ldw, kdim, y + c, ldy);
+}
+
+// Rows [i0, i1) of Y = A W.
+template <int R>
+SFT_LR_INLINE void nn_rows(const float* a, int64_t lda, const float* w, int64_t ldw, int64_t kdim, float* y,
+                           int64_t ldy, int64_t i0, int64_t i1) {
   int64_t i = i0;
-  for (; i + R <= i1; i += R)
-    for (int64_t p = 0; p < panels; ++p)
-      nn_tile<R>(a + i * lda, lda, w + p * kPanel, ldw, kdim, y + i * ldy + p * kPanel, ldy);
-  for (; i < i1; ++i)
-    for (int64_t p = 0; p < panels; ++p)
-      nn_tile<1>(a + i * lda, lda, w + p * kPanel, ldw, kdim, y + i * ldy + p * kPanel, ldy);
+  for (; i + R <= i1; i += R) nn_panels<R>(a + i * lda, lda, w, ldw, kdim, y + i * ldy, ldy);
+  for (; i < i1; ++i) nn_panels<1>(a + i * lda, lda, w, ldw, kdim, y + i * ldy, ldy);
 }
 
-// z[h0 + x, 0:16] += sum_{r in [r0, r1)} a[r, h0 + x] q[r, 0:16] for x < R.
-template <int R>
+// z[x, panel] += sum_{r in [r0, r1)} a[r, x] q[r, panel] for x < R (a, z offset to the tile).
+template <int R, typename VT>
 SFT_LR_INLINE void tn_tile(const float* a, int64_t lda, const float* q, int64_t ldq, int64_t r0, int64_t r1,
                            float* z, int64_t ldz) {
-  V16f acc[R];
-  for (int x = 0; x < R; ++x) std::memcpy(&acc[x], z + x * ldz, sizeof(V16f));
+  VT acc[R];
+  for (int x = 0; x < R; ++x) std::memcpy(&acc[x], z + x * ldz, sizeof(VT));
   for (int64_t r = r0; r < r1; ++r) {
-    V16f qv;
+    VT qv;
     std::memcpy(&qv, q + r * ldq, sizeof(qv));
     const float* ar = a + r * lda;
     for (int x = 0; x < R; ++x) acc[x] += ar[x] * qv;
   }
-  for (int x = 0; x < R; ++x) std::memcpy(z + x * ldz, &acc[x], sizeof(V16f));
+  for (int x = 0; x < R; ++x) std::memcpy(z + x * ldz, &acc[x], sizeof(VT));
 }
 
-// Rows [h0, h1) of Z = A^T Q (z zero on entry), over row blocks of A that stay in L2.
 template <int R>
-SFT_LR_INLINE void tn_rows(const float* a, int64_t lda, int64_t m, const float* q, int64_t ldq, int64_t panels,
-                           float* z, int64_t ldz, int64_t h0, int64_t h1) {
+SFT_LR_INLINE void tn_panels(const float* a, int64_t lda, const float* q, int64_t ldq, int64_t r0, int64_t r1,
+                             float* z, int64_t ldz) {
+  int64_t c = 0;
+  for (; c + kPanel <= ldq; c += kPanel) tn_tile<R, V16f>(a, lda, q + c, ldq, r0, r1, z + c, ldz);
+  if (c < ldq) tn_tile<R, V8f>(a, lda, q + c, ldq, r0, r1, z + c, ldz);
+}
+
+// Rows [h0, h1) of Z += A^T Q, over row blocks of A that stay in L2.
+template <int R>
+SFT_LR_INLINE void tn_rows(const float* a, int64_t lda, int64_t m, const float* q, int64_t ldq, float* z,
+                           int64_t ldz, int64_t h0, int64_t h1) {
   const int64_t block = std::max<int64_t>(16, (int64_t{1} << 16) / std::max<int64_t>(lda, 1));
   for (int64_t r0 = 0; r0 < m; r0 += block) {
     const int64_t r1 = std::min(m, r0 + block);
     int64_t h = h0;
-    for (; h + R <= h1; h += R)
-      for (int64_t p = 0; p < panels; ++p) tn_tile<R>(a + h, lda, q + p * kPanel, ldq, r0, r1, z + h * ldz + p * kPanel, ldz);
-    for (; h < h1; ++h)
-      for (int64_t p = 0; p < panels; ++p) tn_tile<1>(a + h, lda, q + p * kPanel, ldq, r0, r1, z + h * ldz + p * kPanel, ldz);
+    for (; h + R <= h1; h += R) tn_panels<R>(a + h, lda, q, ldq, r0, r1, z + h * ldz, ldz);
+    for (; h < h1; ++h) tn_panels<1>(a + h, lda, q, ldq, r0, r1, z + h * ldz, ldz);
   }
 }
 
 // Tile heights per ISA: as many accumulators as the vector registers hold.
-#define SFT_LR_GEMM_VARIANT(suffix, target_attr, R_NN, R_TN)                                                       \
-  target_attr void nn_##suffix(const float* a, int64_t lda, const float* w, int64_t ldw, int64_t kdim,             \
-                               int64_t panels, float* y, int64_t ldy, int64_t i0, int64_t i1) {                    \
-    nn_rows<R_NN>(a, lda, w, ldw, kdim, panels, y, ldy, i0, i1);                                                   \
-  }                                                                                                                \
-  target_attr void tn_##suffix(const float* a, int64_t lda, int64_t m, const float* q, int64_t ldq, int64_t panels, \
-                               float* z, int64_t ldz, int64_t h0, int64_t h1) {                                    \
-    tn_rows<R_TN>(a, lda, m, q, ldq, panels, z, ldz, h0, h1);                                                      \
+#define SFT_LR_GEMM_VARIANT(suffix, target_attr, R)                                                              \
+  target_attr void nn_##suffix(const float* a, int64_t lda, const float* w, int64_t ldw, int64_t kdim, float* y, \
+                               int64_t ldy, int64_t i0, int64_t i1) {                                            \
+    nn_rows<R>(a, lda, w, ldw, kdim, y, ldy, i0, i1);                                                            \
+  }                                                                                                              \
+  target_attr void tn_##suffix(const float* a, int64_t lda, int64_t m, const float* q, int64_t ldq, float* z,    \
+                               int64_t ldz, int64_t h0, int64_t h1) {                                            \
+    tn_rows<R>(a, lda, m, q, ldq, z, ldz, h0, h1);                                                               \
   }
-SFT_LR_GEMM_VARIANT(v4, __attribute__((target("arch=x86-64-v4"), optimize("fp-contract=fast"))), 12, 12)
-SFT_LR_GEMM_VARIANT(v3, __attribute__((target("arch=x86-64-v3"), optimize("fp-contract=fast"))), 4, 4)
-SFT_LR_GEMM_VARIANT(base, , 2, 2)
+SFT_LR_GEMM_VARIANT(v4, __attribute__((target("arch=x86-64-v4"), optimize("fp-contract=fast"))), 12)
+SFT_LR_GEMM_VARIANT(v3, __attribute__((target("arch=x86-64-v3"), optimize("fp-contract=fast"))), 4)
+SFT_LR_GEMM_VARIANT(base, , 2)
 #undef SFT_LR_GEMM_VARIANT
 
 struct SkinnyKernels {
   decltype(&nn_base) nn;
   decltype(&tn_base) tn;
-  int64_t rows_nn, rows_tn;  // tile heights, for work splitting
+  int64_t rows;  // tile height, for work splitting
 };
 
 const SkinnyKernels& skinny_kernels() {
   static const SkinnyKernels kernels = [] {
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("x86-64-v4")) return SkinnyKernels{&nn_v4, &tn_v4, 12, 12};
-    if (__builtin_cpu_supports("x86-64-v3")) return SkinnyKernels{&nn_v3, &tn_v3, 4, 4};
-    return SkinnyKernels{&nn_base, &tn_base, 2, 2};
+    if (__builtin_cpu_supports("x86-64-v4")) return SkinnyKernels{&nn_v4, &tn_v4, 12};
+    if (__builtin_cpu_supports("x86-64-v3")) return SkinnyKernels{&nn_v3, &tn_v3, 4};
+    return SkinnyKernels{&nn_base, &tn_base, 2};
   }();
   return kernels;
 }
@@ -523,10 +544,10 @@ void skinny_mm_out(const at::Tensor& a_in, const at::Tensor& w, at::Tensor& y) {
   const float* ap = a.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const int64_t lda = a.stride(0), ldw = w.stride(0), ldy = y.stride(0), panels = ldw / kPanel;
-  const int64_t tiles = (m + kern.rows_nn - 1) / kern.rows_nn;
-  at::parallel_for(0, tiles, std::max<int64_t>(1, 64 / kern.rows_nn), [&](int64_t t0, int64_t t1) {
-    kern.nn(ap, lda, wp, ldw, kdim, panels, yp, ldy, t0 * kern.rows_nn, std::min(m, t1 * kern.rows_nn));
+  const int64_t lda = a.stride(0), ldw = w.stride(0), ldy = y.stride(0);
+  const int64_t tiles = (m + kern.rows - 1) / kern.rows;
+  at::parallel_for(0, tiles, std::max<int64_t>(1, 64 / kern.rows), [&](int64_t t0, int64_t t1) {
+    kern.nn(ap, lda, wp, ldw, kdim, yp, ldy, t0 * kern.rows, std::min(m, t1 * kern.rows));
   });
 }
 
@@ -550,10 +571,10 @@ void skinny_tmm_acc(const at::Tensor& a_in, const at::Tensor& q, at::Tensor& z) 
   const float* ap = a.data_ptr<float>();
   const float* qp = q.data_ptr<float>();
   float* zp = z.data_ptr<float>();
-  const int64_t lda = a.stride(0), ldq = q.stride(0), ldz = z.stride(0), panels = ldq / kPanel;
-  const int64_t tiles = (h + kern.rows_tn - 1) / kern.rows_tn;
+  const int64_t lda = a.stride(0), ldq = q.stride(0), ldz = z.stride(0);
+  const int64_t tiles = (h + kern.rows - 1) / kern.rows;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    kern.tn(ap, lda, m, qp, ldq, panels, zp, ldz, t0 * kern.rows_tn, std::min(h, t1 * kern.rows_tn));
+    kern.tn(ap, lda, m, qp, ldq, zp, ldz, t0 * kern.rows, std::min(h, t1 * kern.rows));
   });
 }
 
@@ -563,6 +584,22 @@ at::Tensor skinny_tmm(const at::Tensor& a, const at::Tensor& q) {
   skinny_tmm_acc(a, q, z);
   return z;
 }
+
+// X (N x H fp32) as the big operand of the range finder, used in place when
+// either its rows or its columns are contiguous: for a transposed X (e.g. a
+// weight passed as w.T) the two kernels swap roles, since X W = (X^T)^T W.
+// Any other layout is copied once.
+struct BigMatrix {
+  bool transposed;
+  at::Tensor a;  // X, or X^T when `transposed`; unit column stride
+
+  explicit BigMatrix(const at::Tensor& x)
+      : transposed(x.stride(1) != 1 && x.stride(0) == 1),
+        a(transposed ? x.t() : big_operand(x)) {}
+
+  at::Tensor times(const at::Tensor& w) const { return transposed ? skinny_tmm(a, w) : skinny_mm(a, w); }
+  at::Tensor t_times(const at::Tensor& q) const { return transposed ? skinny_mm(a, q) : skinny_tmm(a, q); }
+};
 
 // ----------------------------------------------------------------------------- range finder
 
@@ -584,7 +621,7 @@ struct Factors {
 [[noreturn]] void raise_non_finite(const at::Tensor& x2, const char* op, const char* name) {
   const int64_t bad = at::isfinite(x2).logical_not().sum().item<int64_t>();
   TORCH_CHECK(bad == 0, op, ": ", name, " has ", bad, " non-finite value(s)");
-  TORCH_CHECK(false, op, ": ", name, " is finite but its sketch overflowed float32; scale ", name, " down");
+  TORCH_CHECK(false, op, ": ", name, " is finite but too large: its sketch overflowed; scale ", name, " down");
   __builtin_unreachable();
 }
 
@@ -598,17 +635,13 @@ at::Tensor orth_sketch(const at::Tensor& y, at::ScalarType gram, const at::Tenso
 }
 
 // Truncated SVD of the small k x H matrix B (k <= H), given as its transpose
-// bt (H x k fp32, unit column stride): B^T = Qb Rb with Qb = orth(B^T) (the
-// same shifted CholeskyQR3, which keeps Qb orthonormal when B is rank
-// deficient; always with an fp64 Gram so that its shift is negligible, as in
-// the reference's exact SVD of B) and Rb = Qb^T B^T (k x k); then the SVD
-// Rb = U' S V'^T in `gram` precision gives B = V' S (Qb U')^T, i.e. Ub = V',
-// Vb = Qb U'. Returns (ub k x r, s r, vb H x r tall matrix), fp32.
+// bt (H x k, any strides), in `gram` precision (LAPACK, like the reference):
+// B^T = U2 S V2^T gives B = V2 S U2^T, i.e. Ub = V2 and Vb = U2, orthonormal
+// even when B is exactly rank deficient. Returns (ub k x r, s r, vb H x r), fp32.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> small_svd(const at::Tensor& bt, int64_t rank, at::ScalarType gram) {
-  const at::Tensor qb = orth(bt, at::kDouble);
-  auto [u1, s, v1t] = at::linalg_svd(at::mm(qb.t(), bt).to(gram), /*full_matrices=*/false);
-  return {v1t.narrow(0, 0, rank).t().to(at::kFloat), s.narrow(0, 0, rank).to(at::kFloat),
-          skinny_mm(qb, tall_from(u1.narrow(1, 0, rank).to(at::kFloat)))};
+  auto [u2, s, v2t] = at::linalg_svd(bt.to(gram), /*full_matrices=*/false);
+  return {v2t.narrow(0, 0, rank).t().to(at::kFloat), s.narrow(0, 0, rank).to(at::kFloat),
+          u2.narrow(1, 0, rank).to(at::kFloat).contiguous()};
 }
 
 // Rows of X per block of the single-pass sketch: about 1 MiB of fp32, so a
@@ -623,7 +656,7 @@ int64_t single_pass_block_rows(int64_t h) {
 Factors lowrank_core(const at::Tensor& x2, int64_t rank, int64_t oversample, int64_t power_iters, int64_t seed,
                      const char* op, const char* name) {
   const int64_t n = x2.size(0), h = x2.size(1);
-  const int64_t k = std::min({rank + oversample, n, h});
+  const int64_t k = sketch_width(rank, oversample, n, h);
   const uint64_t useed = static_cast<uint64_t>(seed);
   const at::ScalarType gram = x2.scalar_type() == at::kFloat ? at::kDouble : at::kFloat;
   at::Tensor omega = tall_zeros(h, k);
@@ -647,18 +680,23 @@ Factors lowrank_core(const at::Tensor& x2, int64_t rank, int64_t oversample, int
     }
     const at::Tensor q = orth_sketch(y, gram, x2, op, name);
     const at::Tensor psi_q = at::mm(psi_t.t(), q);  // l x k
-    const at::Tensor b = std::get<0>(at::linalg_lstsq(psi_q.to(gram), w_t.t().to(gram)));
-    auto [ub, s, vb] = small_svd(b.t().to(at::kFloat), rank, gram);
+    // Q is fp32, so singular values of Psi Q below k fp32 ulps of the largest
+    // are rounding noise (an exactly rank-deficient X leaves ~0 columns in Q):
+    // lstsq treats them as zero and returns the minimum-norm B, instead of
+    // amplifying the noise by the default fp64 cutoff.
+    const double rcond = static_cast<double>(k) * std::numeric_limits<float>::epsilon();
+    const at::Tensor b = std::get<0>(at::linalg_lstsq(psi_q.to(gram), w_t.t().to(gram), rcond));
+    auto [ub, s, vb] = small_svd(b.t(), rank, gram);
     return {q, ub, s, vb};
   }
 
-  const at::Tensor xf = big_operand(x2.to(at::kFloat));  // no copy for contiguous fp32 input
-  at::Tensor q = orth_sketch(skinny_mm(xf, omega), gram, xf, op, name);  // Q = orth(X Omega)
+  const BigMatrix xm(x2.to(at::kFloat));  // no copy for fp32 input with contiguous rows or columns
+  at::Tensor q = orth_sketch(xm.times(omega), gram, x2, op, name);  // Q = orth(X Omega)
   for (int64_t it = 0; it < power_iters; ++it) {
-    const at::Tensor z = orth(skinny_tmm(xf, q), gram);  // Z = orth(X^T Q)
-    q = orth(skinny_mm(xf, z), gram);                      // Q = orth(X Z)
+    const at::Tensor z = orth(xm.t_times(q), gram);  // Z = orth(X^T Q)
+    q = orth(xm.times(z), gram);                       // Q = orth(X Z)
   }
-  auto [ub, s, vb] = small_svd(skinny_tmm(xf, q), rank, gram);  // B^T = X^T Q
+  auto [ub, s, vb] = small_svd(xm.t_times(q), rank, gram);  // B^T = X^T Q
   return {q, ub, s, vb};
 }
 
