@@ -2,8 +2,8 @@
 
 They raise ``ValueError`` naming the bad argument and the valid range, at the
 boundary where the value enters.  The compiled kernels repeat the same checks
-with ``TORCH_CHECK`` (``RuntimeError``) so that direct ``torch.ops.sft`` calls
-are safe too.  This module imports nothing but torch.
+with ``TORCH_CHECK_VALUE`` (also ``ValueError``) so that direct
+``torch.ops.sft`` calls are safe too; non-finite input is a ``RuntimeError``.  This module imports nothing but torch.
 """
 from __future__ import annotations
 

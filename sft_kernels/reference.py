@@ -41,9 +41,11 @@ Low-rank algorithm (Halko-Martinsson-Tropp range finder)
 ``Y = X Omega``, ``Q = orth(Y)``; each power iteration: ``Z = orth(X^T Q)``,
 ``Q = orth(X Z)``.  ``B = Q^T X`` (k x H), ``B = Ub S Vb^T``,
 ``P = Q Ub[:, :r] diag(S[:r])`` and ``Qout = Vb[:, :r]``.  ``orth`` is shifted
-CholeskyQR3: three Cholesky-QR passes, each with the diagonal shift
+CholeskyQR3: three Cholesky-QR passes; the first with the diagonal shift
 ``s = 11 (m k + k (k+1)) u ||Y||_F^2 + tiny`` (``u`` the unit roundoff of the
-compute dtype), Gram and Cholesky in fp64 for fp32 input and fp32 for
+Gram dtype) so that Cholesky cannot fail, the other two with the small floor
+``s = k u ||Q||_F^2 + tiny`` that keeps exactly rank-deficient columns finite
+without shrinking the near-orthonormal Q; Gram and Cholesky in fp64 for fp32 input and fp32 for
 fp16/bf16.  ``power_iters = -1`` selects the single-pass sketch (Tropp et al.
 2017): ``Y = X Omega`` and ``W = Psi X`` come from one read of ``X`` with a
 second sketch ``Psi`` (``l x N``, ``l = 2k + 1``, Philox stream 2, index
@@ -213,10 +215,11 @@ def _orth(y: torch.Tensor, gram_dtype: torch.dtype) -> torch.Tensor:
     tiny = torch.finfo(gram_dtype).tiny * 1e4
     eye = torch.eye(k, dtype=gram_dtype)
     q = y
-    for _ in range(3):
+    for p in range(3):
         yg = q.to(gram_dtype)
         g = yg.T @ yg
-        shift = 11.0 * (m * k + k * (k + 1)) * u * torch.trace(g) + tiny
+        rel = 11.0 * (m * k + k * (k + 1)) if p == 0 else float(k)
+        shift = rel * u * torch.trace(g) + tiny
         r = torch.linalg.cholesky(g + shift * eye, upper=True)
         q = torch.linalg.solve_triangular(r, yg, upper=True, left=False).to(y.dtype)
     return q

@@ -350,17 +350,22 @@ at::Tensor cholqr_pass(TallRef src, TallRef dst, int64_t m, int64_t k, const at:
   return g;
 }
 
-// Shift of shifted CholeskyQR for an m x k matrix with Gram g:
-// s = 11 (m k + k (k+1)) u tr(g) + tiny, u the unit roundoff of the Gram dtype.
+// Shift of pass `pass` of shifted CholeskyQR3 for an m x k matrix with Gram g,
+// u the unit roundoff of the Gram dtype (see reference._orth):
+//   pass 0:  s = 11 (m k + k (k+1)) u tr(g) + tiny   (Fukaya et al.: Cholesky cannot fail)
+//   pass 1+: s = k u tr(g) + tiny  (Q is near-orthonormal; a small floor keeps
+//            exactly rank-deficient columns from breaking Cholesky without
+//            shrinking Q, which the first-pass shift would do by 1/(1+s))
 template <typename T>
-double cholqr_shift(const at::Tensor& g, int64_t m) {
+double cholqr_shift(const at::Tensor& g, int64_t m, int pass) {
   const int64_t k = g.size(0);
   const T* gp = g.data_ptr<T>();
   T trace = 0;
   for (int64_t j = 0; j < k; ++j) trace += gp[j * g.stride(0) + j * g.stride(1)];
   const double u = static_cast<double>(std::numeric_limits<T>::epsilon()) / 2;
   const double tiny = static_cast<double>(std::numeric_limits<T>::min()) * 1e4;
-  return 11.0 * static_cast<double>(m * k + k * (k + 1)) * u * static_cast<double>(trace) + tiny;
+  const double rel = pass == 0 ? 11.0 * static_cast<double>(m * k + k * (k + 1)) : static_cast<double>(k);
+  return rel * u * static_cast<double>(trace) + tiny;
 }
 
 // Upper Cholesky factor of g + shift I (row-major contiguous). linalg_cholesky_ex
@@ -383,7 +388,7 @@ at::Tensor orth_fused(const at::Tensor& y, bool* finite) {
   // the passes then ping-pong between the two buffers, the last one writing Q.
   at::Tensor g = cholqr_pass<T>(in, buf0, m, k, at::Tensor(), /*want_gram=*/true);
   for (int pass = 0; pass < 3; ++pass) {
-    const double shift = cholqr_shift<T>(g, m);
+    const double shift = cholqr_shift<T>(g, m, pass);
     if (pass == 0 && finite != nullptr) *finite = std::isfinite(shift);
     const at::Tensor r = shifted_cholesky(g, shift);
     const TallRef src = pass % 2 == 0 ? buf0 : buf1;
@@ -410,7 +415,7 @@ at::Tensor orth(const at::Tensor& y_in, at::ScalarType gram, bool* finite = null
   for (int pass = 0; pass < 3; ++pass) {
     const at::Tensor yg = q.to(gram);
     const at::Tensor g = at::mm(yg.t(), yg);
-    const double shift = gram == at::kDouble ? cholqr_shift<double>(g, m) : cholqr_shift<float>(g, m);
+    const double shift = gram == at::kDouble ? cholqr_shift<double>(g, m, pass) : cholqr_shift<float>(g, m, pass);
     if (pass == 0 && finite != nullptr) *finite = std::isfinite(shift);
     const at::Tensor r = shifted_cholesky(g, shift);
     q = at::linalg_solve_triangular(r, yg, /*upper=*/true, /*left=*/false).to(at::kFloat);
