@@ -15,7 +15,7 @@ install:
 demo: install
 	$(PYTHON) -m sft_kernels.cli demo
 
-test: install cuda-check
+test: install cuda-check test-cpp
 	$(PYTHON) -m pytest python_tests -q $(PYTEST_ARGS)
 
 # C++ driver (ctest) under ASan/UBSan: builds csrc/ against libtorch with CMake
@@ -50,7 +50,8 @@ cuda-check:
 
 bench: install
 	$(PYTHON) bench/kernels.py
-	$(PYTHON) -m pytest bench -q --benchmark-only
+	$(PYTHON) bench/lowrank_settings.py
+	$(PYTHON) -m pytest bench -q --benchmark-only --benchmark-group-by=group
 
 clean:
 	rm -rf build sft_kernels/_C*.so *.egg-info

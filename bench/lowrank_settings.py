@@ -18,47 +18,16 @@ import argparse
 import statistics
 import time
 
+import sys
+from pathlib import Path
+
 import torch
 
 import sft_kernels  # noqa: F401  (registers torch.ops.sft.*)
 from sft_kernels import ops
 
-SPECTRA = {
-    "1/(1+i)": lambda i: 1.0 / (1.0 + i),
-    "exp(-i/10)": lambda i: torch.exp(-i / 10.0),
-    "1/sqrt(1+i)": lambda i: (1.0 + i) ** -0.5,
-}
-
-
-def decaying(n: int, h: int, spectrum: str, seed: int) -> torch.Tensor:
-    """An ``n x h`` fp32 matrix with random singular vectors and the given singular values."""
-    g = torch.Generator().manual_seed(seed)
-    k = min(n, h)
-    u, _ = torch.linalg.qr(torch.randn(n, k, generator=g))
-    v, _ = torch.linalg.qr(torch.randn(h, k, generator=g))
-    s = SPECTRA[spectrum](torch.arange(k, dtype=torch.float32))
-    return ((u * s) @ v.T).contiguous()
-
-
-def rowwise_int8(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row absmax int8 quantize, as a user would write it in PyTorch."""
-    scale = a.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30) / 127
-    return torch.round(a / scale).to(torch.int8), scale
-
-
-def baseline_encode(x: torch.Tensor, rank: int):
-    u, s, v = torch.svd_lowrank(x, q=rank, niter=2)
-    return rowwise_int8((u * s).T.contiguous()), rowwise_int8(v.T.contiguous())
-
-
-def baseline_decode(enc) -> torch.Tensor:
-    (pq, ps), (qq, qs) = enc
-    return (pq.float() * ps).T @ (qq.float() * qs)
-
-
-def rel_err(y: torch.Tensor, x: torch.Tensor) -> float:
-    return float((y - x).norm() / x.norm())
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import SPECTRA, baseline_lowrank_decode, baseline_lowrank_encode, decaying, rel_err  # noqa: E402
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,7 +53,7 @@ def main(argv=None) -> int:
         base = []
         for seed, x in enumerate(xs):
             torch.manual_seed(seed)
-            base.append(rel_err(baseline_decode(baseline_encode(x, rank)), x))
+            base.append(rel_err(baseline_lowrank_decode(baseline_lowrank_encode(x, rank)), x))
         err["baseline"][spec] = statistics.mean(base)
         for o, it in settings:
             e = []
@@ -95,7 +64,7 @@ def main(argv=None) -> int:
 
     # time (interleaved)
     x = decaying(n, h, "1/(1+i)", 0)
-    fns = {"baseline": lambda: baseline_encode(x, rank)}
+    fns = {"baseline": lambda: baseline_lowrank_encode(x, rank)}
     for o, it in settings:
         fns[(o, it)] = (lambda o, it: lambda: ops.lowrank_quantize(x, rank, o, it, 8, 64, False, 0))(o, it)
     times = {key: [] for key in fns}

@@ -11,7 +11,7 @@ import torch
 import sft_kernels  # noqa: F401
 from sft_kernels import ops
 
-from kernels import baseline_lowrank_int8, composite_quantize, decaying  # noqa: E402
+from common import baseline_lowrank_encode, composite_quantize, decaying  # noqa: E402
 
 pytestmark = pytest.mark.benchmark
 
@@ -48,4 +48,4 @@ def test_sft_lowrank_quantize(benchmark, x4k):
 
 @pytest.mark.benchmark(group="lowrank r=8 int8 4096x768 fp32")
 def test_svd_lowrank_composite(benchmark, x4k):
-    benchmark(baseline_lowrank_int8, x4k, 8, 2)
+    benchmark(baseline_lowrank_encode, x4k, 8, 2)

@@ -27,7 +27,6 @@ This module knows tensors and ops, not models or sockets.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Optional, Union
