@@ -1,7 +1,10 @@
-"""Model surgery for the edge-cloud split.  For now: loading the embedded pretrained model.
+"""Model surgery for the edge-cloud split: ``split_model``, per-family adapters, the embedded model.
 
 Must not import channel/, data/ or runtime/.
 """
+from .boundary_output import BoundaryOutput
 from .pretrained import boundary_activations, load_minilm, minilm_path
+from .surgery import CloudModel, EdgeModel, split_model
 
-__all__ = ["boundary_activations", "load_minilm", "minilm_path"]
+__all__ = ["BoundaryOutput", "CloudModel", "EdgeModel", "boundary_activations", "load_minilm", "minilm_path",
+           "split_model"]

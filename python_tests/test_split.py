@@ -1,0 +1,261 @@
+"""Tests of sft_kernels.split: split_model (layer and bottleneck), adapters, BoundaryOutput.
+
+Tolerances: fp32 eval; a layer split is bitwise the same computation (checked to 1e-5);
+full-rank bottlenecks go through a randomized SVD, so 1e-4.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+
+import sft_kernels
+from sft_kernels.split import BoundaryOutput, CloudModel, EdgeModel, split_model
+
+SENTENCES = ["a gripping, funny film", "dull.", "the plot never quite comes together, sadly", "superb acting"]
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from sft_kernels.split import load_minilm
+
+    return load_minilm()
+
+
+@pytest.fixture(scope="session")
+def minilm_batch(minilm):
+    tok, _ = minilm
+    return dict(tok(SENTENCES, padding=True, return_tensors="pt"))
+
+
+def _tiny(family: str, head: bool = True, layers: int = 3) -> torch.nn.Module:
+    kw = dict(vocab_size=100, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+              intermediate_size=64, max_position_embeddings=64)
+    cfg = {"bert": transformers.BertConfig, "roberta": transformers.RobertaConfig}[family](**kw, num_labels=3)
+    auto = transformers.AutoModelForSequenceClassification if head else transformers.AutoModel
+    return auto.from_config(cfg).eval()
+
+
+def _tiny_batch(lengths=(7, 4, 9)) -> dict:
+    g = torch.Generator().manual_seed(1)
+    t = max(lengths)
+    ids = torch.randint(3, 100, (len(lengths), t), generator=g)
+    mask = (torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]).long()
+    return {"input_ids": ids * mask + 1 * (1 - mask), "attention_mask": mask}
+
+
+def _real(x: torch.Tensor, batch: dict) -> torch.Tensor:
+    return x[batch["attention_mask"].bool()]
+
+
+# ----------------------------------------------------------------------------- layer split
+
+
+@torch.no_grad()
+def test_layer_split_minilm_matches_unsplit(minilm, minilm_batch):
+    _, model = minilm
+    ref = model(**minilm_batch)
+    for k in (1, 3, 5):
+        edge, cloud = split_model(copy.deepcopy(model), at=k)
+        b = edge(**minilm_batch)
+        out = cloud(b)
+        n_real = int(minilm_batch["attention_mask"].sum())
+        assert b.hidden.shape == (n_real, 384) and b.lengths.dtype == torch.int32
+        torch.testing.assert_close(_real(out.last_hidden_state, minilm_batch),
+                                   _real(ref.last_hidden_state, minilm_batch), atol=1e-5, rtol=0)
+        torch.testing.assert_close(out.pooler_output, ref.pooler_output, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+@torch.no_grad()
+def test_layer_split_tiny_classifier_matches_unsplit_at_every_k(family):
+    model = _tiny(family)
+    batch = _tiny_batch()
+    labels = torch.tensor([0, 2, 1])
+    ref = model(**batch, labels=labels)
+    for k in range(1, model.config.num_hidden_layers):
+        edge, cloud = split_model(copy.deepcopy(model), at=k)
+        out = cloud(edge(**batch), labels=labels)
+        assert type(out) is type(ref)
+        torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_boundary_output_round_trips_through_tensors():
+    model = _tiny("bert")
+    batch = _tiny_batch()
+    edge, cloud = split_model(model, at=2)
+    b = edge(**batch)
+    d = b.to_tensors()
+    assert set(d) == {"hidden", "lengths", "seq_len"}
+    assert d["lengths"].tolist() == [7, 4, 9] and d["seq_len"].tolist() == [9]
+    assert b.aux_nbytes == 4 * 3 + 4
+    b2 = BoundaryOutput.from_tensors({k: v.clone() for k, v in d.items()})
+    torch.testing.assert_close(cloud(b2).logits, cloud(b).logits, atol=0, rtol=0)
+    with pytest.raises(KeyError, match="missing keys \\['lengths'\\]"):
+        BoundaryOutput.from_tensors({"hidden": d["hidden"], "seq_len": d["seq_len"]})
+
+
+def test_split_trains_both_parts():
+    model = _tiny("bert").train()
+    edge, cloud = split_model(model, at=1)
+    out = cloud(edge(**_tiny_batch()), labels=torch.tensor([0, 2, 1]))
+    out.loss.backward()
+    assert model.bert.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+    assert model.classifier.weight.grad.abs().sum() > 0
+    edge_ids = {id(p) for p in edge.parameters()}
+    assert edge_ids.isdisjoint(id(p) for p in cloud.parameters())
+    n_all = sum(p.numel() for p in model.parameters())
+    assert sum(p.numel() for p in edge.parameters()) + sum(p.numel() for p in cloud.parameters()) == n_all
+
+
+# ----------------------------------------------------------------------------- bottleneck split
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+@torch.no_grad()
+def test_bottleneck_full_rank_with_links_matches_unsplit(family):
+    model = _tiny(family)
+    batch = _tiny_batch()
+    ref = model(**batch)
+    for k in range(1, model.config.num_hidden_layers):
+        edge, cloud = split_model(copy.deepcopy(model), at=k, mode="bottleneck", rank=32, eliminate_links=False)
+        b = edge(**batch)
+        assert b.hidden.shape == (20, 32) and b.residual.shape == (20, 32)
+        torch.testing.assert_close(cloud(b).logits, ref.logits, atol=1e-4, rtol=0)
+
+
+def _without_ffn_residual(model: torch.nn.Module, k: int, weight: torch.Tensor | None = None) -> torch.nn.Module:
+    """A copy of ``model`` whose layer-k FFN has no residual ("+ h" zeroed), optionally with W1 replaced."""
+    ref = copy.deepcopy(model)
+    layer = ref.base_model.encoder.layer[k]
+    if weight is not None:
+        layer.intermediate.dense.weight.data.copy_(weight)
+    layer.output.register_forward_pre_hook(lambda mod, args: (args[0], torch.zeros_like(args[1])))
+    return ref
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+@torch.no_grad()
+def test_bottleneck_eliminated_links_equals_recomputation_tiny(family):
+    model = _tiny(family)
+    batch = _tiny_batch()
+    edge, cloud = split_model(copy.deepcopy(model), at=1, mode="bottleneck", rank=32)
+    b = edge(**batch)
+    assert b.residual is None and b.to_tensors().keys() == {"hidden", "lengths", "seq_len"}
+    want = _without_ffn_residual(model, 1)(**batch).logits
+    torch.testing.assert_close(cloud(b).logits, want, atol=1e-4, rtol=0)
+    assert (cloud(b).logits - model(**batch).logits).abs().max() > 1e-3  # the link really is gone
+
+
+@torch.no_grad()
+def test_bottleneck_rank4_minilm_equals_recomputation_and_is_96x_smaller(minilm, minilm_batch):
+    _, model = minilm
+    edge, cloud = split_model(copy.deepcopy(model), at=3, mode="bottleneck", rank=4)
+    b = edge(**minilm_batch)
+    w1 = cloud.factor.weight @ edge.factor.weight  # U_r Σ_r V_rᵀ
+    ref = _without_ffn_residual(model, 3, w1)(**minilm_batch)
+    out = cloud(b)
+    torch.testing.assert_close(out.pooler_output, ref.pooler_output, atol=1e-5, rtol=0)
+    torch.testing.assert_close(_real(out.last_hidden_state, minilm_batch),
+                               _real(ref.last_hidden_state, minilm_batch), atol=1e-4, rtol=0)
+    layer_b = split_model(copy.deepcopy(model), at=3)[0](**minilm_batch)
+    per_token = lambda t: t.shape[1] * t.element_size()  # noqa: E731
+    assert b.hidden.dtype == layer_b.hidden.dtype == torch.float32
+    assert b.hidden.shape[0] == layer_b.hidden.shape[0]
+    assert per_token(layer_b.hidden) == 96 * per_token(b.hidden)
+
+
+def test_bottleneck_factors_match_full_svd_and_are_trainable(minilm):
+    _, model = minilm
+    w = model.encoder.layer[2].intermediate.dense.weight.detach()
+    edge, cloud = split_model(copy.deepcopy(model), at=2, mode="bottleneck", rank=8, seed=3)
+    # edge weight = Σ_r V_rᵀ with orthonormal V_r: its row norms are the singular values
+    s = edge.factor.weight.detach().norm(dim=1)
+    s_full = torch.linalg.svdvals(w)[:8]
+    assert ((s - s_full).abs() / s_full).max() < 1e-3
+    u = cloud.factor.weight.detach()
+    torch.testing.assert_close(u.t() @ u, torch.eye(8), atol=1e-4, rtol=0)
+    torch.testing.assert_close(cloud.factor.bias, model.encoder.layer[2].intermediate.dense.bias, atol=0, rtol=0)
+    assert all(p.requires_grad for p in (edge.factor.weight, cloud.factor.weight, cloud.factor.bias))
+    assert any(p is edge.factor.weight for p in edge.parameters())
+    assert any(p is cloud.factor.weight for p in cloud.parameters())
+    edge2, cloud2 = split_model(copy.deepcopy(model), at=2, mode="bottleneck", rank=8, seed=3)
+    assert torch.equal(edge2.factor.weight, edge.factor.weight) and torch.equal(cloud2.factor.weight, u)
+    # W1 is replaced by the factors: it belongs to neither part
+    w1 = model.encoder.layer[2].intermediate.dense.weight
+    assert all(p.data_ptr() != w1.data_ptr() for p in [*edge.parameters(), *cloud.parameters()])
+
+
+def test_bottleneck_gradients_reach_both_factors():
+    model = _tiny("bert").train()
+    edge, cloud = split_model(model, at=1, mode="bottleneck", rank=4)
+    cloud(edge(**_tiny_batch()), labels=torch.tensor([0, 2, 1])).loss.backward()
+    assert edge.factor.weight.grad.abs().sum() > 0 and cloud.factor.weight.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_split_arguments():
+    model = _tiny("bert")
+    with pytest.raises(ValueError, match=r"at must be an int in \[1, 2\]"):
+        split_model(copy.deepcopy(model), at=0)
+    with pytest.raises(ValueError, match=r"at must be an int in \[1, 2\]"):
+        split_model(copy.deepcopy(model), at=3)
+    for rank in (0, -1, 33):
+        with pytest.raises(ValueError, match=r"rank must be an int in \[1, 32\]"):
+            split_model(copy.deepcopy(model), at=1, mode="bottleneck", rank=rank)
+    with pytest.raises(ValueError, match="rank applies to mode='bottleneck' only"):
+        split_model(copy.deepcopy(model), at=1, rank=4)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        split_model(copy.deepcopy(model), at=1, mode="bogus")
+
+
+def test_unsupported_architecture_lists_supported_and_the_interface():
+    cfg = transformers.ElectraConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, embedding_size=32)
+    with pytest.raises(TypeError, match=r"cannot split a ElectraModel.*BertModel.*adapters\.base\.Adapter"):
+        split_model(transformers.ElectraModel(cfg), at=1)
+
+
+def test_already_split_model_is_refused():
+    model = _tiny("bert")
+    edge, cloud = split_model(model, at=1)
+    for m in (model, edge, cloud):
+        with pytest.raises(ValueError, match="already split"):
+            split_model(m, at=1)
+
+
+@torch.no_grad()
+def test_cloud_rejects_wrong_boundary():
+    edge, cloud = split_model(_tiny("bert"), at=1)
+    b = edge(**_tiny_batch())
+    with pytest.raises(ValueError, match=r"expected shape \(20, 32\) torch.float32.*arrived \(20, 16\)"):
+        cloud(BoundaryOutput(b.hidden[:, :16], b.lengths, b.seq_len))
+    with pytest.raises(ValueError, match=r"expected shape \(20, 32\) torch.float32.*arrived \(20, 32\) torch.float16"):
+        cloud(BoundaryOutput(b.hidden.half(), b.lengths, b.seq_len))
+    with pytest.raises(ValueError, match=r"expected shape \(19, 32\).*arrived \(20, 32\)"):
+        cloud(BoundaryOutput(b.hidden, b.lengths - torch.tensor([1, 0, 0], dtype=torch.int32), b.seq_len))
+    with pytest.raises(ValueError, match="residual: expected none"):
+        cloud(BoundaryOutput(b.hidden, b.lengths, b.seq_len, residual=b.hidden))
+    with pytest.raises(ValueError, match="labels given"):
+        split_model(_tiny("bert", head=False), at=1)[1](b, labels=torch.tensor([0, 1, 2]))
+
+
+def test_edge_rejects_left_padding_and_unknown_inputs():
+    edge, _ = split_model(_tiny("bert"), at=1)
+    batch = _tiny_batch()
+    with pytest.raises(ValueError, match="right-padded"):
+        edge(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].flip(1))
+    with pytest.raises(TypeError, match="unexpected inputs \\['labels'\\]"):
+        edge(**batch, labels=torch.tensor([0, 1, 2]))
+
+
+def test_package_exports_split_model():
+    assert sft_kernels.split_model is split_model
+    assert sft_kernels.BoundaryOutput is BoundaryOutput
+    assert issubclass(EdgeModel, torch.nn.Module) and issubclass(CloudModel, torch.nn.Module)

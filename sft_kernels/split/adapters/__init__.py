@@ -1,0 +1,38 @@
+"""Registry of split adapters, one per model family (see :mod:`.base` for the interface).
+
+Knows the adapter classes only; no codecs, channels or training.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .base import Adapter
+from .bert import BertAdapter
+
+__all__ = ["Adapter", "ADAPTERS", "adapter_for", "base_model_of"]
+
+#: One instance per supported family; a new family is one new file plus one entry here.
+ADAPTERS: list[Adapter] = [BertAdapter()]
+
+
+def base_model_of(model: nn.Module) -> tuple[nn.Module, str]:
+    """``(base model, attribute name)`` of a task model; ``(model, "")`` for a base model."""
+    prefix = getattr(model, "base_model_prefix", "")
+    inner = getattr(model, prefix, None) if prefix else None
+    if isinstance(inner, nn.Module) and inner is not model:
+        return inner, prefix
+    return model, ""
+
+
+def adapter_for(base: nn.Module) -> Adapter:
+    """The adapter whose ``base_classes`` lists ``type(base).__name__``; ``TypeError`` listing the supported ones."""
+    cls = type(base).__name__
+    for adapter in ADAPTERS:
+        if cls in adapter.base_classes:
+            return adapter
+    supported = sorted(c for a in ADAPTERS for c in a.base_classes)
+    raise TypeError(
+        f"cannot split a {cls}: supported base models are {supported} (and their task models). "
+        "To add a family, implement sft_kernels.split.adapters.base.Adapter in a new file of "
+        "sft_kernels/split/adapters/ and register it in ADAPTERS there."
+    )

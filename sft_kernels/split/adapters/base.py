@@ -1,0 +1,89 @@
+"""The interface one model family implements to be split: :class:`Adapter`.
+
+An adapter wraps the transformers modules of one family (it never re-implements
+them): it says where the embeddings, the layer stack and the final modules live,
+how to rebuild what the base model's ``forward`` builds before the layers (the
+attention mask, rotary position embeddings) from a right-padded 0/1 mask, and,
+for the bottleneck split, how layer K's FFN is cut around its up-projection.
+
+To add a family: subclass :class:`Adapter` in a new file of this package and add
+an instance to ``ADAPTERS`` in ``adapters/__init__.py``.
+
+This module knows transformers modules, not codecs, channels or training loops.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+__all__ = ["Adapter", "LayerKwargs"]
+
+#: Keyword arguments every layer of a stack is called with (masks, rotary embeddings...).
+LayerKwargs = dict[str, Any]
+
+
+class Adapter:
+    """One model family.  Subclasses set ``name`` and ``base_classes`` and implement the methods.
+
+    ``mods`` below is an ``nn.ModuleDict`` holding what :meth:`edge_modules` (on the edge)
+    or :meth:`cloud_modules` (on the cloud) returned.
+    """
+
+    #: Family name used in error messages, e.g. ``"bert"``.
+    name: str = ""
+    #: Class names of the base models (``BertModel``, ...) this adapter handles.
+    base_classes: tuple[str, ...] = ()
+    #: ``forward`` keyword arguments of the base model that the edge accepts besides input_ids/attention_mask.
+    extra_inputs: tuple[str, ...] = ()
+
+    # ---------------------------------------------------------------- structure
+    def layers(self, base: nn.Module) -> nn.ModuleList:
+        """The stack of transformer layers of ``base``."""
+        raise NotImplementedError
+
+    def edge_modules(self, base: nn.Module) -> dict[str, nn.Module]:
+        """Modules the edge needs besides the layers (the embeddings)."""
+        raise NotImplementedError
+
+    def cloud_modules(self, base: nn.Module) -> dict[str, nn.Module]:
+        """Modules the cloud needs besides the layers and the task head (pooler, final norm, rotary)."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- forward pieces
+    def embed(self, mods: nn.ModuleDict, input_ids: torch.Tensor, **inputs: Optional[torch.Tensor]) -> torch.Tensor:
+        """``(batch, seq, d)`` embeddings of ``input_ids`` (``inputs``: the ``extra_inputs`` given)."""
+        raise NotImplementedError
+
+    def layer_kwargs(self, mods: nn.ModuleDict, config: Any, hidden: torch.Tensor,
+                     attention_mask: torch.Tensor) -> LayerKwargs:
+        """What the base model's forward builds for its layers, from a 0/1 ``(batch, seq)`` mask."""
+        raise NotImplementedError
+
+    def run_layer(self, layer: nn.Module, hidden: torch.Tensor, kwargs: LayerKwargs) -> torch.Tensor:
+        """One layer: ``(batch, seq, d) -> (batch, seq, d)``."""
+        raise NotImplementedError
+
+    def finish(self, mods: nn.ModuleDict, hidden: torch.Tensor) -> Any:
+        """The base model's output (a transformers ``ModelOutput``) from the last layer's hidden states."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- bottleneck
+    def split_layer(self, layer: nn.Module) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+        """Cut layer K: ``(edge modules, cloud modules)``; the factorised up-projection goes to neither."""
+        raise NotImplementedError
+
+    def factorised_weight(self, layer: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The ``(rows, d)`` up-projection weight that the bottleneck factorises, and its bias (or None)."""
+        raise NotImplementedError
+
+    def ffn_input(self, edge_part: nn.ModuleDict, hidden: torch.Tensor,
+                  kwargs: LayerKwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer K up to its up-projection: ``(ffn input, residual stream)``, both ``(batch, seq, d)``."""
+        raise NotImplementedError
+
+    def ffn_output(self, cloud_part: nn.ModuleDict, pre: torch.Tensor,
+                   residual: Optional[torch.Tensor]) -> torch.Tensor:
+        """Layer K's output from ``pre = U_r z (+ b1)`` (tokens, rows); ``residual`` None drops the link."""
+        raise NotImplementedError

@@ -1,0 +1,251 @@
+"""``split_model``: cut a transformers model into an edge part and a cloud part.
+
+* ``mode="layer"``: the edge holds the embeddings and layers ``[0, at)``; it sends the
+  hidden states of the real tokens.
+* ``mode="bottleneck"``: the edge also holds layer ``at``'s attention and the edge factor
+  ``Σ_r V_rᵀ`` of that layer's factorised FFN up-projection; it sends ``z`` (``rank``
+  values per token).  The cloud holds ``U_r`` (+ the bias), the rest of that FFN and the
+  layers after it.  With ``eliminate_links=True`` the residual around that FFN is dropped;
+  with ``False`` the residual stream crosses too (``BoundaryOutput.residual``).
+
+Both parts share parameters with ``model`` (like an in-place surgery: training the parts
+trains those weights); ``model`` itself is left runnable but is marked as split, and a
+second split of it is refused.  Padding: batches must be right-padded (the tokenizers'
+default for encoders); only real tokens cross and the cloud restores the padded layout,
+whose padding rows are zeros from the boundary on (their outputs are not the unsplit
+model's; real tokens' are).
+
+This module knows transformers models, adapters and ``ops.randomized_svd``; it must not
+know channels, data loading or the runtime.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .. import ops
+from .adapters import Adapter, adapter_for, base_model_of
+from .boundary_output import BoundaryOutput
+
+__all__ = ["split_model", "EdgeModel", "CloudModel", "MODES", "DEFAULT_POWER_ITERS"]
+
+MODES = ("layer", "bottleneck")
+#: Power iterations of the randomized SVD that initialises the bottleneck factors.
+DEFAULT_POWER_ITERS = 16
+_OVERSAMPLE = 16
+_SPLIT_MARK = "_sft_split"
+
+
+class _BaseOutputStub(nn.Module):
+    """Stands in for the base model inside the cloud's task head: returns the output the cloud computed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.output: Any = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.output is None:
+            raise RuntimeError("the split cloud's task head was called outside CloudModel.forward")
+        return self.output
+
+
+def _lengths_of(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-sequence lengths of a right-padded 0/1 mask; ``ValueError`` for any other layout."""
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be (batch, seq), got shape {tuple(attention_mask.shape)}")
+    lengths = attention_mask.long().sum(1)
+    want = torch.arange(attention_mask.shape[1], device=attention_mask.device)[None, :] < lengths[:, None]
+    if not torch.equal(attention_mask.bool(), want):
+        raise ValueError("attention_mask must be right-padded (1s then 0s in every row): left padding and holes "
+                         "are not supported; tokenize with padding_side='right'")
+    return lengths
+
+
+def _mask_of(lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
+    return (torch.arange(seq_len, device=lengths.device)[None, :] < lengths.long()[:, None]).long()
+
+
+def _pad(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Scatter ``(tokens, w)`` rows back into a zero ``(batch, seq, w)`` tensor at ``mask``."""
+    out = flat.new_zeros(*mask.shape, flat.shape[-1])
+    out[mask.bool()] = flat
+    return out
+
+
+class EdgeModel(nn.Module):
+    """The edge part: ``edge(input_ids, attention_mask, ...) -> BoundaryOutput``."""
+
+    def __init__(self, adapter: Adapter, config: Any, mods: dict[str, nn.Module], layers: list[nn.Module],
+                 bottleneck: Optional[tuple[dict[str, nn.Module], nn.Linear]], eliminate_links: bool) -> None:
+        super().__init__()
+        self.adapter, self.config, self.eliminate_links = adapter, config, eliminate_links
+        self.mods = nn.ModuleDict(mods)
+        self.layers = nn.ModuleList(layers)
+        self.attn = nn.ModuleDict(bottleneck[0]) if bottleneck else None
+        self.factor = bottleneck[1] if bottleneck else None
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                **inputs: Optional[torch.Tensor]) -> BoundaryOutput:
+        """Run the edge on a right-padded batch; ``inputs``: the family's extra inputs (e.g. token_type_ids)."""
+        bad = [k for k in inputs if k not in self.adapter.extra_inputs]
+        if bad:
+            raise TypeError(f"edge got unexpected inputs {bad}; accepted: input_ids, attention_mask, "
+                            f"{', '.join(self.adapter.extra_inputs)}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        lengths = _lengths_of(attention_mask)
+        given = {k: v for k, v in inputs.items() if v is not None}
+        hidden = self.adapter.embed(self.mods, input_ids, **given)
+        kw = self.adapter.layer_kwargs(self.mods, self.config, hidden, attention_mask)
+        for layer in self.layers:
+            hidden = self.adapter.run_layer(layer, hidden, kw)
+        keep = attention_mask.bool()
+        residual = None
+        if self.factor is not None:
+            x, res = self.adapter.ffn_input(self.attn, hidden, kw)
+            send = self.factor(x[keep])
+            if not self.eliminate_links:
+                residual = res[keep]
+        else:
+            send = hidden[keep]
+        return BoundaryOutput(send, lengths.to(torch.int32), int(attention_mask.shape[1]), residual)
+
+
+class CloudModel(nn.Module):
+    """The cloud part: ``cloud(boundary, labels=None)`` returns the model's usual output."""
+
+    def __init__(self, adapter: Adapter, config: Any, mods: dict[str, nn.Module], layers: list[nn.Module],
+                 bottleneck: Optional[tuple[dict[str, nn.Module], nn.Linear]], eliminate_links: bool,
+                 head: Optional[nn.Module], stub: Optional[_BaseOutputStub]) -> None:
+        super().__init__()
+        self.adapter, self.config, self.eliminate_links = adapter, config, eliminate_links
+        self.mods = nn.ModuleDict(mods)
+        self.layers = nn.ModuleList(layers)
+        self.ffn = nn.ModuleDict(bottleneck[0]) if bottleneck else None
+        self.factor = bottleneck[1] if bottleneck else None
+        self.head = head
+        self._stub = stub
+
+    @property
+    def width(self) -> int:
+        """Values per token of ``BoundaryOutput.hidden``."""
+        return self.factor.in_features if self.factor is not None else self.config.hidden_size
+
+    def _check(self, b: BoundaryOutput) -> None:
+        dtype = next(self.parameters()).dtype
+        if not isinstance(b, BoundaryOutput):
+            raise TypeError(f"cloud expects a BoundaryOutput, got {type(b).__name__}")
+        if b.lengths.dim() != 1 or b.lengths.dtype.is_floating_point:
+            raise ValueError(f"boundary lengths: expected a 1-D integer tensor, arrived {b.lengths.dtype} "
+                             f"shape {tuple(b.lengths.shape)}")
+        n = int(b.lengths.sum())
+        checks = [("hidden", b.hidden, self.width)]
+        want_res = self.factor is not None and not self.eliminate_links
+        if want_res:
+            if b.residual is None:
+                raise ValueError("boundary residual: expected the residual stream (eliminate_links=False), arrived None")
+            checks.append(("residual", b.residual, self.config.hidden_size))
+        elif b.residual is not None:
+            raise ValueError("boundary residual: expected none (links eliminated or layer split), arrived a tensor")
+        for name, t, w in checks:
+            if tuple(t.shape) != (n, w) or t.dtype != dtype:
+                raise ValueError(f"boundary {name}: expected shape ({n}, {w}) {dtype} (sum(lengths)={n} tokens "
+                                 f"x {w}), arrived {tuple(t.shape)} {t.dtype}")
+        if b.lengths.numel() and int(b.lengths.max()) > b.seq_len:
+            raise ValueError(f"boundary lengths: expected <= seq_len={b.seq_len}, arrived max {int(b.lengths.max())}")
+
+    def forward(self, boundary: BoundaryOutput, labels: Optional[torch.Tensor] = None) -> Any:
+        """Finish the forward from ``boundary``; the loss is computed when ``labels`` is given."""
+        self._check(boundary)
+        if labels is not None and self.head is None:
+            raise ValueError("labels given, but the split model is a base model without a task head")
+        mask = _mask_of(boundary.lengths, boundary.seq_len)
+        flat = boundary.hidden
+        if self.factor is not None:
+            flat = self.adapter.ffn_output(self.ffn, self.factor(flat), boundary.residual)
+        hidden = _pad(flat, mask)
+        kw = self.adapter.layer_kwargs(self.mods, self.config, hidden, mask)
+        for layer in self.layers:
+            hidden = self.adapter.run_layer(layer, hidden, kw)
+        out = self.adapter.finish(self.mods, hidden)
+        if self.head is None:
+            return out
+        self._stub.output = out
+        try:
+            return self.head(labels=labels, return_dict=True)
+        finally:
+            self._stub.output = None
+
+
+def _factors(weight: torch.Tensor, bias: Optional[torch.Tensor], rank: int, seed: int,
+             power_iters: int) -> tuple[nn.Linear, nn.Linear]:
+    """``(edge Linear d->rank with Σ_r V_rᵀ, cloud Linear rank->rows with U_r and the bias)``."""
+    rows, d = weight.shape
+    w = weight.detach().float()
+    u, s, v = ops.randomized_svd(w, rank, _OVERSAMPLE, power_iters, seed)
+    edge = nn.Linear(d, rank, bias=False, device=weight.device, dtype=weight.dtype)
+    cloud = nn.Linear(rank, rows, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        edge.weight.copy_(s[:, None] * v.t())
+        cloud.weight.copy_(u)
+        if bias is not None:
+            cloud.bias.copy_(bias.detach())
+    return edge, cloud
+
+
+def split_model(model: nn.Module, at: int, mode: str = "layer", rank: Optional[int] = None,
+                eliminate_links: bool = True, seed: int = 0,
+                power_iters: int = DEFAULT_POWER_ITERS) -> tuple[EdgeModel, CloudModel]:
+    """Split ``model`` (a base model or a ``*ForSequenceClassification``) at layer ``at``.
+
+    Args:
+        model: a transformers model of a supported family (see ``adapters.ADAPTERS``).
+        at: K; ``1 <= at < num_layers``.
+        mode: ``"layer"`` or ``"bottleneck"``.
+        rank: bottleneck rank, ``1 <= rank <= min(d, rows of the factorised matrix)``; bottleneck only.
+        eliminate_links: drop the residual around the bottleneck FFN (else it crosses too).
+        seed: seeds the randomized SVD, so a split is deterministic.
+        power_iters: power iterations of that SVD.
+
+    Returns ``(edge, cloud)``: ``cloud(edge(**batch), labels)`` is the model's forward.
+    """
+    if isinstance(model, (EdgeModel, CloudModel)) or getattr(model, _SPLIT_MARK, False):
+        raise ValueError("model is already split: split_model shares its weights with the parts; "
+                         "split a fresh copy (copy.deepcopy of the original) instead")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    base, prefix = base_model_of(model)
+    adapter = adapter_for(base)
+    layers = list(adapter.layers(base))
+    n = len(layers)
+    if isinstance(at, bool) or not isinstance(at, int) or not 1 <= at < n:
+        raise ValueError(f"at must be an int in [1, {n - 1}] (1 <= at < num_layers={n}), got {at!r}")
+    bottleneck_edge = bottleneck_cloud = None
+    if mode == "bottleneck":
+        weight, bias = adapter.factorised_weight(layers[at])
+        limit = min(weight.shape)
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= limit:
+            raise ValueError(f"rank must be an int in [1, {limit}] (min(d, rows) of the {tuple(weight.shape)} "
+                             f"factorised weight), got {rank!r}")
+        e_mods, c_mods = adapter.split_layer(layers[at])
+        e_fac, c_fac = _factors(weight, bias, rank, seed, power_iters)
+        bottleneck_edge, bottleneck_cloud = (e_mods, e_fac), (c_mods, c_fac)
+        cloud_layers = layers[at + 1:]
+    else:
+        if rank is not None:
+            raise ValueError(f"rank applies to mode='bottleneck' only, got rank={rank!r} with mode='layer'")
+        cloud_layers = layers[at:]
+    head = stub = None
+    if prefix:
+        stub = _BaseOutputStub()
+        head = copy.copy(model)
+        head._modules = dict(model._modules)
+        head._modules[prefix] = stub
+    edge = EdgeModel(adapter, base.config, adapter.edge_modules(base), layers[:at], bottleneck_edge, eliminate_links)
+    cloud = CloudModel(adapter, base.config, adapter.cloud_modules(base), cloud_layers, bottleneck_cloud,
+                       eliminate_links, head, stub)
+    setattr(model, _SPLIT_MARK, True)
+    return edge, cloud
