@@ -30,10 +30,33 @@ def minilm_batch(minilm):
     return dict(tok(SENTENCES, padding=True, return_tensors="pt"))
 
 
-def _tiny(family: str, head: bool = True, layers: int = 3) -> torch.nn.Module:
+DECODERS = ["gpt2", "llama", "qwen2", "mistral"]
+
+
+def _config(family: str, layers: int = 3) -> transformers.PretrainedConfig:
+    """Tiny random-init config: hidden 32, 4 heads, vocab 100; decoders pad with id 0."""
     kw = dict(vocab_size=100, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
-              intermediate_size=64, max_position_embeddings=64)
-    cfg = {"bert": transformers.BertConfig, "roberta": transformers.RobertaConfig}[family](**kw, num_labels=3)
+              intermediate_size=64, max_position_embeddings=64, num_labels=3)
+    dec = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "bert":
+        return transformers.BertConfig(**kw)
+    if family == "roberta":
+        return transformers.RobertaConfig(**kw)
+    if family == "gpt2":
+        return transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=layers, n_head=4, n_positions=64,
+                                       num_labels=3, **dec)
+    if family == "llama":
+        return transformers.LlamaConfig(**kw, num_key_value_heads=2, **dec)
+    if family == "qwen2":  # layers 1.. use sliding-window attention (window 4 < sequence 9)
+        return transformers.Qwen2Config(**kw, num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
+                                        max_window_layers=1, **dec)
+    if family == "mistral":
+        return transformers.MistralConfig(**kw, num_key_value_heads=2, sliding_window=4, **dec)
+    raise AssertionError(family)
+
+
+def _tiny(family: str, head: bool = True, layers: int = 3) -> torch.nn.Module:
+    cfg = _config(family, layers)
     auto = transformers.AutoModelForSequenceClassification if head else transformers.AutoModel
     return auto.from_config(cfg).eval()
 
@@ -43,7 +66,7 @@ def _tiny_batch(lengths=(7, 4, 9)) -> dict:
     t = max(lengths)
     ids = torch.randint(3, 100, (len(lengths), t), generator=g)
     mask = (torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]).long()
-    return {"input_ids": ids * mask + 1 * (1 - mask), "attention_mask": mask}
+    return {"input_ids": ids * mask, "attention_mask": mask}  # padded with id 0 (the decoders' pad_token_id)
 
 
 def _real(x: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -68,7 +91,7 @@ def test_layer_split_minilm_matches_unsplit(minilm, minilm_batch):
         torch.testing.assert_close(out.pooler_output, ref.pooler_output, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta"])
+@pytest.mark.parametrize("family", ["bert", "roberta", *DECODERS])
 @torch.no_grad()
 def test_layer_split_tiny_classifier_matches_unsplit_at_every_k(family):
     model = _tiny(family)
@@ -115,7 +138,7 @@ def test_split_trains_both_parts():
 # ----------------------------------------------------------------------------- bottleneck split
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta"])
+@pytest.mark.parametrize("family", ["bert", "roberta", *DECODERS])
 @torch.no_grad()
 def test_bottleneck_full_rank_with_links_matches_unsplit(family):
     model = _tiny(family)
@@ -125,6 +148,7 @@ def test_bottleneck_full_rank_with_links_matches_unsplit(family):
         edge, cloud = split_model(copy.deepcopy(model), at=k, mode="bottleneck", rank=32, eliminate_links=False)
         b = edge(**batch)
         assert b.hidden.shape == (20, 32) and b.residual.shape == (20, 32)
+        assert set(b.to_tensors()) >= {"hidden", "residual", "lengths", "seq_len"}
         torch.testing.assert_close(cloud(b).logits, ref.logits, atol=1e-4, rtol=0)
 
 
@@ -197,6 +221,68 @@ def test_bottleneck_gradients_reach_both_factors():
     assert edge.factor.weight.grad.abs().sum() > 0 and cloud.factor.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("family", DECODERS)
+@torch.no_grad()
+def test_decoder_base_model_layer_split_matches_on_real_tokens(family):
+    model = _tiny(family, head=False)
+    batch = _tiny_batch()
+    ref = model(**batch).last_hidden_state
+    edge, cloud = split_model(copy.deepcopy(model), at=2)
+    out = cloud(edge(**batch)).last_hidden_state
+    torch.testing.assert_close(_real(out, batch), _real(ref, batch), atol=1e-5, rtol=0)
+
+
+def _mlp_without_residual(model: torch.nn.Module, family: str, k: int, w: torch.Tensor) -> torch.nn.Module:
+    """A copy of decoder ``model`` whose layer-k MLP up-projection is ``w`` and whose "+ x" around it is gone.
+
+    Uses only the transformers modules: the layer's output is replaced by its MLP's output via hooks.
+    """
+    ref = copy.deepcopy(model)
+    base = ref.base_model
+    layer = base.h[k] if family == "gpt2" else base.layers[k]
+    with torch.no_grad():
+        if family == "gpt2":
+            layer.mlp.c_fc.weight.copy_(w.t())
+        else:
+            gate, up = w.chunk(2)
+            layer.mlp.gate_proj.weight.copy_(gate)
+            layer.mlp.up_proj.weight.copy_(up)
+    seen = {}
+    layer.mlp.register_forward_hook(lambda mod, args, out: seen.__setitem__("mlp", out))
+    layer.register_forward_hook(lambda mod, args, out: seen.pop("mlp"))
+    return ref
+
+
+@pytest.mark.parametrize("family", DECODERS)
+@torch.no_grad()
+def test_decoder_bottleneck_eliminated_links_equals_recomputation(family):
+    model = _tiny(family)
+    batch = _tiny_batch()
+    edge, cloud = split_model(copy.deepcopy(model), at=1, mode="bottleneck", rank=4)
+    b = edge(**batch)
+    assert b.hidden.shape == (20, 4) and b.residual is None
+    w = cloud.factor.weight @ edge.factor.weight
+    want = _mlp_without_residual(model, family, 1, w)(**batch).logits
+    torch.testing.assert_close(cloud(b).logits, want, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_decoder_pool_index_and_padding_errors():
+    edge, cloud = split_model(_tiny("gpt2"), at=1)
+    batch = _tiny_batch()
+    b = edge(**batch)
+    assert b.pool_index.tolist() == [6, 3, 8] and b.pool_index.dtype == torch.int32
+    assert set(b.to_tensors()) == {"hidden", "lengths", "seq_len", "pool_index"}
+    assert b.aux_nbytes == 4 * 3 + 4 + 4 * 3
+    with pytest.raises(ValueError, match="boundary pool_index: expected shape \\(3,\\)"):
+        cloud(BoundaryOutput(b.hidden, b.lengths, b.seq_len))
+    bad = dict(batch, input_ids=batch["input_ids"] + 5 * (1 - batch["attention_mask"]))  # pads are not pad_token_id
+    with pytest.raises(ValueError, match="pool from a padding position"):
+        edge(**bad)
+    with pytest.raises(ValueError, match="right-padded"):
+        edge(input_ids=batch["input_ids"].flip(1), attention_mask=batch["attention_mask"].flip(1))
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -218,7 +304,8 @@ def test_bad_split_arguments():
 def test_unsupported_architecture_lists_supported_and_the_interface():
     cfg = transformers.ElectraConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                      intermediate_size=64, embedding_size=32)
-    with pytest.raises(TypeError, match=r"cannot split a ElectraModel.*BertModel.*adapters\.base\.Adapter"):
+    with pytest.raises(TypeError, match=r"cannot split a ElectraModel.*BertModel.*GPT2Model.*LlamaModel.*"
+                                        r"adapters\.base\.Adapter"):
         split_model(transformers.ElectraModel(cfg), at=1)
 
 

@@ -18,7 +18,7 @@ import torch
 __all__ = ["BoundaryOutput"]
 
 _REQUIRED = ("hidden", "lengths", "seq_len")
-_OPTIONAL = ("residual",)
+_OPTIONAL = ("residual", "pool_index")
 
 
 @dataclass
@@ -32,12 +32,15 @@ class BoundaryOutput:
         seq_len: padded sequence length of the batch the edge saw.
         residual: ``(total_real_tokens, d)`` residual stream of the bottleneck layer; only
             in a bottleneck split with ``eliminate_links=False`` (the ablation).
+        pool_index: ``(batch,)`` int32, the position a decoder's sequence-classification head
+            pools from (its rule, evaluated on the edge's ``input_ids``); None for encoders.
     """
 
     hidden: torch.Tensor
     lengths: torch.Tensor
     seq_len: int
     residual: Optional[torch.Tensor] = None
+    pool_index: Optional[torch.Tensor] = None
 
     @property
     def batch_size(self) -> int:
@@ -46,7 +49,10 @@ class BoundaryOutput:
 
     def aux_tensors(self) -> dict[str, torch.Tensor]:
         """The auxiliary tensors (everything but ``hidden`` and ``residual``)."""
-        return {"lengths": self.lengths, "seq_len": torch.tensor([self.seq_len], dtype=torch.int32)}
+        d = {"lengths": self.lengths, "seq_len": torch.tensor([self.seq_len], dtype=torch.int32)}
+        if self.pool_index is not None:
+            d["pool_index"] = self.pool_index
+        return d
 
     @property
     def aux_nbytes(self) -> int:
@@ -71,4 +77,4 @@ class BoundaryOutput:
         seq_len = d["seq_len"]
         if seq_len.numel() != 1:
             raise ValueError(f"seq_len must hold one value, got shape {tuple(seq_len.shape)}")
-        return cls(d["hidden"], d["lengths"], int(seq_len.reshape(())), d.get("residual"))
+        return cls(d["hidden"], d["lengths"], int(seq_len.reshape(())), d.get("residual"), d.get("pool_index"))

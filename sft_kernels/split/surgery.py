@@ -111,7 +111,11 @@ class EdgeModel(nn.Module):
                 residual = res[keep]
         else:
             send = hidden[keep]
-        return BoundaryOutput(send, lengths.to(torch.int32), int(attention_mask.shape[1]), residual)
+        pool = self.adapter.pool_index(self.config, input_ids, lengths)
+        if pool is not None and bool((pool.long() >= lengths).any()):
+            raise ValueError("the task head would pool from a padding position (a token after the real ones is "
+                             "not pad_token_id); right-pad with pad_token_id")
+        return BoundaryOutput(send, lengths.to(torch.int32), int(attention_mask.shape[1]), residual, pool)
 
 
 class CloudModel(nn.Module):
@@ -154,6 +158,11 @@ class CloudModel(nn.Module):
             if tuple(t.shape) != (n, w) or t.dtype != dtype:
                 raise ValueError(f"boundary {name}: expected shape ({n}, {w}) {dtype} (sum(lengths)={n} tokens "
                                  f"x {w}), arrived {tuple(t.shape)} {t.dtype}")
+        if self.adapter.sends_pool_index and self.head is not None and (
+                b.pool_index is None or tuple(b.pool_index.shape) != tuple(b.lengths.shape)):
+            got = None if b.pool_index is None else tuple(b.pool_index.shape)
+            raise ValueError(f"boundary pool_index: expected shape {tuple(b.lengths.shape)} (one per sequence), "
+                             f"arrived {got}")
         if b.lengths.numel() and int(b.lengths.max()) > b.seq_len:
             raise ValueError(f"boundary lengths: expected <= seq_len={b.seq_len}, arrived max {int(b.lengths.max())}")
 
@@ -175,7 +184,8 @@ class CloudModel(nn.Module):
             return out
         self._stub.output = out
         try:
-            return self.head(labels=labels, return_dict=True)
+            extra = self.adapter.head_inputs(self.config, boundary.pool_index, boundary.seq_len)
+            return self.head(labels=labels, **extra)
         finally:
             self._stub.output = None
 

@@ -37,6 +37,8 @@ class Adapter:
     base_classes: tuple[str, ...] = ()
     #: ``forward`` keyword arguments of the base model that the edge accepts besides input_ids/attention_mask.
     extra_inputs: tuple[str, ...] = ()
+    #: True when the edge sends ``BoundaryOutput.pool_index`` (decoders' classification heads need it).
+    sends_pool_index: bool = False
 
     # ---------------------------------------------------------------- structure
     def layers(self, base: nn.Module) -> nn.ModuleList:
@@ -68,6 +70,14 @@ class Adapter:
     def finish(self, mods: nn.ModuleDict, hidden: torch.Tensor) -> Any:
         """The base model's output (a transformers ``ModelOutput``) from the last layer's hidden states."""
         raise NotImplementedError
+
+    def pool_index(self, config: Any, input_ids: torch.Tensor, lengths: torch.Tensor) -> Optional[torch.Tensor]:
+        """``(batch,)`` positions a decoder's classification head pools from; None when the head needs none."""
+        return None
+
+    def head_inputs(self, config: Any, pool_index: Optional[torch.Tensor], seq_len: int) -> dict[str, Any]:
+        """Keyword arguments for the task head's forward (beside ``labels``) that reproduce its pooling."""
+        return {}
 
     # ---------------------------------------------------------------- bottleneck
     def split_layer(self, layer: nn.Module) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
