@@ -30,6 +30,7 @@ def minilm_batch(minilm):
     return dict(tok(SENTENCES, padding=True, return_tensors="pt"))
 
 
+ENCODERS = ["bert", "roberta", "distilbert"]
 DECODERS = ["gpt2", "llama", "qwen2", "mistral"]
 
 
@@ -42,6 +43,9 @@ def _config(family: str, layers: int = 3) -> transformers.PretrainedConfig:
         return transformers.BertConfig(**kw)
     if family == "roberta":
         return transformers.RobertaConfig(**kw)
+    if family == "distilbert":
+        return transformers.DistilBertConfig(vocab_size=100, dim=32, n_layers=layers, n_heads=4, hidden_dim=64,
+                                             max_position_embeddings=64, num_labels=3)
     if family == "gpt2":
         return transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=layers, n_head=4, n_positions=64,
                                        num_labels=3, **dec)
@@ -91,7 +95,7 @@ def test_layer_split_minilm_matches_unsplit(minilm, minilm_batch):
         torch.testing.assert_close(out.pooler_output, ref.pooler_output, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta", *DECODERS])
+@pytest.mark.parametrize("family", [*ENCODERS, *DECODERS])
 @torch.no_grad()
 def test_layer_split_tiny_classifier_matches_unsplit_at_every_k(family):
     model = _tiny(family)
@@ -138,7 +142,7 @@ def test_split_trains_both_parts():
 # ----------------------------------------------------------------------------- bottleneck split
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta", *DECODERS])
+@pytest.mark.parametrize("family", [*ENCODERS, *DECODERS])
 @torch.no_grad()
 def test_bottleneck_full_rank_with_links_matches_unsplit(family):
     model = _tiny(family)
@@ -155,6 +159,14 @@ def test_bottleneck_full_rank_with_links_matches_unsplit(family):
 def _without_ffn_residual(model: torch.nn.Module, k: int, weight: torch.Tensor | None = None) -> torch.nn.Module:
     """A copy of ``model`` whose layer-k FFN has no residual ("+ h" zeroed), optionally with W1 replaced."""
     ref = copy.deepcopy(model)
+    if isinstance(ref.base_model, transformers.DistilBertModel):
+        layer = ref.base_model.transformer.layer[k]
+        if weight is not None:
+            layer.ffn.lin1.weight.data.copy_(weight)
+        seen = {}
+        layer.ffn.register_forward_hook(lambda mod, args, out: seen.__setitem__("ffn", out))
+        layer.output_layer_norm.register_forward_pre_hook(lambda mod, args: (seen.pop("ffn"),))
+        return ref
     layer = ref.base_model.encoder.layer[k]
     if weight is not None:
         layer.intermediate.dense.weight.data.copy_(weight)
@@ -162,7 +174,7 @@ def _without_ffn_residual(model: torch.nn.Module, k: int, weight: torch.Tensor |
     return ref
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta"])
+@pytest.mark.parametrize("family", ENCODERS)
 @torch.no_grad()
 def test_bottleneck_eliminated_links_equals_recomputation_tiny(family):
     model = _tiny(family)
@@ -173,6 +185,12 @@ def test_bottleneck_eliminated_links_equals_recomputation_tiny(family):
     want = _without_ffn_residual(model, 1)(**batch).logits
     torch.testing.assert_close(cloud(b).logits, want, atol=1e-4, rtol=0)
     assert (cloud(b).logits - model(**batch).logits).abs().max() > 1e-3  # the link really is gone
+    # rank 4: the recomputation uses W1 = U_r Σ_r V_rᵀ taken from the split's factors
+    edge, cloud = split_model(copy.deepcopy(model), at=1, mode="bottleneck", rank=4)
+    b = edge(**batch)
+    assert b.hidden.shape == (20, 4)
+    want = _without_ffn_residual(model, 1, cloud.factor.weight @ edge.factor.weight)(**batch).logits
+    torch.testing.assert_close(cloud(b).logits, want, atol=1e-5, rtol=0)
 
 
 @torch.no_grad()
@@ -304,7 +322,7 @@ def test_bad_split_arguments():
 def test_unsupported_architecture_lists_supported_and_the_interface():
     cfg = transformers.ElectraConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                      intermediate_size=64, embedding_size=32)
-    with pytest.raises(TypeError, match=r"cannot split a ElectraModel.*BertModel.*GPT2Model.*LlamaModel.*"
+    with pytest.raises(TypeError, match=r"cannot split a ElectraModel.*BertModel.*DistilBertModel.*GPT2Model.*LlamaModel.*"
                                         r"adapters\.base\.Adapter"):
         split_model(transformers.ElectraModel(cfg), at=1)
 

@@ -8,13 +8,14 @@ from torch import nn
 
 from .base import Adapter
 from .bert import BertAdapter
+from .distilbert import DistilBertAdapter
 from .gpt2 import GPT2Adapter
 from .llama import LlamaAdapter
 
 __all__ = ["Adapter", "ADAPTERS", "adapter_for", "base_model_of"]
 
 #: One instance per supported family; a new family is one new file plus one entry here.
-ADAPTERS: list[Adapter] = [BertAdapter(), GPT2Adapter(), LlamaAdapter()]
+ADAPTERS: list[Adapter] = [BertAdapter(), DistilBertAdapter(), GPT2Adapter(), LlamaAdapter()]
 
 
 def base_model_of(model: nn.Module) -> tuple[nn.Module, str]:

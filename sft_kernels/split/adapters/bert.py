@@ -1,5 +1,7 @@
 """Adapter for the BERT family of post-LN encoders: BERT, RoBERTa and MiniLM (a ``BertModel``).
 
+DistilBERT reuses its masks in :mod:`.distilbert`.
+
 Bottleneck form (post-LN): edge ``z = Σ_r V_rᵀ h`` with ``h`` the attention output of
 layer K; cloud ``LayerNorm(W2 · act(U_r z + b1) + b2 [+ h])``.
 
