@@ -12,7 +12,7 @@ import torch
 import transformers
 
 import sft_kernels
-from sft_kernels.split import BoundaryOutput, CloudModel, EdgeModel, split_model
+from sft_kernels.split import BoundaryOutput, CloudModel, EdgeModel, SimulatedSplit, split_model
 
 SENTENCES = ["a gripping, funny film", "dull.", "the plot never quite comes together, sadly", "superb acting"]
 
@@ -63,6 +63,18 @@ def _tiny(family: str, head: bool = True, layers: int = 3) -> torch.nn.Module:
     cfg = _config(family, layers)
     auto = transformers.AutoModelForSequenceClassification if head else transformers.AutoModel
     return auto.from_config(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def minilm_classifier(minilm):
+    """MiniLM's pretrained encoder under a fresh 2-class head (``BertForSequenceClassification``)."""
+    _, enc = minilm
+    cfg = copy.deepcopy(enc.config)
+    cfg.num_labels = 2
+    torch.manual_seed(0)
+    clf = transformers.BertForSequenceClassification(cfg)
+    clf.bert.load_state_dict(enc.state_dict())
+    return clf.eval()
 
 
 def _tiny_batch(lengths=(7, 4, 9)) -> dict:
@@ -364,3 +376,46 @@ def test_package_exports_split_model():
     assert sft_kernels.split_model is split_model
     assert sft_kernels.BoundaryOutput is BoundaryOutput
     assert issubclass(EdgeModel, torch.nn.Module) and issubclass(CloudModel, torch.nn.Module)
+
+
+# ----------------------------------------------------------------------------- SimulatedSplit
+
+
+def test_simulated_split_training_lowers_loss(minilm_classifier, minilm_batch):
+    sim = SimulatedSplit(copy.deepcopy(minilm_classifier), at=3, mode="bottleneck", rank=4)
+    labels = torch.tensor([1, 0, 0, 1])
+    with torch.no_grad():
+        before = sim.eval()(**minilm_batch, labels=labels)
+    assert type(before) is transformers.modeling_outputs.SequenceClassifierOutput
+    opt = torch.optim.AdamW(sim.parameters(), lr=1e-3)
+    sim.train()
+    for _ in range(6):
+        opt.zero_grad()
+        sim(**minilm_batch, labels=labels).loss.backward()
+        opt.step()
+    with torch.no_grad():
+        after = sim.eval()(**minilm_batch, labels=labels)
+    assert after.loss < 0.5 * before.loss, (before.loss, after.loss)
+
+
+@pytest.mark.parametrize("mode,rank,links", [("layer", None, True), ("bottleneck", 4, False)])
+def test_simulated_split_counts_codec_bytes(minilm_classifier, minilm_batch, mode, rank, links):
+    sim = SimulatedSplit(copy.deepcopy(minilm_classifier), at=2, mode=mode, rank=rank, eliminate_links=links,
+                         fwd_codec="int8", bwd_codec="int8,sr")
+    labels = torch.tensor([1, 0, 0, 1])
+    out = sim(**minilm_batch, labels=labels)
+    b = sim.edge(**minilm_batch)
+    crossing = [t for t in (b.hidden, b.residual) if t is not None]
+    fwd = sum(sft_kernels.from_spec("int8").encode(t).nbytes for t in crossing)
+    assert sim.last_step.aux == sim.aux_bytes == b.aux_nbytes == 4 * 4 + 4
+    assert sim.last_step.labels == 4 * 8
+    assert sim.bytes_sent == sim.last_step.sent == fwd + b.aux_nbytes + 4 * 8
+    assert sim.bytes_received == 0
+    out.loss.backward()
+    bwd = sum(sft_kernels.from_spec("int8,sr").encode(torch.randn_like(t)).nbytes for t in crossing)
+    assert sim.bytes_received == sim.last_step.received == bwd
+    n = int(minilm_batch["attention_mask"].sum())
+    if mode == "layer":  # int8 with a fp32 scale per 64 values: 384 + 24 bytes per token instead of 1536
+        assert fwd == n * (384 + 6 * 4)
+    sim(**minilm_batch, labels=labels).loss.backward()
+    assert sim.bytes_sent == 2 * (fwd + b.aux_nbytes + 4 * 8) and sim.bytes_received == 2 * bwd

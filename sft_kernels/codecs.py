@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -419,29 +419,41 @@ class _Boundary(torch.autograd.Function):
     """Forward ``decode(encode(x))`` with the fwd codec; backward the same with the bwd codec (straight-through)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, fwd: Codec, bwd: Codec, seed: int) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, fwd: Codec, bwd: Codec, seed: int, on_packet=None) -> torch.Tensor:
         ctx.bwd = bwd
         ctx.seed = seed
-        y = fwd.decode(fwd.encode(x, seed))
+        ctx.on_packet = on_packet
+        packet = fwd.encode(x, seed)
+        if on_packet is not None:
+            on_packet("fwd", packet)
+        y = fwd.decode(packet)
         # raw and same-dtype casts decode to a view of x; an autograd output must not alias its input
         return y.clone() if _may_alias(fwd, x) else y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         bwd = ctx.bwd
-        g = bwd.decode(bwd.encode(grad, ctx.seed + BWD_SEED_OFFSET))
-        return g, None, None, None
+        packet = bwd.encode(grad, ctx.seed + BWD_SEED_OFFSET)
+        if ctx.on_packet is not None:
+            ctx.on_packet("bwd", packet)
+        return bwd.decode(packet), None, None, None, None
 
 
 def boundary(
-    x: torch.Tensor, fwd: Union[str, Codec] = "none", bwd: Union[str, Codec] = "none", seed: int = 0
+    x: torch.Tensor,
+    fwd: Union[str, Codec] = "none",
+    bwd: Union[str, Codec] = "none",
+    seed: int = 0,
+    on_packet: Optional[Callable[[str, Packet], None]] = None,
 ) -> torch.Tensor:
     """Simulate the split: what the cloud sees of ``x`` going forward, and the edge of its gradient coming back.
 
     The forward returns ``fwd.decode(fwd.encode(x, seed))``; the backward passes the
     incoming gradient through ``bwd`` (seeded with ``seed + 2**40``) straight to ``x``.
     Pass a fresh ``seed`` per step; changing it does not recompile under ``torch.compile``.
+    ``on_packet(direction, packet)``, if given, sees each packet as it is sent (``"fwd"``, then
+    ``"bwd"`` during backward), e.g. to count the bytes on the wire.
     """
     _check_input(x)
     _check_seed(seed)
-    return _Boundary.apply(x, from_spec(fwd), from_spec(bwd), seed)
+    return _Boundary.apply(x, from_spec(fwd), from_spec(bwd), seed, on_packet)

@@ -4,7 +4,8 @@ Must not import channel/, data/ or runtime/.
 """
 from .boundary_output import BoundaryOutput
 from .pretrained import boundary_activations, load_minilm, minilm_path
+from .simulated import SimulatedSplit, StepBytes
 from .surgery import CloudModel, EdgeModel, split_model
 
 __all__ = ["BoundaryOutput", "CloudModel", "EdgeModel", "boundary_activations", "load_minilm", "minilm_path",
-           "split_model"]
+           "SimulatedSplit", "split_model", "StepBytes"]
