@@ -12,7 +12,7 @@ import torch
 import transformers
 
 import sft_kernels
-from sft_kernels.split import BoundaryOutput, CloudModel, EdgeModel, SimulatedSplit, split_model
+from sft_kernels.split import BoundaryOutput, CloudModel, EdgeModel, SimulatedSplit, merge, split_model
 
 SENTENCES = ["a gripping, funny film", "dull.", "the plot never quite comes together, sadly", "superb acting"]
 
@@ -311,6 +311,40 @@ def test_decoder_pool_index_and_padding_errors():
         edge(**bad)
     with pytest.raises(ValueError, match="right-padded"):
         edge(input_ids=batch["input_ids"].flip(1), attention_mask=batch["attention_mask"].flip(1))
+
+
+def test_merge_layer_split_returns_the_trained_model():
+    model = _tiny("bert").train()
+    batch, labels = _tiny_batch(), torch.tensor([0, 2, 1])
+    edge, cloud = split_model(model, at=2)
+    opt = torch.optim.SGD([*edge.parameters(), *cloud.parameters()], lr=0.5)
+    cloud(edge(**batch), labels=labels).loss.backward()
+    opt.step()
+    merged = merge(edge, cloud)
+    assert merged is model
+    edge.eval(), cloud.eval(), merged.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, cloud(edge(**batch)).logits, atol=1e-5, rtol=0)
+    split_model(merged, at=1)  # merged models split again
+
+
+@pytest.mark.parametrize("family", [*ENCODERS, *DECODERS])
+@torch.no_grad()
+def test_merge_bottleneck_with_links_folds_the_factors_back(family):
+    model = _tiny(family)
+    batch = _tiny_batch()
+    edge, cloud = split_model(model, at=1, mode="bottleneck", rank=4, eliminate_links=False)
+    split_logits = cloud(edge(**batch)).logits
+    torch.testing.assert_close(merge(edge, cloud)(**batch).logits, split_logits, atol=1e-5, rtol=0)
+
+
+def test_merge_refuses_eliminated_links_and_foreign_parts():
+    edge, cloud = split_model(_tiny("bert"), at=1, mode="bottleneck", rank=4)
+    with pytest.raises(ValueError, match="eliminate_links=True"):
+        merge(edge, cloud)
+    edge2, _ = split_model(_tiny("bert"), at=1)
+    with pytest.raises(ValueError, match="pair returned by one split_model call"):
+        merge(edge2, cloud)
 
 
 # ----------------------------------------------------------------------------- bad input

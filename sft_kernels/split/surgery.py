@@ -30,7 +30,7 @@ from .. import ops
 from .adapters import Adapter, adapter_for, base_model_of
 from .boundary_output import BoundaryOutput
 
-__all__ = ["split_model", "EdgeModel", "CloudModel", "MODES", "DEFAULT_POWER_ITERS"]
+__all__ = ["split_model", "merge", "EdgeModel", "CloudModel", "MODES", "DEFAULT_POWER_ITERS"]
 
 MODES = ("layer", "bottleneck")
 #: Power iterations of the randomized SVD that initialises the bottleneck factors.
@@ -223,8 +223,8 @@ def split_model(model: nn.Module, at: int, mode: str = "layer", rank: Optional[i
     Returns ``(edge, cloud)``: ``cloud(edge(**batch), labels)`` is the model's forward.
     """
     if isinstance(model, (EdgeModel, CloudModel)) or getattr(model, _SPLIT_MARK, False):
-        raise ValueError("model is already split: split_model shares its weights with the parts; "
-                         "split a fresh copy (copy.deepcopy of the original) instead")
+        raise ValueError("model is already split: split_model shares its weights with the parts; merge(edge, cloud) "
+                         "first, or split a copy.deepcopy of the original")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     base, prefix = base_model_of(model)
@@ -258,4 +258,40 @@ def split_model(model: nn.Module, at: int, mode: str = "layer", rank: Optional[i
     cloud = CloudModel(adapter, base.config, adapter.cloud_modules(base), cloud_layers, bottleneck_cloud,
                        eliminate_links, head, stub)
     setattr(model, _SPLIT_MARK, True)
+    origin = _Origin(model, at, mode, eliminate_links)
+    edge._origin = cloud._origin = origin  # plain attribute: not a submodule, adds no parameters
     return edge, cloud
+
+
+class _Origin:
+    """Where a pair of parts came from (held outside the module tree so its parameters are not counted twice)."""
+
+    def __init__(self, model: nn.Module, at: int, mode: str, eliminate_links: bool) -> None:
+        self.model, self.at, self.mode, self.eliminate_links = model, at, mode, eliminate_links
+
+
+def merge(edge: EdgeModel, cloud: CloudModel) -> nn.Module:
+    """The unsplit model with the parts' (trained) weights; the parts must come from one ``split_model`` call.
+
+    The parts share their weights with the model they were split from, so a layer split merges
+    as that model; a bottleneck split writes ``U_r Σ_r V_rᵀ`` (and the bias) back into layer K's
+    up-projection.  A bottleneck split with ``eliminate_links=True`` has no unsplit equivalent
+    (the residual it dropped is part of the unsplit model), so it is refused.  The returned
+    model may be split again.
+    """
+    origin = getattr(edge, "_origin", None)
+    if not isinstance(edge, EdgeModel) or not isinstance(cloud, CloudModel) or origin is None \
+            or origin is not getattr(cloud, "_origin", None):
+        raise ValueError("merge needs the (edge, cloud) pair returned by one split_model call")
+    if origin.mode == "bottleneck":
+        if origin.eliminate_links:
+            raise ValueError("cannot merge a bottleneck split with eliminate_links=True: the unsplit model has the "
+                             "residual link the split dropped")
+        weight = (cloud.factor.weight @ edge.factor.weight).detach()
+        bias = None if cloud.factor.bias is None else cloud.factor.bias.detach()
+        base, _ = base_model_of(origin.model)
+        layer = edge.adapter.layers(base)[origin.at]
+        edge.adapter.load_factorised(layer, weight, bias)
+    if hasattr(origin.model, _SPLIT_MARK):
+        delattr(origin.model, _SPLIT_MARK)
+    return origin.model

@@ -88,6 +88,10 @@ class Adapter:
         """The ``(rows, d)`` up-projection weight that the bottleneck factorises, and its bias (or None)."""
         raise NotImplementedError
 
+    def load_factorised(self, layer: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+        """Write a ``(rows, d)`` up-projection (and bias) back into layer K (the inverse of :meth:`factorised_weight`)."""
+        raise NotImplementedError
+
     def ffn_input(self, edge_part: nn.ModuleDict, hidden: torch.Tensor,
                   kwargs: LayerKwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer K up to its up-projection: ``(ffn input, residual stream)``, both ``(batch, seq, d)``."""

@@ -60,6 +60,11 @@ class GPT2Adapter(DecoderAdapter):
     def factorised_weight(self, layer: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         return layer.mlp.c_fc.weight.t(), layer.mlp.c_fc.bias
 
+    @torch.no_grad()
+    def load_factorised(self, layer: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+        layer.mlp.c_fc.weight.copy_(weight.t())
+        layer.mlp.c_fc.bias.copy_(bias)
+
     def ffn_input(self, edge_part: nn.ModuleDict, hidden: torch.Tensor,
                   kwargs: LayerKwargs) -> tuple[torch.Tensor, torch.Tensor]:
         attn, _ = edge_part["attn"](edge_part["ln_1"](hidden), **kwargs)

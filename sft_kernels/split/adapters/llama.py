@@ -82,6 +82,14 @@ class LlamaAdapter(DecoderAdapter):
         bias = None if gate.bias is None else torch.cat([gate.bias, up.bias])
         return torch.cat([gate.weight, up.weight]), bias
 
+    @torch.no_grad()
+    def load_factorised(self, layer: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+        for lin, w, b in zip((layer.mlp.gate_proj, layer.mlp.up_proj), weight.chunk(2),
+                             bias.chunk(2) if bias is not None else (None, None)):
+            lin.weight.copy_(w)
+            if b is not None:
+                lin.bias.copy_(b)
+
     def ffn_input(self, edge_part: nn.ModuleDict, hidden: torch.Tensor,
                   kwargs: LayerKwargs) -> tuple[torch.Tensor, torch.Tensor]:
         attn = edge_part["self_attn"]
