@@ -244,6 +244,15 @@ def test_bottleneck_factors_match_full_svd_and_are_trainable(minilm):
     assert all(p.data_ptr() != w1.data_ptr() for p in [*edge.parameters(), *cloud.parameters()])
 
 
+def test_bottleneck_factor_singular_values_match_full_svd_on_every_minilm_layer(minilm):
+    _, model = minilm
+    for k in range(1, model.config.num_hidden_layers):
+        s_full = torch.linalg.svdvals(model.encoder.layer[k].intermediate.dense.weight.detach())[:4]
+        edge, _ = split_model(copy.deepcopy(model), at=k, mode="bottleneck", rank=4)
+        s = edge.factor.weight.detach().norm(dim=1)
+        assert ((s - s_full).abs() / s_full).max() < 1e-3, k
+
+
 def test_bottleneck_gradients_reach_both_factors():
     model = _tiny("bert").train()
     edge, cloud = split_model(model, at=1, mode="bottleneck", rank=4)
