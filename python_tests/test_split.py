@@ -462,3 +462,18 @@ def test_simulated_split_counts_codec_bytes(minilm_classifier, minilm_batch, mod
         assert fwd == n * (384 + 6 * 4)
     sim(**minilm_batch, labels=labels).loss.backward()
     assert sim.bytes_sent == 2 * (fwd + b.aux_nbytes + 4 * 8) and sim.bytes_received == 2 * bwd
+
+
+def test_example_split_finetune_runs_and_cuts_traffic(minilm):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "split_finetune.py"
+    spec = importlib.util.spec_from_file_location("split_finetune", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    r = example.main(steps=4, minilm=minilm)
+    assert r["last_loss"] < r["first_loss"]
+    # rank-4 int8 code + aux + labels vs fp32 hidden states: far more than 96x less each way
+    assert r["sent_per_example"] * 96 < r["fp32_layer_split_per_example"]
+    assert r["received_per_example"] * 96 < r["fp32_layer_split_per_example"]
