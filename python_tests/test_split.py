@@ -316,6 +316,9 @@ def test_decoder_pool_index_and_padding_errors():
     with pytest.raises(ValueError, match="boundary pool_index: expected shape \\(3,\\)"):
         cloud(BoundaryOutput(b.hidden, b.lengths, b.seq_len))
     bad = dict(batch, input_ids=batch["input_ids"] + 5 * (1 - batch["attention_mask"]))  # pads are not pad_token_id
+    with pytest.raises(ValueError, match=r"pool_index: expected positions of real tokens"):
+        cloud(BoundaryOutput(b.hidden, b.lengths, b.seq_len, pool_index=b.lengths.clone()))
+    assert split_model(_tiny("gpt2", head=False), at=1)[0](**batch).pool_index is None  # no head: nothing to pool
     with pytest.raises(ValueError, match="pool from a padding position"):
         edge(**bad)
     with pytest.raises(ValueError, match="right-padded"):
@@ -400,6 +403,10 @@ def test_cloud_rejects_wrong_boundary():
         cloud(BoundaryOutput(b.hidden.half(), b.lengths, b.seq_len))
     with pytest.raises(ValueError, match=r"expected shape \(19, 32\).*arrived \(20, 32\)"):
         cloud(BoundaryOutput(b.hidden, b.lengths - torch.tensor([1, 0, 0], dtype=torch.int32), b.seq_len))
+    with pytest.raises(ValueError, match=r"lengths: expected in \[0, seq_len=8\], arrived \[7, 4, 9\]"):
+        cloud(BoundaryOutput(b.hidden, b.lengths, 8))
+    with pytest.raises(TypeError, match="expects a BoundaryOutput"):
+        cloud(b.to_tensors())
     with pytest.raises(ValueError, match="residual: expected none"):
         cloud(BoundaryOutput(b.hidden, b.lengths, b.seq_len, residual=b.hidden))
     with pytest.raises(ValueError, match="labels given"):

@@ -79,9 +79,11 @@ class EdgeModel(nn.Module):
     """The edge part: ``edge(input_ids, attention_mask, ...) -> BoundaryOutput``."""
 
     def __init__(self, adapter: Adapter, config: Any, mods: dict[str, nn.Module], layers: list[nn.Module],
-                 bottleneck: Optional[tuple[dict[str, nn.Module], nn.Linear]], eliminate_links: bool) -> None:
+                 bottleneck: Optional[tuple[dict[str, nn.Module], nn.Linear]], eliminate_links: bool,
+                 send_pool_index: bool) -> None:
         super().__init__()
         self.adapter, self.config, self.eliminate_links = adapter, config, eliminate_links
+        self.send_pool_index = send_pool_index and adapter.sends_pool_index
         self.mods = nn.ModuleDict(mods)
         self.layers = nn.ModuleList(layers)
         self.attn = nn.ModuleDict(bottleneck[0]) if bottleneck else None
@@ -111,10 +113,11 @@ class EdgeModel(nn.Module):
                 residual = res[keep]
         else:
             send = hidden[keep]
-        pool = self.adapter.pool_index(self.config, input_ids, lengths)
+        pool = self.adapter.pool_index(self.config, input_ids, lengths) if self.send_pool_index else None
         if pool is not None and bool((pool.long() >= lengths).any()):
-            raise ValueError("the task head would pool from a padding position (a token after the real ones is "
-                             "not pad_token_id); right-pad with pad_token_id")
+            raise ValueError(f"the task head would pool from a padding position: decoder heads pool at the last "
+                             f"token that is not config.pad_token_id={self.config.pad_token_id}; right-pad with "
+                             f"pad_token_id (and set config.pad_token_id for padded batches)")
         return BoundaryOutput(send, lengths.to(torch.int32), int(attention_mask.shape[1]), residual, pool)
 
 
@@ -139,9 +142,9 @@ class CloudModel(nn.Module):
         return self.factor.in_features if self.factor is not None else self.config.hidden_size
 
     def _check(self, b: BoundaryOutput) -> None:
-        dtype = next(self.parameters()).dtype
         if not isinstance(b, BoundaryOutput):
             raise TypeError(f"cloud expects a BoundaryOutput, got {type(b).__name__}")
+        dtype = next(self.parameters()).dtype
         if b.lengths.dim() != 1 or b.lengths.dtype.is_floating_point:
             raise ValueError(f"boundary lengths: expected a 1-D integer tensor, arrived {b.lengths.dtype} "
                              f"shape {tuple(b.lengths.shape)}")
@@ -155,7 +158,8 @@ class CloudModel(nn.Module):
         elif b.residual is not None:
             raise ValueError("boundary residual: expected none (links eliminated or layer split), arrived a tensor")
         for name, t, w in checks:
-            if tuple(t.shape) != (n, w) or t.dtype != dtype:
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (n, w) or t.dtype != dtype:
+                t = t if isinstance(t, torch.Tensor) else torch.empty(0)
                 raise ValueError(f"boundary {name}: expected shape ({n}, {w}) {dtype} (sum(lengths)={n} tokens "
                                  f"x {w}), arrived {tuple(t.shape)} {t.dtype}")
         if self.adapter.sends_pool_index and self.head is not None and (
@@ -163,8 +167,13 @@ class CloudModel(nn.Module):
             got = None if b.pool_index is None else tuple(b.pool_index.shape)
             raise ValueError(f"boundary pool_index: expected shape {tuple(b.lengths.shape)} (one per sequence), "
                              f"arrived {got}")
-        if b.lengths.numel() and int(b.lengths.max()) > b.seq_len:
-            raise ValueError(f"boundary lengths: expected <= seq_len={b.seq_len}, arrived max {int(b.lengths.max())}")
+        if b.lengths.numel() and (int(b.lengths.max()) > b.seq_len or int(b.lengths.min()) < 0):
+            raise ValueError(f"boundary lengths: expected in [0, seq_len={b.seq_len}], arrived "
+                             f"{b.lengths.tolist()}")
+        if self.head is not None and b.pool_index is not None and bool(
+                ((b.pool_index < 0) | (b.pool_index.long() >= b.lengths.long())).any()):
+            raise ValueError(f"boundary pool_index: expected positions of real tokens (0 <= pool_index < lengths="
+                             f"{b.lengths.tolist()}), arrived {b.pool_index.tolist()}")
 
     def forward(self, boundary: BoundaryOutput, labels: Optional[torch.Tensor] = None) -> Any:
         """Finish the forward from ``boundary``; the loss is computed when ``labels`` is given."""
@@ -254,7 +263,8 @@ def split_model(model: nn.Module, at: int, mode: str = "layer", rank: Optional[i
         head = copy.copy(model)
         head._modules = dict(model._modules)
         head._modules[prefix] = stub
-    edge = EdgeModel(adapter, base.config, adapter.edge_modules(base), layers[:at], bottleneck_edge, eliminate_links)
+    edge = EdgeModel(adapter, base.config, adapter.edge_modules(base), layers[:at], bottleneck_edge, eliminate_links,
+                     send_pool_index=head is not None)
     cloud = CloudModel(adapter, base.config, adapter.cloud_modules(base), cloud_layers, bottleneck_cloud,
                        eliminate_links, head, stub)
     setattr(model, _SPLIT_MARK, True)
