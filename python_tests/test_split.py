@@ -271,6 +271,22 @@ def test_decoder_base_model_layer_split_matches_on_real_tokens(family):
     torch.testing.assert_close(_real(out, batch), _real(ref, batch), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+@torch.no_grad()
+def test_sliding_window_masks_are_rebuilt_on_the_cloud(family):
+    model = _tiny(family)
+    batch = _tiny_batch()
+    no_window = copy.deepcopy(model)
+    if family == "qwen2":
+        no_window.config.layer_types = ["full_attention"] * 3
+    else:
+        no_window.config.sliding_window = None
+    edge, cloud = split_model(copy.deepcopy(model), at=1)
+    logits = cloud(edge(**batch)).logits
+    torch.testing.assert_close(logits, model(**batch).logits, atol=1e-5, rtol=0)
+    assert (logits - no_window(**batch).logits).abs().max() > 1e-2  # the window (4 < 9 tokens) matters
+
+
 def _mlp_without_residual(model: torch.nn.Module, family: str, k: int, w: torch.Tensor) -> torch.nn.Module:
     """A copy of decoder ``model`` whose layer-k MLP up-projection is ``w`` and whose "+ x" around it is gone.
 
