@@ -15,7 +15,6 @@ import copy
 import torch
 import transformers
 
-import sft_kernels
 from sft_kernels.split import SimulatedSplit, load_minilm
 
 TEXTS = ["a gripping, funny and moving film", "dull, lifeless and far too long", "superb acting throughout",
@@ -57,4 +56,4 @@ if __name__ == "__main__":
     r = main(ap.parse_args().steps)
     print(f"loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}")
     print(f"bytes/example: sent {r['sent_per_example']:.0f}, received {r['received_per_example']:.0f} "
-          f"(fp32 layer split: {r['fp32_layer_split_per_example']:.0f} each way); sft_kernels {sft_kernels.__version__}")
+          f"(fp32 layer split: {r['fp32_layer_split_per_example']:.0f} each way)")

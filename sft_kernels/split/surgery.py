@@ -153,7 +153,8 @@ class CloudModel(nn.Module):
         want_res = self.factor is not None and not self.eliminate_links
         if want_res:
             if b.residual is None:
-                raise ValueError("boundary residual: expected the residual stream (eliminate_links=False), arrived None")
+                raise ValueError("boundary residual: expected the residual stream (eliminate_links=False), "
+                                 "arrived None")
             checks.append(("residual", b.residual, self.config.hidden_size))
         elif b.residual is not None:
             raise ValueError("boundary residual: expected none (links eliminated or layer split), arrived a tensor")

@@ -89,7 +89,7 @@ class Adapter:
         raise NotImplementedError
 
     def load_factorised(self, layer: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
-        """Write a ``(rows, d)`` up-projection (and bias) back into layer K (the inverse of :meth:`factorised_weight`)."""
+        """Write a ``(rows, d)`` up-projection (and bias) back into layer K; inverse of :meth:`factorised_weight`."""
         raise NotImplementedError
 
     def ffn_input(self, edge_part: nn.ModuleDict, hidden: torch.Tensor,
