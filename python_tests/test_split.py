@@ -168,6 +168,17 @@ def test_bottleneck_full_rank_with_links_matches_unsplit(family):
         torch.testing.assert_close(cloud(b).logits, ref.logits, atol=1e-4, rtol=0)
 
 
+@torch.no_grad()
+def test_bottleneck_full_rank_with_links_matches_unsplit_minilm(minilm, minilm_batch):
+    _, model = minilm
+    ref = model(**minilm_batch)
+    edge, cloud = split_model(copy.deepcopy(model), at=4, mode="bottleneck", rank=384, eliminate_links=False)
+    out = cloud(edge(**minilm_batch))
+    torch.testing.assert_close(out.pooler_output, ref.pooler_output, atol=1e-4, rtol=0)
+    torch.testing.assert_close(_real(out.last_hidden_state, minilm_batch),
+                               _real(ref.last_hidden_state, minilm_batch), atol=1e-4, rtol=0)
+
+
 def _without_ffn_residual(model: torch.nn.Module, k: int, weight: torch.Tensor | None = None) -> torch.nn.Module:
     """A copy of ``model`` whose layer-k FFN has no residual ("+ h" zeroed), optionally with W1 replaced."""
     ref = copy.deepcopy(model)
