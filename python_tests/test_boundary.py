@@ -119,3 +119,19 @@ def test_compiled_training_loop_changes_seed_without_recompiling():
 
 def test_package_exports_boundary():
     assert sft_kernels.boundary is boundary
+
+
+def test_on_packet_sees_the_packets_sent_each_way():
+    x = torch.randn(40, 96, requires_grad=True)
+    seen = []
+    y = boundary(x, fwd="int8", bwd="int4,sr", seed=7, on_packet=lambda d, p: seen.append((d, p)))
+    assert [d for d, _ in seen] == ["fwd"]
+    assert seen[0][1].nbytes == from_spec("int8").encode(x.detach(), 7).nbytes
+    torch.testing.assert_close(y, from_spec("int8").decode(seen[0][1]), atol=0, rtol=0)
+    g = torch.randn(40, 96)
+    y.backward(g)
+    assert [d for d, _ in seen] == ["fwd", "bwd"]
+    bwd = from_spec("int4,sr")
+    expected = bwd.encode(g, 7 + BWD_SEED_OFFSET)
+    assert seen[1][1].nbytes == expected.nbytes
+    torch.testing.assert_close(x.grad, bwd.decode(expected), atol=0, rtol=0)
