@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+
 from .base import Adapter, LayerKwargs
 
 __all__ = ["BertAdapter"]
