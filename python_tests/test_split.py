@@ -418,6 +418,7 @@ def test_already_split_model_is_refused():
     for m in (model, edge, cloud):
         with pytest.raises(ValueError, match="already split"):
             split_model(m, at=1)
+    split_model(copy.deepcopy(model), at=2)  # a copy is a new model
 
 
 @torch.no_grad()

@@ -9,11 +9,12 @@
   with ``False`` the residual stream crosses too (``BoundaryOutput.residual``).
 
 Both parts share parameters with ``model`` (like an in-place surgery: training the parts
-trains those weights); ``model`` itself is left runnable but is marked as split, and a
-second split of it is refused.  Padding: batches must be right-padded (the tokenizers'
-default for encoders); only real tokens cross and the cloud restores the padded layout,
-whose padding rows are zeros from the boundary on (their outputs are not the unsplit
-model's; real tokens' are).
+trains those weights); ``model`` itself is left runnable, but a second split of it is
+refused until :func:`merge` (a ``copy.deepcopy`` of it may be split).
+
+Padding: batches must be right-padded (the tokenizers' default for encoders); only real
+tokens cross and the cloud restores the padded layout, whose padding rows are zeros from
+the boundary on (their outputs are not the unsplit model's; real tokens' are).
 
 This module knows transformers models, adapters and ``ops.randomized_svd``; it must not
 know channels, data loading or the runtime.
@@ -21,6 +22,7 @@ know channels, data loading or the runtime.
 from __future__ import annotations
 
 import copy
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -36,7 +38,8 @@ MODES = ("layer", "bottleneck")
 #: Power iterations of the randomized SVD that initialises the bottleneck factors.
 DEFAULT_POWER_ITERS = 16
 _OVERSAMPLE = 16
-_SPLIT_MARK = "_sft_split"
+#: Models whose parts are live (by identity: a deepcopy of a split model is a fresh, splittable model).
+_SPLIT_MODELS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 class _BaseOutputStub(nn.Module):
@@ -232,7 +235,7 @@ def split_model(model: nn.Module, at: int, mode: str = "layer", rank: Optional[i
 
     Returns ``(edge, cloud)``: ``cloud(edge(**batch), labels)`` is the model's forward.
     """
-    if isinstance(model, (EdgeModel, CloudModel)) or getattr(model, _SPLIT_MARK, False):
+    if isinstance(model, (EdgeModel, CloudModel)) or model in _SPLIT_MODELS:
         raise ValueError("model is already split: split_model shares its weights with the parts; merge(edge, cloud) "
                          "first, or split a copy.deepcopy of the original")
     if mode not in MODES:
@@ -268,7 +271,7 @@ def split_model(model: nn.Module, at: int, mode: str = "layer", rank: Optional[i
                      send_pool_index=head is not None)
     cloud = CloudModel(adapter, base.config, adapter.cloud_modules(base), cloud_layers, bottleneck_cloud,
                        eliminate_links, head, stub)
-    setattr(model, _SPLIT_MARK, True)
+    _SPLIT_MODELS.add(model)
     origin = _Origin(model, at, mode, eliminate_links)
     edge._origin = cloud._origin = origin  # plain attribute: not a submodule, adds no parameters
     return edge, cloud
@@ -303,6 +306,5 @@ def merge(edge: EdgeModel, cloud: CloudModel) -> nn.Module:
         base, _ = base_model_of(origin.model)
         layer = edge.adapter.layers(base)[origin.at]
         edge.adapter.load_factorised(layer, weight, bias)
-    if hasattr(origin.model, _SPLIT_MARK):
-        delattr(origin.model, _SPLIT_MARK)
+    _SPLIT_MODELS.discard(origin.model)
     return origin.model
