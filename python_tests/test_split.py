@@ -13,6 +13,7 @@ import transformers
 
 import sft_kernels
 from sft_kernels.split import BoundaryOutput, CloudModel, EdgeModel, SimulatedSplit, merge, split_model
+from sft_kernels.split.adapters import BottleneckLayer
 
 SENTENCES = ["a gripping, funny film", "dull.", "the plot never quite comes together, sadly", "superb acting"]
 
@@ -32,6 +33,9 @@ def minilm_batch(minilm):
 
 ENCODERS = ["bert", "roberta", "distilbert"]
 DECODERS = ["gpt2", "llama", "qwen2", "mistral"]
+#: Where layer 1 sits in each family's base model.
+_LAYER = {"bert": "encoder.layer.1", "roberta": "encoder.layer.1", "distilbert": "transformer.layer.1",
+          "gpt2": "h.1", "llama": "layers.1", "qwen2": "layers.1", "mistral": "layers.1"}
 
 
 def _config(family: str, layers: int = 3) -> transformers.PretrainedConfig:
@@ -367,23 +371,61 @@ def test_merge_layer_split_returns_the_trained_model():
     split_model(merged, at=1)  # merged models split again
 
 
-@pytest.mark.parametrize("family", [*ENCODERS, *DECODERS])
-@torch.no_grad()
-def test_merge_bottleneck_with_links_folds_the_factors_back(family):
-    model = _tiny(family)
+def test_merge_layer_split_saves_and_loads_with_transformers(tmp_path):
+    model = _tiny("gpt2")
     batch = _tiny_batch()
-    edge, cloud = split_model(model, at=1, mode="bottleneck", rank=4, eliminate_links=False)
-    split_logits = cloud(edge(**batch)).logits
-    torch.testing.assert_close(merge(edge, cloud)(**batch).logits, split_logits, atol=1e-5, rtol=0)
+    edge, cloud = split_model(model, at=1)
+    with torch.no_grad():
+        split_logits = cloud(edge(**batch)).logits
+    merged = merge(edge, cloud)
+    assert type(merged) is transformers.GPT2ForSequenceClassification
+    merged.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, split_logits, atol=1e-5, rtol=0)
 
 
-def test_merge_refuses_eliminated_links_and_foreign_parts():
+@pytest.mark.parametrize("eliminate_links", [True, False])
+@pytest.mark.parametrize("family", [*ENCODERS, *DECODERS])
+def test_merge_bottleneck_gives_the_split_pairs_logits(family, eliminate_links):
+    model = _tiny(family).train()
+    batch, labels = _tiny_batch(), torch.tensor([0, 2, 1])
+    edge, cloud = split_model(model, at=1, mode="bottleneck", rank=4, eliminate_links=eliminate_links)
+    opt = torch.optim.SGD([*edge.parameters(), *cloud.parameters()], lr=0.5)
+    cloud(edge(**batch), labels=labels).loss.backward()  # trained factors, not the SVD's
+    opt.step()
+    edge.eval(), cloud.eval()
+    with torch.no_grad():
+        split = cloud(edge(**batch), labels=labels)
+        merged = merge(edge, cloud).eval()
+        assert merged is model and isinstance(model.base_model.get_submodule(_LAYER[family]), BottleneckLayer)
+        out = merged(**batch, labels=labels)
+    assert type(out) is type(split)
+    torch.testing.assert_close(out.logits, split.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.loss, split.loss, atol=1e-5, rtol=0)
+    assert not any("intermediate.dense" in k or "c_fc" in k or "lin1" in k or "gate_proj" in k
+                   for k in merged.state_dict() if ".1." in k)  # layer K's dense up-projection is gone
+    with pytest.raises(ValueError, match="merged bottleneck model"):
+        split_model(merged, at=2)
+
+
+def test_merge_bottleneck_without_links_differs_from_with_links():
+    batch = _tiny_batch()
+    logits = []
+    for links in (True, False):
+        edge, cloud = split_model(_tiny("bert"), at=1, mode="bottleneck", rank=4, eliminate_links=links)
+        with torch.no_grad():
+            logits.append(merge(edge, cloud)(**batch).logits)
+    assert not torch.allclose(logits[0], logits[1], atol=1e-3)
+
+
+def test_merge_refuses_foreign_parts():
     edge, cloud = split_model(_tiny("bert"), at=1, mode="bottleneck", rank=4)
-    with pytest.raises(ValueError, match="eliminate_links=True"):
-        merge(edge, cloud)
     edge2, _ = split_model(_tiny("bert"), at=1)
     with pytest.raises(ValueError, match="pair returned by one split_model call"):
         merge(edge2, cloud)
+    with pytest.raises(ValueError, match="pair returned by one split_model call"):
+        merge(cloud, edge)
 
 
 # ----------------------------------------------------------------------------- bad input
