@@ -6,6 +6,7 @@ full-rank bottlenecks go through a randomized SVD, so 1e-4.
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -426,6 +427,72 @@ def test_merge_refuses_foreign_parts():
         merge(edge2, cloud)
     with pytest.raises(ValueError, match="pair returned by one split_model call"):
         merge(cloud, edge)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _trained_bottleneck_merge(model: torch.nn.Module, batch: dict, labels: torch.Tensor, steps: int = 2,
+                              **split_kw) -> tuple[torch.nn.Module, torch.Tensor]:
+    """Train a bottleneck split a few SGD steps, merge it; returns ``(merged, split pair's eval logits)``."""
+    edge, cloud = split_model(model.train(), mode="bottleneck", **split_kw)
+    init = edge.factor.weight.detach().clone()
+    opt = torch.optim.SGD([*edge.parameters(), *cloud.parameters()], lr=0.1)
+    for _ in range(steps):
+        opt.zero_grad()
+        cloud(edge(**batch), labels=labels).loss.backward()
+        opt.step()
+    assert not torch.equal(edge.factor.weight, init)
+    edge.eval(), cloud.eval()
+    with torch.no_grad():
+        logits = cloud(edge(**batch)).logits
+    return merge(edge, cloud).eval(), logits
+
+
+def test_save_and_load_merged_minilm_bottleneck(minilm_classifier, minilm_batch, tmp_path):
+    labels = torch.tensor([1, 0, 0, 1])
+    merged, split_logits = _trained_bottleneck_merge(copy.deepcopy(minilm_classifier), minilm_batch, labels,
+                                                     at=3, rank=4, eliminate_links=True)
+    out = sft_kernels.save_split_model(merged, tmp_path / "m")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "sft_split.json"]
+    loaded = sft_kernels.load_split_model(out)
+    assert type(loaded) is transformers.BertForSequenceClassification and not loaded.training
+    assert loaded.bert.encoder.layer[3].rank == 4 and not loaded.bert.encoder.layer[3].keep_link
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**minilm_batch).logits, split_logits, atol=1e-5, rtol=0)
+
+
+def test_save_and_load_merged_decoder_bottleneck(tmp_path):
+    batch, labels = _tiny_batch(), torch.tensor([0, 2, 1])
+    merged, split_logits = _trained_bottleneck_merge(_tiny("qwen2"), batch, labels, at=2, rank=3,
+                                                     eliminate_links=False)
+    loaded = sft_kernels.load_split_model(sft_kernels.save_split_model(merged, tmp_path))
+    assert loaded.model.layers[2].keep_link
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, split_logits, atol=1e-5, rtol=0)
+
+
+def test_load_split_model_bad_input(tmp_path):
+    import json
+
+    edge, cloud = split_model(_tiny("gpt2"), at=1, mode="bottleneck", rank=4)
+    saved = sft_kernels.save_split_model(merge(edge, cloud), tmp_path / "ok")
+    with pytest.raises(FileNotFoundError, match="nowhere/config.json is missing"):
+        sft_kernels.load_split_model(tmp_path / "nowhere")
+    (saved / "model.safetensors").rename(tmp_path / "w")
+    with pytest.raises(FileNotFoundError, match=re.escape(str(saved / "model.safetensors"))):
+        sft_kernels.load_split_model(saved)
+    (tmp_path / "w").rename(saved / "model.safetensors")
+    meta = json.loads((saved / "sft_split.json").read_text())
+    for key, value, match in [("rank", 5, "does not match"), ("rank", 0, "rank=0 is not in"),
+                              ("at", 7, "at=7 is not in"), ("family", "bert", "family 'bert' does not match"),
+                              ("model_class", "os", "not a transformers model class"),
+                              ("eliminate_links", "yes", "eliminate_links must be a bool")]:
+        (saved / "sft_split.json").write_text(json.dumps({**meta, key: value}))
+        with pytest.raises(ValueError, match=match):
+            sft_kernels.load_split_model(saved)
+    with pytest.raises(ValueError, match="save it with model.save_pretrained"):
+        sft_kernels.save_split_model(_tiny("bert"), tmp_path / "layer")
 
 
 # ----------------------------------------------------------------------------- bad input
