@@ -6,6 +6,7 @@ full-rank bottlenecks go through a randomized SVD, so 1e-4.
 from __future__ import annotations
 
 import copy
+import math
 import re
 
 import pytest
@@ -73,13 +74,9 @@ def _tiny(family: str, head: bool = True, layers: int = 3) -> torch.nn.Module:
 @pytest.fixture(scope="session")
 def minilm_classifier(minilm):
     """MiniLM's pretrained encoder under a fresh 2-class head (``BertForSequenceClassification``)."""
-    _, enc = minilm
-    cfg = copy.deepcopy(enc.config)
-    cfg.num_labels = 2
-    torch.manual_seed(0)
-    clf = transformers.BertForSequenceClassification(cfg)
-    clf.bert.load_state_dict(enc.state_dict())
-    return clf.eval()
+    from sft_kernels.split import minilm_classifier
+
+    return minilm_classifier(num_labels=2, minilm=minilm)[1].eval()
 
 
 def _tiny_batch(lengths=(7, 4, 9)) -> dict:
@@ -608,16 +605,29 @@ def test_simulated_split_counts_codec_bytes(minilm_classifier, minilm_batch, mod
     assert sim.bytes_sent == 2 * (fwd + b.aux_nbytes + 4 * 8) and sim.bytes_received == 2 * bwd
 
 
-def test_example_split_finetune_runs_and_cuts_traffic(minilm):
+def _example(name: str):
+    """Import ``examples/<name>.py`` as a module."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "examples" / "split_finetune.py"
-    spec = importlib.util.spec_from_file_location("split_finetune", path)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_split_finetune_runs_and_cuts_traffic(minilm):
+    example = _example("split_finetune")
     r = example.main(steps=4, minilm=minilm)
     assert r["last_loss"] < r["first_loss"]
     # rank-4 int8 code + aux + labels vs fp32 hidden states: far more than 96x less each way
     assert r["sent_per_example"] * 96 < r["fp32_layer_split_per_example"]
     assert r["received_per_example"] * 96 < r["fp32_layer_split_per_example"]
+
+
+def test_example_trainer_split_runs_with_transformers_trainer(minilm):
+    example = _example("trainer_split")
+    r = example.main(steps=3, minilm=minilm)
+    assert r["steps"] == 3 and math.isfinite(r["loss"]) and r["loss"] > 0
+    assert r["sent_bytes"] > 0 and r["received_bytes"] > 0  # the traffic went through the simulated link
+    assert 0.0 <= r["train_accuracy"] <= 1.0
