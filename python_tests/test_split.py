@@ -631,3 +631,12 @@ def test_example_trainer_split_runs_with_transformers_trainer(minilm):
     assert r["steps"] == 3 and math.isfinite(r["loss"]) and r["loss"] > 0
     assert r["sent_bytes"] > 0 and r["received_bytes"] > 0  # the traffic went through the simulated link
     assert 0.0 <= r["train_accuracy"] <= 1.0
+
+
+def test_readme_merging_example_runs():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Merging and exporting"):]
+    code = section[section.index("```python") + len("```python"):]
+    exec(compile(code[:code.index("```")], "README.md", "exec"), {})  # asserts merged == split pair
