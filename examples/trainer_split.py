@@ -42,8 +42,9 @@ def main(steps: int = 5, minilm=None) -> dict:
         pred = merged(**batch).logits.argmax(-1)
     if not math.isfinite(loss):
         raise RuntimeError(f"training diverged: loss {loss}")
+    accuracy = float((pred == torch.tensor(LABELS)).float().mean())
     return {"loss": loss, "steps": trainer.state.global_step, "sent_bytes": model.bytes_sent,
-            "received_bytes": model.bytes_received, "train_accuracy": float((pred == torch.tensor(LABELS)).float().mean())}
+            "received_bytes": model.bytes_received, "train_accuracy": accuracy}
 
 
 if __name__ == "__main__":

@@ -9,4 +9,5 @@ from .simulated import SimulatedSplit, StepBytes
 from .surgery import CloudModel, EdgeModel, merge, split_model
 
 __all__ = ["BoundaryOutput", "CloudModel", "EdgeModel", "boundary_activations", "load_minilm", "load_split_model",
-           "merge", "minilm_classifier", "minilm_path", "save_split_model", "SimulatedSplit", "split_model", "StepBytes"]
+           "merge", "minilm_classifier", "minilm_path", "save_split_model", "SimulatedSplit", "split_model",
+           "StepBytes"]

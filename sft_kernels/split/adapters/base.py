@@ -52,7 +52,9 @@ class BottleneckLayer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Called as the replaced transformers layer; returns its ``(batch, seq, d)`` output."""
         named = self._signature.bind_partial(hidden_states, *args, **kwargs).arguments
-        named.update(named.pop("kwargs", {}))
+        for name, param in self._signature.parameters.items():  # flatten the layer's **kwargs
+            if param.kind is inspect.Parameter.VAR_KEYWORD:
+                named.update(named.pop(name, {}))
         kw = self.adapter.bottleneck_kwargs(self.edge, named)
         x, residual = self.adapter.ffn_input(self.edge, hidden_states, kw)
         return self.adapter.ffn_output(self.cloud, self.cloud_factor(self.edge_factor(x)),
@@ -129,7 +131,7 @@ class Adapter:
 
     def install_bottleneck(self, layer: nn.Module, edge_factor: nn.Linear, cloud_factor: nn.Linear,
                            keep_link: bool) -> BottleneckLayer:
-        """Layer K rebuilt around the factors (sharing ``layer``'s modules): put it in the stack in ``layer``'s place."""
+        """Layer K rebuilt around the factors (sharing ``layer``'s modules), to put in the stack in its place."""
         return BottleneckLayer(self, layer, edge_factor, cloud_factor, keep_link)
 
     def bottleneck_kwargs(self, edge_part: nn.ModuleDict, named: dict[str, Any]) -> LayerKwargs:
