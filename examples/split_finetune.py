@@ -10,12 +10,10 @@ the bytes per example each way, against an uncompressed fp32 layer split.
 from __future__ import annotations
 
 import argparse
-import copy
 
 import torch
-import transformers
 
-from sft_kernels.split import SimulatedSplit, load_minilm
+from sft_kernels.split import SimulatedSplit, minilm_classifier
 
 TEXTS = ["a gripping, funny and moving film", "dull, lifeless and far too long", "superb acting throughout",
          "the plot never comes together", "a small gem", "i wanted my two hours back", "warm and clever",
@@ -25,12 +23,7 @@ LABELS = [1, 0, 1, 0, 1, 0, 1, 0]
 
 def main(steps: int = 20, minilm=None) -> dict:
     """Train ``steps`` AdamW steps on ``TEXTS``; returns the first/last loss and bytes per example."""
-    tok, enc = minilm or load_minilm()
-    cfg = copy.deepcopy(enc.config)
-    cfg.num_labels = 2
-    torch.manual_seed(0)
-    model = transformers.BertForSequenceClassification(cfg)
-    model.bert.load_state_dict(enc.state_dict())
+    tok, model = minilm_classifier(num_labels=2, minilm=minilm)
     batch = dict(tok(TEXTS, padding=True, return_tensors="pt"))
     labels = torch.tensor(LABELS)
 
@@ -44,7 +37,7 @@ def main(steps: int = 20, minilm=None) -> dict:
         opt.step()
         losses.append(float(loss.detach()))
     n_ex = len(TEXTS) * steps
-    fp32_layer = int(batch["attention_mask"].sum()) * cfg.hidden_size * 4 * steps  # per direction
+    fp32_layer = int(batch["attention_mask"].sum()) * model.config.hidden_size * 4 * steps  # per direction
     result = {"first_loss": losses[0], "last_loss": losses[-1], "sent_per_example": sim.bytes_sent / n_ex,
               "received_per_example": sim.bytes_received / n_ex, "fp32_layer_split_per_example": fp32_layer / n_ex}
     return result

@@ -6,6 +6,8 @@ full-rank bottlenecks go through a randomized SVD, so 1e-4.
 from __future__ import annotations
 
 import copy
+import math
+import re
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ import transformers
 
 import sft_kernels
 from sft_kernels.split import BoundaryOutput, CloudModel, EdgeModel, SimulatedSplit, merge, split_model
+from sft_kernels.split.adapters import BottleneckLayer
 
 SENTENCES = ["a gripping, funny film", "dull.", "the plot never quite comes together, sadly", "superb acting"]
 
@@ -32,6 +35,9 @@ def minilm_batch(minilm):
 
 ENCODERS = ["bert", "roberta", "distilbert"]
 DECODERS = ["gpt2", "llama", "qwen2", "mistral"]
+#: Where layer 1 sits in each family's base model.
+_LAYER = {"bert": "encoder.layer.1", "roberta": "encoder.layer.1", "distilbert": "transformer.layer.1",
+          "gpt2": "h.1", "llama": "layers.1", "qwen2": "layers.1", "mistral": "layers.1"}
 
 
 def _config(family: str, layers: int = 3) -> transformers.PretrainedConfig:
@@ -68,13 +74,9 @@ def _tiny(family: str, head: bool = True, layers: int = 3) -> torch.nn.Module:
 @pytest.fixture(scope="session")
 def minilm_classifier(minilm):
     """MiniLM's pretrained encoder under a fresh 2-class head (``BertForSequenceClassification``)."""
-    _, enc = minilm
-    cfg = copy.deepcopy(enc.config)
-    cfg.num_labels = 2
-    torch.manual_seed(0)
-    clf = transformers.BertForSequenceClassification(cfg)
-    clf.bert.load_state_dict(enc.state_dict())
-    return clf.eval()
+    from sft_kernels.split import minilm_classifier
+
+    return minilm_classifier(num_labels=2, minilm=minilm)[1].eval()
 
 
 def _tiny_batch(lengths=(7, 4, 9)) -> dict:
@@ -367,23 +369,127 @@ def test_merge_layer_split_returns_the_trained_model():
     split_model(merged, at=1)  # merged models split again
 
 
-@pytest.mark.parametrize("family", [*ENCODERS, *DECODERS])
-@torch.no_grad()
-def test_merge_bottleneck_with_links_folds_the_factors_back(family):
-    model = _tiny(family)
+def test_merge_layer_split_saves_and_loads_with_transformers(tmp_path):
+    model = _tiny("gpt2")
     batch = _tiny_batch()
-    edge, cloud = split_model(model, at=1, mode="bottleneck", rank=4, eliminate_links=False)
-    split_logits = cloud(edge(**batch)).logits
-    torch.testing.assert_close(merge(edge, cloud)(**batch).logits, split_logits, atol=1e-5, rtol=0)
+    edge, cloud = split_model(model, at=1)
+    with torch.no_grad():
+        split_logits = cloud(edge(**batch)).logits
+    merged = merge(edge, cloud)
+    assert type(merged) is transformers.GPT2ForSequenceClassification
+    merged.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, split_logits, atol=1e-5, rtol=0)
 
 
-def test_merge_refuses_eliminated_links_and_foreign_parts():
+@pytest.mark.parametrize("eliminate_links", [True, False])
+@pytest.mark.parametrize("family", [*ENCODERS, *DECODERS])
+def test_merge_bottleneck_gives_the_split_pairs_logits(family, eliminate_links):
+    model = _tiny(family).train()
+    batch, labels = _tiny_batch(), torch.tensor([0, 2, 1])
+    edge, cloud = split_model(model, at=1, mode="bottleneck", rank=4, eliminate_links=eliminate_links)
+    opt = torch.optim.SGD([*edge.parameters(), *cloud.parameters()], lr=0.5)
+    cloud(edge(**batch), labels=labels).loss.backward()  # trained factors, not the SVD's
+    opt.step()
+    edge.eval(), cloud.eval()
+    with torch.no_grad():
+        split = cloud(edge(**batch), labels=labels)
+        merged = merge(edge, cloud).eval()
+        assert merged is model and isinstance(model.base_model.get_submodule(_LAYER[family]), BottleneckLayer)
+        out = merged(**batch, labels=labels)
+    assert type(out) is type(split)
+    torch.testing.assert_close(out.logits, split.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.loss, split.loss, atol=1e-5, rtol=0)
+    assert not any("intermediate.dense" in k or "c_fc" in k or "lin1" in k or "gate_proj" in k
+                   for k in merged.state_dict() if ".1." in k)  # layer K's dense up-projection is gone
+    with pytest.raises(ValueError, match="merged bottleneck model"):
+        split_model(merged, at=2)
+
+
+def test_merge_bottleneck_without_links_differs_from_with_links():
+    batch = _tiny_batch()
+    logits = []
+    for links in (True, False):
+        edge, cloud = split_model(_tiny("bert"), at=1, mode="bottleneck", rank=4, eliminate_links=links)
+        with torch.no_grad():
+            logits.append(merge(edge, cloud)(**batch).logits)
+    assert not torch.allclose(logits[0], logits[1], atol=1e-3)
+
+
+def test_merge_refuses_foreign_parts():
     edge, cloud = split_model(_tiny("bert"), at=1, mode="bottleneck", rank=4)
-    with pytest.raises(ValueError, match="eliminate_links=True"):
-        merge(edge, cloud)
     edge2, _ = split_model(_tiny("bert"), at=1)
     with pytest.raises(ValueError, match="pair returned by one split_model call"):
         merge(edge2, cloud)
+    with pytest.raises(ValueError, match="pair returned by one split_model call"):
+        merge(cloud, edge)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _trained_bottleneck_merge(model: torch.nn.Module, batch: dict, labels: torch.Tensor, steps: int = 2,
+                              **split_kw) -> tuple[torch.nn.Module, torch.Tensor]:
+    """Train a bottleneck split a few SGD steps, merge it; returns ``(merged, split pair's eval logits)``."""
+    edge, cloud = split_model(model.train(), mode="bottleneck", **split_kw)
+    init = edge.factor.weight.detach().clone()
+    opt = torch.optim.SGD([*edge.parameters(), *cloud.parameters()], lr=0.1)
+    for _ in range(steps):
+        opt.zero_grad()
+        cloud(edge(**batch), labels=labels).loss.backward()
+        opt.step()
+    assert not torch.equal(edge.factor.weight, init)
+    edge.eval(), cloud.eval()
+    with torch.no_grad():
+        logits = cloud(edge(**batch)).logits
+    return merge(edge, cloud).eval(), logits
+
+
+def test_save_and_load_merged_minilm_bottleneck(minilm_classifier, minilm_batch, tmp_path):
+    labels = torch.tensor([1, 0, 0, 1])
+    merged, split_logits = _trained_bottleneck_merge(copy.deepcopy(minilm_classifier), minilm_batch, labels,
+                                                     at=3, rank=4, eliminate_links=True)
+    out = sft_kernels.save_split_model(merged, tmp_path / "m")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "sft_split.json"]
+    loaded = sft_kernels.load_split_model(out)
+    assert type(loaded) is transformers.BertForSequenceClassification and not loaded.training
+    assert loaded.bert.encoder.layer[3].rank == 4 and not loaded.bert.encoder.layer[3].keep_link
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**minilm_batch).logits, split_logits, atol=1e-5, rtol=0)
+
+
+def test_save_and_load_merged_decoder_bottleneck(tmp_path):
+    batch, labels = _tiny_batch(), torch.tensor([0, 2, 1])
+    merged, split_logits = _trained_bottleneck_merge(_tiny("qwen2"), batch, labels, at=2, rank=3,
+                                                     eliminate_links=False)
+    loaded = sft_kernels.load_split_model(sft_kernels.save_split_model(merged, tmp_path))
+    assert loaded.model.layers[2].keep_link
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, split_logits, atol=1e-5, rtol=0)
+
+
+def test_load_split_model_bad_input(tmp_path):
+    import json
+
+    edge, cloud = split_model(_tiny("gpt2"), at=1, mode="bottleneck", rank=4)
+    saved = sft_kernels.save_split_model(merge(edge, cloud), tmp_path / "ok")
+    with pytest.raises(FileNotFoundError, match="nowhere/config.json is missing"):
+        sft_kernels.load_split_model(tmp_path / "nowhere")
+    (saved / "model.safetensors").rename(tmp_path / "w")
+    with pytest.raises(FileNotFoundError, match=re.escape(str(saved / "model.safetensors"))):
+        sft_kernels.load_split_model(saved)
+    (tmp_path / "w").rename(saved / "model.safetensors")
+    meta = json.loads((saved / "sft_split.json").read_text())
+    for key, value, match in [("rank", 5, "does not match"), ("rank", 0, "rank=0 is not in"),
+                              ("at", 7, "at=7 is not in"), ("family", "bert", "family 'bert' does not match"),
+                              ("model_class", "os", "not a transformers model class"),
+                              ("eliminate_links", "yes", "eliminate_links must be a bool")]:
+        (saved / "sft_split.json").write_text(json.dumps({**meta, key: value}))
+        with pytest.raises(ValueError, match=match):
+            sft_kernels.load_split_model(saved)
+    with pytest.raises(ValueError, match="save it with model.save_pretrained"):
+        sft_kernels.save_split_model(_tiny("bert"), tmp_path / "layer")
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -499,16 +605,38 @@ def test_simulated_split_counts_codec_bytes(minilm_classifier, minilm_batch, mod
     assert sim.bytes_sent == 2 * (fwd + b.aux_nbytes + 4 * 8) and sim.bytes_received == 2 * bwd
 
 
-def test_example_split_finetune_runs_and_cuts_traffic(minilm):
+def _example(name: str):
+    """Import ``examples/<name>.py`` as a module."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "examples" / "split_finetune.py"
-    spec = importlib.util.spec_from_file_location("split_finetune", path)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_split_finetune_runs_and_cuts_traffic(minilm):
+    example = _example("split_finetune")
     r = example.main(steps=4, minilm=minilm)
     assert r["last_loss"] < r["first_loss"]
     # rank-4 int8 code + aux + labels vs fp32 hidden states: far more than 96x less each way
     assert r["sent_per_example"] * 96 < r["fp32_layer_split_per_example"]
     assert r["received_per_example"] * 96 < r["fp32_layer_split_per_example"]
+
+
+def test_example_trainer_split_runs_with_transformers_trainer(minilm):
+    example = _example("trainer_split")
+    r = example.main(steps=3, minilm=minilm)
+    assert r["steps"] == 3 and math.isfinite(r["loss"]) and r["loss"] > 0
+    assert r["sent_bytes"] > 0 and r["received_bytes"] > 0  # the traffic went through the simulated link
+    assert 0.0 <= r["train_accuracy"] <= 1.0
+
+
+def test_readme_merging_example_runs():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Merging and exporting"):]
+    code = section[section.index("```python") + len("```python"):]
+    exec(compile(code[:code.index("```")], "README.md", "exec"), {})  # asserts merged == split pair

@@ -26,9 +26,11 @@ except ImportError as exc:  # pragma: no cover - only without a build
 from . import ops  # noqa: E402
 from . import codecs  # noqa: E402
 from .codecs import Codec, Packet, boundary, from_spec  # noqa: E402
-from .split import BoundaryOutput, SimulatedSplit, split_model  # noqa: E402
+from .split import (BoundaryOutput, SimulatedSplit, load_split_model, merge, save_split_model,  # noqa: E402
+                    split_model)
 
 __version__ = "0.1.0"
 __all__ = [
     "ops", "codecs", "Codec", "Packet", "boundary", "from_spec", "BoundaryOutput", "SimulatedSplit", "split_model",
+    "merge", "save_split_model", "load_split_model",
 ]

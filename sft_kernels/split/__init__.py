@@ -3,9 +3,11 @@
 Must not import channel/, data/ or runtime/.
 """
 from .boundary_output import BoundaryOutput
-from .pretrained import boundary_activations, load_minilm, minilm_path
+from .export import load_split_model, save_split_model
+from .pretrained import boundary_activations, load_minilm, minilm_classifier, minilm_path
 from .simulated import SimulatedSplit, StepBytes
 from .surgery import CloudModel, EdgeModel, merge, split_model
 
-__all__ = ["BoundaryOutput", "CloudModel", "EdgeModel", "boundary_activations", "load_minilm", "merge", "minilm_path",
-           "SimulatedSplit", "split_model", "StepBytes"]
+__all__ = ["BoundaryOutput", "CloudModel", "EdgeModel", "boundary_activations", "load_minilm", "load_split_model",
+           "merge", "minilm_classifier", "minilm_path", "save_split_model", "SimulatedSplit", "split_model",
+           "StepBytes"]

@@ -70,3 +70,26 @@ def boundary_activations(
         h = out.hidden_states[layer]
         chunks.append(h[batch["attention_mask"].bool()])
     return torch.cat(chunks) if chunks else torch.zeros(0, enc.config.hidden_size)
+
+
+def minilm_classifier(num_labels: int = 2, minilm=None, seed: int = 0):
+    """MiniLM's pretrained encoder under a fresh ``num_labels``-class head: ``(tokenizer, model)``.
+
+    The model is a ``BertForSequenceClassification``.
+
+    ``minilm`` is an optional ``(tokenizer, model)`` pair from :func:`load_minilm`; the head is
+    initialised from ``torch.manual_seed(seed)``.  The model is in train mode.
+    """
+    import copy
+
+    from transformers import BertForSequenceClassification
+
+    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+        raise ValueError(f"num_labels must be a positive int, got {num_labels!r}")
+    tok, enc = minilm or load_minilm()
+    cfg = copy.deepcopy(enc.config)
+    cfg.num_labels = num_labels
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(cfg)
+    model.bert.load_state_dict(enc.state_dict())
+    return tok, model.train()

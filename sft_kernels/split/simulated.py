@@ -49,7 +49,14 @@ class SimulatedSplit(nn.Module):
         bytes_received: total bytes cloud -> edge (encoded gradients).
         aux_bytes: total auxiliary bytes (a part of ``bytes_sent``).
         last_step: :class:`StepBytes` of the latest forward (and its backward).
+
+    It works as a transformers ``Trainer``'s model: ``labels`` is in ``forward``'s signature,
+    and ``accepts_loss_kwargs = False`` tells ``Trainer`` not to pass loss keywords
+    (``num_items_in_batch``), which the wrapped model's loss does not take through the split.
     """
+
+    #: Read by transformers' ``Trainer``: the loss is the cloud's (mean over the batch), no loss kwargs.
+    accepts_loss_kwargs = False
 
     def __init__(self, model: nn.Module, at: int, mode: str = "layer", rank: Optional[int] = None,
                  fwd_codec: Union[str, Codec] = "int8", bwd_codec: Union[str, Codec] = "int8,sr",

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from .adapters import Adapter, adapter_for, base_model_of
+from .adapters import Adapter, BottleneckLayer, adapter_for, base_model_of, replace_module
 from .boundary_output import BoundaryOutput
 
 __all__ = ["split_model", "merge", "EdgeModel", "CloudModel", "MODES", "DEFAULT_POWER_ITERS"]
@@ -244,6 +244,9 @@ def split_model(model: nn.Module, at: int, mode: str = "layer", rank: Optional[i
     adapter = adapter_for(base)
     layers = list(adapter.layers(base))
     n = len(layers)
+    if any(isinstance(layer, BottleneckLayer) for layer in layers):
+        raise ValueError("model is a merged bottleneck model (its layer K is a BottleneckLayer): it cannot be split "
+                         "again; evaluate or fine-tune it whole, or split the original model")
     if isinstance(at, bool) or not isinstance(at, int) or not 1 <= at < n:
         raise ValueError(f"at must be an int in [1, {n - 1}] (1 <= at < num_layers={n}), got {at!r}")
     bottleneck_edge = bottleneck_cloud = None
@@ -285,26 +288,28 @@ class _Origin:
 
 
 def merge(edge: EdgeModel, cloud: CloudModel) -> nn.Module:
-    """The unsplit model with the parts' (trained) weights; the parts must come from one ``split_model`` call.
+    """One module with the parts' (trained) weights; the parts must come from one ``split_model`` call.
 
-    The parts share their weights with the model they were split from, so a layer split merges
-    as that model; a bottleneck split writes ``U_r Σ_r V_rᵀ`` (and the bias) back into layer K's
-    up-projection.  A bottleneck split with ``eliminate_links=True`` has no unsplit equivalent
-    (the residual it dropped is part of the unsplit model), so it is refused.  The returned
-    model may be split again.
+    * Layer split: the parts share their weights with the model they were split from, so the
+      merge is that model -- its original transformers class (``save_pretrained`` works), and
+      it may be split again.
+    * Bottleneck split (``eliminate_links`` True or False): that model with layer K replaced
+      by a :class:`~.adapters.BottleneckLayer` holding layer K's modules and the two trained
+      factors (and no residual around the FFN when the links were eliminated).  Its forward is
+      the usual transformers forward and gives the split pair's outputs; save and load it with
+      :func:`~.export.save_split_model` / :func:`~.export.load_split_model`.
+
+    The returned module shares its parameters with the parts.
     """
     origin = getattr(edge, "_origin", None)
     if not isinstance(edge, EdgeModel) or not isinstance(cloud, CloudModel) or origin is None \
             or origin is not getattr(cloud, "_origin", None):
         raise ValueError("merge needs the (edge, cloud) pair returned by one split_model call")
     if origin.mode == "bottleneck":
-        if origin.eliminate_links:
-            raise ValueError("cannot merge a bottleneck split with eliminate_links=True: the unsplit model has the "
-                             "residual link the split dropped")
-        weight = (cloud.factor.weight @ edge.factor.weight).detach()
-        bias = None if cloud.factor.bias is None else cloud.factor.bias.detach()
         base, _ = base_model_of(origin.model)
         layer = edge.adapter.layers(base)[origin.at]
-        edge.adapter.load_factorised(layer, weight, bias)
+        if not isinstance(layer, BottleneckLayer):  # a second merge of the same pair returns the same model
+            new = edge.adapter.install_bottleneck(layer, edge.factor, cloud.factor, not origin.eliminate_links)
+            replace_module(base, layer, new)
     _SPLIT_MODELS.discard(origin.model)
     return origin.model

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import Adapter
+from .base import Adapter, BottleneckLayer
 from .bert import BertAdapter
 from .distilbert import DistilBertAdapter
 from .gpt2 import GPT2Adapter
 from .llama import LlamaAdapter
 
-__all__ = ["Adapter", "ADAPTERS", "adapter_for", "base_model_of"]
+__all__ = ["Adapter", "ADAPTERS", "BottleneckLayer", "adapter_for", "base_model_of", "replace_module"]
 
 #: One instance per supported family; a new family is one new file plus one entry here.
 ADAPTERS: list[Adapter] = [BertAdapter(), DistilBertAdapter(), GPT2Adapter(), LlamaAdapter()]
@@ -25,6 +25,16 @@ def base_model_of(model: nn.Module) -> tuple[nn.Module, str]:
     if isinstance(inner, nn.Module) and inner is not model:
         return inner, prefix
     return model, ""
+
+
+def replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` where ``old`` sits in ``root``'s module tree (found by identity); ``ValueError`` if absent."""
+    for name, mod in root.named_modules():
+        if mod is old and name:
+            parent_name, _, attr = name.rpartition(".")
+            setattr(root.get_submodule(parent_name) if parent_name else root, attr, new)
+            return
+    raise ValueError(f"{type(old).__name__} is not a submodule of {type(root).__name__}")
 
 
 def adapter_for(base: nn.Module) -> Adapter:

@@ -13,15 +13,52 @@ This module knows transformers modules, not codecs, channels or training loops.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-__all__ = ["Adapter", "LayerKwargs"]
+__all__ = ["Adapter", "BottleneckLayer", "LayerKwargs"]
 
 #: Keyword arguments every layer of a stack is called with (masks, rotary embeddings...).
 LayerKwargs = dict[str, Any]
+
+
+class BottleneckLayer(nn.Module):
+    """Layer K of a merged bottleneck model: the split's edge and cloud halves of the layer, run in one place.
+
+    It replaces the transformers layer in the model's layer stack and is called as that layer
+    was (same arguments, returns the hidden states): ``ffn_output(cloud_factor(edge_factor(x)),
+    residual or None)`` with ``x, residual = ffn_input(hidden)`` -- the very computation of the
+    split pair, so a merged model gives the split pair's outputs.  ``keep_link=False`` drops the
+    residual around the FFN (``eliminate_links=True``).  The dense up-projection is gone.
+    """
+
+    def __init__(self, adapter: "Adapter", layer: nn.Module, edge_factor: nn.Linear, cloud_factor: nn.Linear,
+                 keep_link: bool) -> None:
+        super().__init__()
+        self.adapter, self.keep_link = adapter, keep_link
+        self._signature = inspect.signature(layer.forward)
+        edge, cloud = adapter.split_layer(layer)
+        self.edge, self.cloud = nn.ModuleDict(edge), nn.ModuleDict(cloud)
+        self.edge_factor, self.cloud_factor = edge_factor, cloud_factor
+
+    @property
+    def rank(self) -> int:
+        """Values per token between the two factors."""
+        return self.edge_factor.out_features
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Called as the replaced transformers layer; returns its ``(batch, seq, d)`` output."""
+        named = self._signature.bind_partial(hidden_states, *args, **kwargs).arguments
+        for name, param in self._signature.parameters.items():  # flatten the layer's **kwargs
+            if param.kind is inspect.Parameter.VAR_KEYWORD:
+                named.update(named.pop(name, {}))
+        kw = self.adapter.bottleneck_kwargs(self.edge, named)
+        x, residual = self.adapter.ffn_input(self.edge, hidden_states, kw)
+        return self.adapter.ffn_output(self.cloud, self.cloud_factor(self.edge_factor(x)),
+                                       residual if self.keep_link else None)
 
 
 class Adapter:
@@ -91,6 +128,15 @@ class Adapter:
     def load_factorised(self, layer: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
         """Write a ``(rows, d)`` up-projection (and bias) back into layer K; inverse of :meth:`factorised_weight`."""
         raise NotImplementedError
+
+    def install_bottleneck(self, layer: nn.Module, edge_factor: nn.Linear, cloud_factor: nn.Linear,
+                           keep_link: bool) -> BottleneckLayer:
+        """Layer K rebuilt around the factors (sharing ``layer``'s modules), to put in the stack in its place."""
+        return BottleneckLayer(self, layer, edge_factor, cloud_factor, keep_link)
+
+    def bottleneck_kwargs(self, edge_part: nn.ModuleDict, named: dict[str, Any]) -> LayerKwargs:
+        """:meth:`ffn_input`'s ``kwargs`` from the arguments the base model called layer K with (by name)."""
+        return {"attention_mask": named.get("attention_mask")}
 
     def ffn_input(self, edge_part: nn.ModuleDict, hidden: torch.Tensor,
                   kwargs: LayerKwargs) -> tuple[torch.Tensor, torch.Tensor]:

@@ -65,6 +65,9 @@ class GPT2Adapter(DecoderAdapter):
         layer.mlp.c_fc.weight.copy_(weight.t())
         layer.mlp.c_fc.bias.copy_(bias)
 
+    def bottleneck_kwargs(self, edge_part: nn.ModuleDict, named: dict[str, Any]) -> LayerKwargs:
+        return {"attention_mask": named.get("attention_mask"), "position_ids": named.get("position_ids")}
+
     def ffn_input(self, edge_part: nn.ModuleDict, hidden: torch.Tensor,
                   kwargs: LayerKwargs) -> tuple[torch.Tensor, torch.Tensor]:
         attn, _ = edge_part["attn"](edge_part["ln_1"](hidden), **kwargs)

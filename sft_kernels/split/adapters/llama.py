@@ -90,6 +90,12 @@ class LlamaAdapter(DecoderAdapter):
             if b is not None:
                 lin.bias.copy_(b)
 
+    def bottleneck_kwargs(self, edge_part: nn.ModuleDict, named: dict[str, Any]) -> LayerKwargs:
+        attn = edge_part["self_attn"]
+        return {"masks": {_layer_type(attn.config, attn.layer_idx): named.get("attention_mask")},
+                "position_ids": named.get("position_ids"), "position_embeddings": named["position_embeddings"],
+                "config": attn.config}
+
     def ffn_input(self, edge_part: nn.ModuleDict, hidden: torch.Tensor,
                   kwargs: LayerKwargs) -> tuple[torch.Tensor, torch.Tensor]:
         attn = edge_part["self_attn"]
