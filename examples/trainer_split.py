@@ -19,11 +19,7 @@ import torch
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
 from sft_kernels.split import SimulatedSplit, merge, minilm_classifier
-
-TEXTS = ["a gripping, funny and moving film", "dull, lifeless and far too long", "superb acting throughout",
-         "the plot never comes together", "a small gem", "i wanted my two hours back", "warm and clever",
-         "a tedious mess"]
-LABELS = [1, 0, 1, 0, 1, 0, 1, 0]
+from split_finetune import LABELS, TEXTS  # the same toy sentences as the plain-loop example
 
 
 def main(steps: int = 5, minilm=None) -> dict:

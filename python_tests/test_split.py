@@ -606,14 +606,15 @@ def test_simulated_split_counts_codec_bytes(minilm_classifier, minilm_batch, mod
 
 
 def _example(name: str):
-    """Import ``examples/<name>.py`` as a module."""
-    import importlib.util
+    """Import ``examples/<name>.py`` as a module, with examples/ importable as when run as a script."""
+    import importlib
+    import sys
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    examples = str(Path(__file__).resolve().parents[1] / "examples")
+    if examples not in sys.path:
+        sys.path.insert(0, examples)
+    return importlib.import_module(name)
 
 
 def test_example_split_finetune_runs_and_cuts_traffic(minilm):
