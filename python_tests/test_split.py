@@ -582,7 +582,7 @@ def test_simulated_split_training_lowers_loss(minilm_classifier, minilm_batch):
     assert after.loss < 0.5 * before.loss, (before.loss, after.loss)
 
 
-@pytest.mark.parametrize("mode,rank,links", [("layer", None, True), ("bottleneck", 4, False)])
+@pytest.mark.parametrize("mode,rank,links", [("layer", None, True), ("bottleneck", 4, False), ("bottleneck", 4, True)])
 def test_simulated_split_counts_codec_bytes(minilm_classifier, minilm_batch, mode, rank, links):
     sim = SimulatedSplit(copy.deepcopy(minilm_classifier), at=2, mode=mode, rank=rank, eliminate_links=links,
                          fwd_codec="int8", bwd_codec="int8,sr")
