@@ -21,9 +21,9 @@ SPECTRA = {
 }
 
 
-def interleaved_ms(fns: Sequence[Callable[[], object]], repeat: int, warmup: int = 2,
-                   max_seconds: float = 30.0) -> list[float]:
-    """Median ms of each function, called in turn (so machine load hits all alike), up to ``repeat`` rounds."""
+def interleaved_times(fns: Sequence[Callable[[], object]], repeat: int, warmup: int = 2,
+                      max_seconds: float = 30.0) -> list[list[float]]:
+    """All times (ms) of each function, called in turn (so machine load hits all alike), up to ``repeat`` rounds."""
     for fn in fns:
         for _ in range(warmup):
             fn()
@@ -36,7 +36,12 @@ def interleaved_ms(fns: Sequence[Callable[[], object]], repeat: int, warmup: int
             ts.append((time.perf_counter() - t0) * 1e3)
         if time.perf_counter() > t_end and len(times[0]) >= 3:
             break
-    return [statistics.median(ts) for ts in times]
+    return times
+
+
+def interleaved_ms(fns: Sequence[Callable[[], object]], repeat: int, **kw) -> list[float]:
+    """Median ms of each function under :func:`interleaved_times`."""
+    return [statistics.median(ts) for ts in interleaved_times(fns, repeat, **kw)]
 
 
 def decaying(n: int, h: int, spectrum: str = "1/(1+i)", seed: int = 0) -> torch.Tensor:

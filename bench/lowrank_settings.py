@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import sys
 from pathlib import Path
@@ -27,7 +26,14 @@ import sft_kernels  # noqa: F401  (registers torch.ops.sft.*)
 from sft_kernels import ops
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SPECTRA, baseline_lowrank_decode, baseline_lowrank_encode, decaying, rel_err  # noqa: E402
+from common import (  # noqa: E402
+    SPECTRA,
+    baseline_lowrank_decode,
+    baseline_lowrank_encode,
+    decaying,
+    interleaved_times,
+    rel_err,
+)
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,14 +73,7 @@ def main(argv=None) -> int:
     fns = {"baseline": lambda: baseline_lowrank_encode(x, rank)}
     for o, it in settings:
         fns[(o, it)] = (lambda o, it: lambda: ops.lowrank_quantize(x, rank, o, it, 8, 64, False, 0))(o, it)
-    times = {key: [] for key in fns}
-    for f in fns.values():
-        f()
-    for _ in range(args.repeat):
-        for key, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[key].append((time.perf_counter() - t0) * 1e3)
+    times = dict(zip(fns, interleaved_times(list(fns.values()), args.repeat, warmup=1, max_seconds=float("inf"))))
     med = {key: statistics.median(v) for key, v in times.items()}
 
     print(f"# lowrank_quantize rank={rank} int8 block=64 on {n}x{h} fp32, {torch.get_num_threads()} threads, "

@@ -256,10 +256,9 @@ class LowRankCodec(Codec):
             raise ValueError(f"lowrank oversample must be >= 0, got {self.oversample}")
         if self.iters < -1:
             raise ValueError(f"lowrank iters must be >= -1 (-1: single-pass sketch), got {self.iters}")
-        if isinstance(self.stage, QuantCodec) and self.stage.bits == 2:
-            raise ValueError("lowrank stage must be +int8, +int4 or +fp16; int2 factors are not supported")
-        if isinstance(self.stage, CastCodec) and self.stage.name != "fp16":
-            raise ValueError("lowrank stage must be +int8, +int4 or +fp16")
+        st = self.stage
+        if isinstance(st, QuantCodec) and st.bits == 2 or isinstance(st, CastCodec) and st.name != "fp16":
+            raise ValueError(f"lowrank stage must be +int8, +int4 or +fp16, got +{st.spec()}")
 
     def spec(self) -> str:
         s = f"lowrank:r={self.rank}"
@@ -373,10 +372,11 @@ def _parse_lowrank(spec: str, part: str, stage: _Stage) -> LowRankCodec:
         vals[attr] = _parse_int(spec, part, key, value, lo)
     if "rank" not in vals:
         raise _bad(spec, part, "lowrank needs r=R")
-    if isinstance(stage, QuantCodec) and stage.bits == 2 or isinstance(stage, CastCodec) and stage.name != "fp16":
-        raise _bad(spec, part, f"lowrank stage must be +int8, +int4 or +fp16, got +{stage.spec()}")
-    return LowRankCodec(vals["rank"], vals.get("oversample", _LOWRANK_DEFAULT_OVERSAMPLE),
-                        vals.get("iters", _LOWRANK_DEFAULT_ITERS), stage)
+    try:
+        return LowRankCodec(vals["rank"], vals.get("oversample", _LOWRANK_DEFAULT_OVERSAMPLE),
+                            vals.get("iters", _LOWRANK_DEFAULT_ITERS), stage)
+    except ValueError as exc:  # the stage check lives in LowRankCodec; report it with the spec grammar
+        raise _bad(spec, part, str(exc)) from None
 
 
 def from_spec(spec: Union[str, Codec]) -> Codec:

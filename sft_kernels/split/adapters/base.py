@@ -125,10 +125,6 @@ class Adapter:
         """The ``(rows, d)`` up-projection weight that the bottleneck factorises, and its bias (or None)."""
         raise NotImplementedError
 
-    def load_factorised(self, layer: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
-        """Write a ``(rows, d)`` up-projection (and bias) back into layer K; inverse of :meth:`factorised_weight`."""
-        raise NotImplementedError
-
     def install_bottleneck(self, layer: nn.Module, edge_factor: nn.Linear, cloud_factor: nn.Linear,
                            keep_link: bool) -> BottleneckLayer:
         """Layer K rebuilt around the factors (sharing ``layer``'s modules), to put in the stack in its place."""

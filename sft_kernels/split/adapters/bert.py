@@ -19,13 +19,6 @@ from .base import Adapter, LayerKwargs
 __all__ = ["BertAdapter"]
 
 
-@torch.no_grad()
-def _copy_linear(linear: nn.Linear, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
-    linear.weight.copy_(weight)
-    if bias is not None:
-        linear.bias.copy_(bias)
-
-
 class BertAdapter(Adapter):
     """``BertModel`` / ``RobertaModel`` (and their ``*ForSequenceClassification``), encoder configs only."""
 
@@ -69,9 +62,6 @@ class BertAdapter(Adapter):
 
     def factorised_weight(self, layer: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         return layer.intermediate.dense.weight, layer.intermediate.dense.bias
-
-    def load_factorised(self, layer: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
-        _copy_linear(layer.intermediate.dense, weight, bias)
 
     def ffn_input(self, edge_part: nn.ModuleDict, hidden: torch.Tensor,
                   kwargs: LayerKwargs) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .base import LayerKwargs
-from .bert import BertAdapter, _copy_linear
+from .bert import BertAdapter
 
 __all__ = ["DistilBertAdapter"]
 
@@ -48,9 +48,6 @@ class DistilBertAdapter(BertAdapter):
 
     def factorised_weight(self, layer: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         return layer.ffn.lin1.weight, layer.ffn.lin1.bias
-
-    def load_factorised(self, layer: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
-        _copy_linear(layer.ffn.lin1, weight, bias)
 
     def ffn_input(self, edge_part: nn.ModuleDict, hidden: torch.Tensor,
                   kwargs: LayerKwargs) -> tuple[torch.Tensor, torch.Tensor]:

@@ -60,11 +60,6 @@ class GPT2Adapter(DecoderAdapter):
     def factorised_weight(self, layer: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         return layer.mlp.c_fc.weight.t(), layer.mlp.c_fc.bias
 
-    @torch.no_grad()
-    def load_factorised(self, layer: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
-        layer.mlp.c_fc.weight.copy_(weight.t())
-        layer.mlp.c_fc.bias.copy_(bias)
-
     def bottleneck_kwargs(self, edge_part: nn.ModuleDict, named: dict[str, Any]) -> LayerKwargs:
         return {"attention_mask": named.get("attention_mask"), "position_ids": named.get("position_ids")}
 

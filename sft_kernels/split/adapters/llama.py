@@ -82,14 +82,6 @@ class LlamaAdapter(DecoderAdapter):
         bias = None if gate.bias is None else torch.cat([gate.bias, up.bias])
         return torch.cat([gate.weight, up.weight]), bias
 
-    @torch.no_grad()
-    def load_factorised(self, layer: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
-        for lin, w, b in zip((layer.mlp.gate_proj, layer.mlp.up_proj), weight.chunk(2),
-                             bias.chunk(2) if bias is not None else (None, None)):
-            lin.weight.copy_(w)
-            if b is not None:
-                lin.bias.copy_(b)
-
     def bottleneck_kwargs(self, edge_part: nn.ModuleDict, named: dict[str, Any]) -> LayerKwargs:
         attn = edge_part["self_attn"]
         return {"masks": {_layer_type(attn.config, attn.layer_idx): named.get("attention_mask")},
