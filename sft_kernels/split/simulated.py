@@ -11,7 +11,9 @@ counts the bytes a real link would carry:
 Its ``forward`` takes the wrapped model's inputs (``input_ids``, ``attention_mask``, ...,
 ``labels``) and returns the wrapped model's output type, so it drops into a training loop
 written for the unsplit model.  Each forward uses a fresh codec seed (``seed`` + a step
-counter), so stochastic rounding differs per step but a run is reproducible.
+counter), so stochastic rounding differs per step but a run is reproducible.  Dropout in
+each part draws from a generator keyed by ``(seed, step, part)`` (:mod:`.rng`), as the TCP
+runtime does, so a simulated run and a run over a real link are the same computation.
 
 Knows models, ``split_model`` and codecs; no sockets, data loading or runtime.
 """
@@ -25,9 +27,15 @@ from torch import nn
 
 from ..codecs import Codec, Packet, boundary, from_spec
 from .boundary_output import BoundaryOutput
+from .rng import part_rng
 from .surgery import split_model
 
-__all__ = ["SimulatedSplit", "StepBytes"]
+__all__ = ["SimulatedSplit", "StepBytes", "codec_seed"]
+
+
+def codec_seed(seed: int, step: int) -> int:
+    """Codec seed of the boundary tensor at ``step`` (the residual, when sent, uses this + 1)."""
+    return seed + 2 * step
 
 
 @dataclass
@@ -87,7 +95,10 @@ class SimulatedSplit(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, **inputs: Optional[torch.Tensor]) -> Any:
         """The wrapped model's forward, across a simulated link; returns the wrapped model's output."""
-        b = self.edge(input_ids, attention_mask, **inputs)
+        index = self.steps
+        self.steps += 1
+        with part_rng(self.seed, index, "edge", [input_ids.device]):
+            b = self.edge(input_ids, attention_mask, **inputs)
         step = StepBytes(aux=b.aux_nbytes)
         if labels is not None:
             step.labels = labels.numel() * labels.element_size()
@@ -95,8 +106,8 @@ class SimulatedSplit(nn.Module):
         self.bytes_sent += step.sent
         self.aux_bytes += step.aux
         self.last_step = step
-        seed = self.seed + 2 * self.steps
-        self.steps += 1
+        seed = codec_seed(self.seed, index)
         crossed = BoundaryOutput(self._cross(b.hidden, seed, step), b.lengths, b.seq_len,
                                  self._cross(b.residual, seed + 1, step), b.pool_index)
-        return self.cloud(crossed, labels=labels)
+        with part_rng(self.seed, index, "cloud", [input_ids.device]):
+            return self.cloud(crossed, labels=labels)
