@@ -1,0 +1,314 @@
+"""``EdgeTrainer``: the edge side of split fine-tuning over the channel.
+
+It holds the edge part, its optimizer and scheduler, and the data.  Each step:
+forward on the edge (dropout keyed by ``(seed, step, "edge")``), encode the boundary,
+send it with the labels, receive the encoded gradient, decode, check it is finite,
+backward, step.
+
+Faults: a dropped connection is retried with exponential backoff, a bounded number of
+times; each retry authenticates again and re-opens the session, which tells the edge
+where the cloud stands.  The edge then re-sends the step (the cloud replays its cached
+reply if it had applied it) or, when the cloud restarted from an older checkpoint,
+rolls back to that checkpoint itself and recomputes from there.  Because dropout and
+codec randomness are keyed by step and the data order by (seed, epoch), recomputed
+steps are the same computation.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
+
+import torch
+
+from ..channel import Connection, Limits, LinkLimiter, ProtocolError, RemoteError, TLSConfig, connect
+from ..codecs import BWD_SEED_OFFSET, from_spec
+from ..split import codec_seed, part_rng
+from .checkpoint import CheckpointStore, rng_state, set_rng_state
+from .config import RunConfig, state_hash
+from .messages import EVAL, FINISH, OPEN, TRAIN, StepRefused, boundary_to_wire, decode_packet, packet_from_wire
+from .parts import build_parts, make_optimizer, make_scheduler
+
+__all__ = ["EdgeTrainer", "TrainSummary", "CloudError", "LinkLost"]
+
+log = logging.getLogger("sft_kernels.runtime")
+
+_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+_LINK_ERRORS = (OSError, ConnectionError, EOFError, ProtocolError, TimeoutError)
+
+
+class CloudError(RuntimeError):
+    """The cloud refused a request (its error message is included)."""
+
+
+class LinkLost(ConnectionError):
+    """The link stayed down through every retry."""
+
+
+class _Rewind(Exception):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+
+@dataclass
+class TrainSummary:
+    """What a training run did, measured."""
+
+    steps: int = 0
+    examples: int = 0
+    losses: list = field(default_factory=list)
+    payload_up: int = 0          # encoded boundary + aux + labels, edge -> cloud (training steps)
+    payload_down: int = 0        # encoded gradients, cloud -> edge
+    reconnects: int = 0
+    replays_or_rollbacks: int = 0
+    seconds: float = 0.0
+
+    def per_example(self) -> tuple[float, float]:
+        """Payload bytes per training example, (up, down)."""
+        n = max(1, self.examples)
+        return self.payload_up / n, self.payload_down / n
+
+
+class EdgeTrainer:
+    """Trains the edge part of ``cfg`` against a :class:`~.cloud.CloudServer` at ``host:port``.
+
+    Args:
+        cfg: the run (both sides build the same initial parts from it).
+        batch_at: ``step -> batch`` (``input_ids``, ``attention_mask``, optional ``token_type_ids``,
+            ``labels``); must be deterministic in ``step`` so a rolled-back step is the same batch.
+        client_id, token: this edge's credentials (a line of the server's tokens file).
+        checkpoint_dir, checkpoint_every: where and how often the edge checkpoints (every N steps).
+        retries, backoff_s: reconnect attempts per link failure and the first backoff (doubles each try).
+        tls, limits, link, timeout: passed to :func:`sft_kernels.channel.connect`.
+        model_dir: local model directory (default: the embedded package).
+        progress: show a tqdm bar.
+    """
+
+    def __init__(self, cfg: RunConfig, batch_at: Callable[[int], Mapping[str, torch.Tensor]], *, host: str,
+                 port: int, client_id: str, token: Union[bytes, str],
+                 checkpoint_dir: Union[str, Path, None] = None, checkpoint_every: int = 50, retries: int = 8,
+                 backoff_s: float = 0.25, tls: Optional[TLSConfig] = None, limits: Optional[Limits] = None,
+                 link: Optional[LinkLimiter] = None, timeout: float = 120.0, model_dir: Union[str, Path, None] = None,
+                 progress: bool = True) -> None:
+        if checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, got {retries}")
+        if not 0 < backoff_s <= 60:
+            raise ValueError(f"backoff_s must be in (0, 60], got {backoff_s}")
+        self.cfg, self.batch_at = cfg, batch_at
+        self.tokenizer, self.model, cloud = build_parts(cfg, model_dir)
+        self.init_hashes = {"edge": state_hash(self.model), "cloud": state_hash(cloud)}
+        del cloud
+        self.opt = make_optimizer(self.model, cfg)
+        self.sched = make_scheduler(self.opt, cfg)
+        self.fwd, self.bwd = from_spec(cfg.fwd_codec), from_spec(cfg.bwd_codec)
+        self._addr = (host, port)
+        self._cred = (client_id, token)
+        self._conn_kw = dict(tls=tls, limits=limits or Limits(), link=link, timeout=timeout)
+        self.retries, self.backoff_s, self.progress = retries, backoff_s, progress
+        self.every = checkpoint_every
+        self.step = 0
+        self.summary = TrainSummary()
+        self.store = CheckpointStore(checkpoint_dir) if checkpoint_dir is not None else None
+        if self.store is not None:
+            latest = self.store.latest()
+            if latest is None:
+                self.save()
+            else:
+                self.restore(latest)
+        self.conn: Optional[Connection] = None
+
+    # ---------------------------------------------------------------- state
+    def state(self) -> dict[str, Any]:
+        """Everything an edge checkpoint holds (the data cursor is the step: batches are keyed by it)."""
+        s = self.summary
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "rng": rng_state(), "step": self.step,
+                "cursor": {"step": self.step}, "config": self.cfg.to_dict(),
+                "summary": {"losses": list(s.losses), "payload_up": s.payload_up, "payload_down": s.payload_down,
+                            "examples": s.examples}}
+
+    def save(self) -> None:
+        """Checkpoint at the current step (no-op without a checkpoint directory)."""
+        if self.store is not None:
+            self.store.save(self.step, self.state())
+
+    def restore(self, step: int) -> None:
+        """Load the edge checkpoint of ``step``."""
+        if self.store is None:
+            raise CloudError(f"the cloud resumes at step {step}, but this edge runs without a checkpoint directory "
+                             f"and is at step {self.step}; cannot roll back")
+        st = self.store.load(step)
+        if RunConfig.from_dict(st["config"]) != self.cfg:
+            raise ValueError(f"checkpoint {self.store.path(step)} belongs to a different run config")
+        self.model.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["optimizer"])
+        self.sched.load_state_dict(st["scheduler"])
+        set_rng_state(st["rng"])
+        self.step = int(st["step"])
+        sm = st["summary"]
+        self.summary.losses = list(sm["losses"])
+        self.summary.payload_up, self.summary.payload_down = sm["payload_up"], sm["payload_down"]
+        self.summary.examples = sm["examples"]
+
+    # ---------------------------------------------------------------- link
+    def open(self) -> None:
+        """Connect, authenticate and open the session; roll back if the cloud resumes earlier."""
+        self.close()
+        conn = connect(*self._addr, *self._cred, **self._conn_kw)
+        try:
+            reply = conn.request(OPEN, {}, {"config": self.cfg.to_dict(), "hashes": self.init_hashes,
+                                            "step": self.step})
+        except RemoteError as exc:
+            conn.close()
+            raise CloudError(f"the cloud refused the session: {exc}") from None
+        except BaseException:
+            conn.close()
+            raise
+        self.conn = conn
+        resume = reply.meta.get("step")
+        if not isinstance(resume, int) or not 0 <= resume <= self.step:
+            conn.close()
+            raise CloudError(f"the cloud proposed resume step {resume!r}; the edge is at step {self.step}")
+        if resume < self.step:
+            log.warning("cloud resumes at step %d, edge was at %d: rolling back", resume, self.step)
+            self.restore(resume)
+            self.summary.replays_or_rollbacks += 1
+            raise _Rewind(resume)
+
+    def close(self) -> None:
+        """Close the connection (the session stays on the server)."""
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    def _reopen(self) -> None:
+        delay = self.backoff_s
+        last: Optional[BaseException] = None
+        for attempt in range(1, self.retries + 1):
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+            try:
+                self.open()
+                self.summary.reconnects += 1
+                return
+            except _Rewind:
+                self.summary.reconnects += 1
+                raise
+            except _LINK_ERRORS as exc:
+                last = exc
+                log.warning("reconnect %d/%d failed: %s", attempt, self.retries, exc)
+        raise LinkLost(f"link to {self._addr[0]}:{self._addr[1]} lost; {self.retries} reconnect(s) failed: {last}")
+
+    def _request(self, kind: int, tensors: dict, meta: dict, seq: int):
+        while True:
+            try:
+                if self.conn is None:
+                    self.open()
+                return self.conn.request(kind, tensors, meta, seq=seq)
+            except RemoteError as exc:
+                raise CloudError(f"the cloud refused {('TRAIN', 'EVAL', 'FINISH')[kind - TRAIN]} {seq}: {exc}") from None
+            except _LINK_ERRORS as exc:
+                log.warning("link error at step %d: %s; reconnecting", self.step, exc)
+                self.close()
+                self._reopen()
+
+    # ---------------------------------------------------------------- steps
+    def _inputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: batch[k] for k in _INPUTS if k in batch}
+
+    def train_step(self) -> float:
+        """Run the current step once across the link; returns its loss."""
+        step = self.step
+        batch = self.batch_at(step)
+        with part_rng(self.cfg.seed, step, "edge"):
+            b = self.model(**self._inputs(batch))
+        tensors, bmeta, nbytes = boundary_to_wire(b, self.fwd, codec_seed(self.cfg.seed, step))
+        labels = batch["labels"]
+        labels = labels.float() if self.cfg.num_labels == 1 else labels.long()
+        tensors["labels"] = labels
+        up = nbytes + labels.numel() * labels.element_size()
+        reply = self._request(TRAIN, tensors, {"boundary": bmeta}, seq=step)
+        if reply.seq != step:
+            raise CloudError(f"reply for step {reply.seq}, expected {step}")
+        grads, outs = [], []
+        for prefix, t in (("h", b.hidden), ("r", b.residual)):
+            if t is None:
+                continue
+            p = packet_from_wire(reply.tensors, reply.meta.get(prefix), "g." + prefix, self.bwd, t.numel())
+            g = decode_packet(self.bwd, p, f"step {step}: received gradient '{prefix}'")
+            if g.shape != t.shape:
+                raise StepRefused(f"step {step}: gradient '{prefix}' has shape {tuple(g.shape)}, "
+                                  f"expected {tuple(t.shape)}")
+            grads.append(g.to(t.dtype))
+            outs.append(t)
+        torch.autograd.backward(outs, grads)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        loss = float(reply.meta["loss"])
+        s = self.summary
+        s.losses.append(loss)
+        s.payload_up += up
+        s.payload_down += sum(v.numel() * v.element_size() for v in reply.tensors.values())
+        s.examples += int(labels.shape[0])
+        self.step = step + 1
+        if self.step % self.every == 0 or self.step == self.cfg.total_steps:
+            self.save()
+        return loss
+
+    def train(self, steps: Optional[int] = None) -> TrainSummary:
+        """Train until ``steps`` (default ``cfg.total_steps``); resumes from wherever the edge is."""
+        end = self.cfg.total_steps if steps is None else min(steps, self.cfg.total_steps)
+        t0 = time.perf_counter()
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=end, initial=self.step, desc="train", unit="step")
+        try:
+            while self.step < end:
+                try:
+                    loss = self.train_step()
+                except _Rewind:
+                    if bar is not None:
+                        bar.n = self.step
+                        bar.refresh()
+                    continue
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}")
+        finally:
+            if bar is not None:
+                bar.close()
+        self.summary.steps = self.step
+        self.summary.seconds += time.perf_counter() - t0
+        return self.summary
+
+    @torch.no_grad()
+    def predict(self, batches: Iterable[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+        """Logits of every batch (forward only; the cloud does not update)."""
+        was = self.model.training
+        self.model.eval()
+        out = []
+        try:
+            for i, batch in enumerate(batches):
+                b = self.model(**self._inputs(batch))
+                tensors, meta, _ = boundary_to_wire(b, self.fwd, codec_seed(self.cfg.seed, self.step + i))
+                while True:
+                    try:
+                        reply = self._request(EVAL, tensors, {"boundary": meta}, seq=i)
+                        break
+                    except _Rewind:
+                        raise CloudError("the cloud rolled back during evaluation; re-run training first") from None
+                out.append(reply.tensors["logits"])
+        finally:
+            self.model.train(was)
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def finish(self) -> None:
+        """Tell the cloud the run is over (it checkpoints its final step)."""
+        self._request(FINISH, {}, {}, seq=self.step)
