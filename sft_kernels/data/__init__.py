@@ -1,7 +1,13 @@
-"""Datasets: GLUE TSV files from ../shared/data/glue (read locally, never downloaded).
+"""Datasets: GLUE TSV files from ../shared/data/glue (read locally, never downloaded), the synthetic
+offline task, deterministic batching and the official GLUE metrics.
 
-Must not import split/, channel/ or runtime/.
+Must not import split/, channel/, runtime/ or cli.
 """
-from .glue import default_glue_dir, read_sentences
+from .batching import batch_order, batches, num_batches
+from .glue import GLUE_TASKS, SPLITS, TASKS, TaskSpec, default_glue_dir, load_glue, load_task, read_sentences
+from .metrics import compute_metrics, glue_score, majority_baseline
+from .synthetic import synthetic_sentiment
 
-__all__ = ["default_glue_dir", "read_sentences"]
+__all__ = ["TaskSpec", "TASKS", "GLUE_TASKS", "SPLITS", "default_glue_dir", "load_glue", "load_task",
+           "read_sentences", "synthetic_sentiment", "compute_metrics", "glue_score", "majority_baseline",
+           "batches", "batch_order", "num_batches"]

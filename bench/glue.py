@@ -1,0 +1,627 @@
+"""GLUE benchmark: fine-tune MiniLM split at K = 3 of 6 layers, per configuration, and compare with no split.
+
+Every (task, config, seed) cell fine-tunes the pretrained all-MiniLM-L6-v2 encoder with a
+fresh head on a fixed train subsample (the same rows, seeds, hyper-parameters and steps
+for every config), evaluates on the FULL dev set (through the link, codecs included) and
+appends one row to the CSV.  Bytes per training example are the byte counters' deltas
+over the training steps only, divided by the training examples processed.
+
+The training loop talks to a *runner* (:class:`Runner`): ``train_step(batch) -> loss``,
+``predict(batch) -> logits``, ``bytes_up`` / ``bytes_down`` (training traffic so far) and
+``close()``.  :class:`SimulatedRunner` runs the model in-process (``SimulatedSplit``);
+another runner (e.g. over a real TCP link) can be added in :func:`make_runner`.
+
+Usage::
+
+    python bench/glue.py                          # defaults of `make glue`
+    python bench/glue.py --tasks RTE --configs a b --seeds 0 --max-train 64
+    python bench/glue.py --report-only            # RESULTS.md + results/plots/*.png from the CSV
+
+The CSV is resumable: cells already in it are skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional, Protocol
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from sft_kernels.data import (TASKS, batches, compute_metrics, glue_score, load_task,  # noqa: E402
+                              majority_baseline, num_batches)
+
+#: The split point: after layer K of MiniLM's 6.
+SPLIT_AT = 3
+DEFAULT_TASKS = ("SST-2", "CoLA", "MRPC", "STS-B", "RTE", "WNLI")
+#: Seed of the fixed permutation the train subsample is the head of (independent of the run seed).
+SUBSAMPLE_SEED = 1234
+#: The CSV's required columns, in order; extra columns follow them.
+CSV_COLUMNS = ["task", "config", "seed", "metric_name", "metric", "train_examples", "epochs",
+               "bytes_up_per_example", "bytes_down_per_example", "seconds"]
+EXTRA_COLUMNS = ["metrics", "lr", "batch_size", "max_length", "first_losses", "machine"]
+METRIC_NAMES = {"accuracy": "accuracy", "matthews_corr": "mcc", "f1": "f1", "pearson": "pearson", "spearman": "spearman"}
+FINDINGS_START, FINDINGS_END = "<!-- findings -->", "<!-- /findings -->"
+
+
+@dataclass(frozen=True)
+class Config:
+    """One split configuration.  ``split is None`` means no split (the reference)."""
+
+    name: str
+    label: str
+    split: Optional[dict[str, Any]] = None
+
+
+def _bn(rank: int, fwd: str = "none", bwd: str = "none", links: bool = True) -> dict[str, Any]:
+    return dict(mode="bottleneck", rank=rank, fwd_codec=fwd, bwd_codec=bwd, eliminate_links=links)
+
+
+def _layer(fwd: str = "none", bwd: str = "none") -> dict[str, Any]:
+    return dict(mode="layer", fwd_codec=fwd, bwd_codec=bwd)
+
+
+CONFIGS: dict[str, Config] = {c.name: c for c in [
+    Config("a", "(a) no split (reference)"),
+    Config("b", "(b) layer split, fp32 both ways", _layer()),
+    Config("c4", "(c) bottleneck r=4, links eliminated", _bn(4)),
+    Config("c8", "(c) bottleneck r=8, links eliminated", _bn(8)),
+    Config("c16", "(c) bottleneck r=16, links eliminated", _bn(16)),
+    Config("c4_links", "(c) bottleneck r=4, links kept (sends h)", _bn(4, links=False)),
+    Config("d4_int8", "(d) bottleneck r=4 + int8 / int8,sr", _bn(4, "int8", "int8,sr")),
+    Config("d8_int8", "(d) bottleneck r=8 + int8 / int8,sr", _bn(8, "int8", "int8,sr")),
+    Config("d4_int4", "(d) bottleneck r=4 + int4 / int4,sr", _bn(4, "int4", "int4,sr")),
+    Config("e_lr16_int8", "(e) layer split + lowrank r=16 + int8 both ways",
+           _layer("lowrank:r=16+int8", "lowrank:r=16+int8")),
+    Config("f_int8", "(f) layer split + int8 / int8,sr", _layer("int8", "int8,sr")),
+]}
+
+
+# --------------------------------------------------------------------------------------------- runners
+class Runner(Protocol):
+    """What the training loop needs from a way of running the (split) model."""
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> float:
+        """One optimizer step on ``batch``; returns the loss."""
+
+    def predict(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits of ``batch`` in eval mode, no gradients."""
+
+    @property
+    def bytes_up(self) -> int:
+        """Edge -> cloud bytes of the training steps so far."""
+
+    @property
+    def bytes_down(self) -> int:
+        """Cloud -> edge bytes of the training steps so far."""
+
+    def close(self) -> None:
+        """Release resources."""
+
+
+_MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _linear_warmup(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+class SimulatedRunner:
+    """In-process runner: the plain model (config ``a``) or a ``SimulatedSplit`` of it.
+
+    AdamW over all parameters with a linear schedule and warmup; byte counters are
+    read around each training step only, so eval traffic is not counted.
+    """
+
+    def __init__(self, config: Config, num_labels: int, seed: int, *, lr: float, weight_decay: float,
+                 total_steps: int, warmup_steps: int, minilm=None) -> None:
+        from sft_kernels import SimulatedSplit
+        from sft_kernels.split.pretrained import minilm_classifier
+
+        torch.manual_seed(seed)
+        self.tokenizer, model = minilm_classifier(num_labels, minilm=minilm, seed=seed)
+        if config.split is not None:
+            model = SimulatedSplit(model, at=SPLIT_AT, seed=seed, **config.split)
+        self.model = model
+        self.split = config.split is not None
+        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: _linear_warmup(s, total_steps, warmup_steps))
+        self._up = self._down = 0
+
+    def _counters(self) -> tuple[int, int]:
+        return (self.model.bytes_sent, self.model.bytes_received) if self.split else (0, 0)
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> float:
+        self.model.train()
+        up0, down0 = self._counters()
+        out = self.model(**{k: batch[k] for k in _MODEL_INPUTS}, labels=batch["labels"])
+        self.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        self.opt.step()
+        self.sched.step()
+        up1, down1 = self._counters()
+        self._up += up1 - up0
+        self._down += down1 - down0
+        return float(out.loss.detach())
+
+    @torch.no_grad()
+    def predict(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.model.eval()
+        return self.model(**{k: batch[k] for k in _MODEL_INPUTS}).logits
+
+    @property
+    def bytes_up(self) -> int:
+        return self._up
+
+    @property
+    def bytes_down(self) -> int:
+        return self._down
+
+    def close(self) -> None:
+        self.model = self.opt = self.sched = None
+
+
+def make_runner(config: Config, num_labels: int, seed: int, args: argparse.Namespace, total_steps: int,
+                minilm=None) -> Runner:
+    """The runner for one cell (the in-process simulation; other runners plug in here)."""
+    return SimulatedRunner(config, num_labels, seed, lr=args.lr, weight_decay=args.weight_decay,
+                           total_steps=total_steps, warmup_steps=int(round(args.warmup * total_steps)),
+                           minilm=minilm)
+
+
+# --------------------------------------------------------------------------------------------- one run
+_MINILM = None
+
+
+def _minilm():
+    """The pretrained (tokenizer, encoder) pair, loaded once per process."""
+    global _MINILM
+    if _MINILM is None:
+        from sft_kernels.split.pretrained import load_minilm
+
+        _MINILM = load_minilm()
+    return _MINILM
+
+
+def train_subsample(ds, n: Optional[int]):
+    """The first ``n`` rows of a fixed permutation (seed 1234) of ``ds``: the same for every config and seed."""
+    if n is None or n >= len(ds):
+        return ds
+    idx = np.random.default_rng(SUBSAMPLE_SEED).permutation(len(ds))[:n]
+    return ds.select(idx.tolist())
+
+
+def max_train_for(task: str, spec: dict[str, Optional[int]]) -> Optional[int]:
+    """Cap for ``task`` from ``--max-train``'s parsed form (per-task value, else the default)."""
+    return spec.get(task, spec.get("*"))
+
+
+def parse_max_train(text: str) -> dict[str, Optional[int]]:
+    """``"512"`` / ``"SST-2=2000,RTE=1000"`` / ``"512,WNLI=0"`` -> ``{task or "*": n}``; 0 or "all" = no cap."""
+    out: dict[str, Optional[int]] = {}
+    for part in filter(None, (p.strip() for p in str(text).split(","))):
+        key, _, val = part.rpartition("=")
+        key = key.strip() or "*"
+        if key != "*" and key not in TASKS:
+            raise argparse.ArgumentTypeError(f"--max-train: unknown task {key!r} (valid: {list(TASKS)})")
+        try:
+            n = None if val.strip().lower() in ("all", "none", "0") else int(val)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--max-train: not an int: {val!r}") from None
+        if n is not None and n < 0:
+            raise argparse.ArgumentTypeError(f"--max-train must be >= 0, got {n}")
+        out[key] = n
+    return out
+
+
+def evaluate(runner: Runner, task: str, tokenizer, dev_ds, args: argparse.Namespace) -> dict[str, float]:
+    """The task's metrics of ``runner`` on ``dev_ds`` (length-sorted batches, predictions mapped back)."""
+    spec = TASKS[task]
+    preds = np.zeros(len(dev_ds), dtype=np.float64 if spec.is_regression else np.int64)
+    for b in batches(tokenizer, dev_ds, args.eval_batch_size, max_length=args.max_length, sort_by_length=True):
+        logits = runner.predict(b)
+        p = logits[:, 0] if spec.is_regression else logits.argmax(-1)
+        preds[b["index"].numpy()] = p.float().numpy() if spec.is_regression else p.numpy()
+    return compute_metrics(task, preds, np.asarray(dev_ds["label"]))
+
+
+def metric_name(task: str) -> str:
+    """The CSV's metric name: ``accuracy``, ``mcc``, ``f1/accuracy``, ``pearson/spearman``."""
+    return "/".join(METRIC_NAMES[m] for m in TASKS[task].metric_names)
+
+
+def machine() -> str:
+    """CPU model and core count (``lscpu``), or the platform string."""
+    name = platform.processor() or platform.machine()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
+        m = re.search(r"^Model name:\s*(.+)$", out, re.M)
+        if m:
+            name = m.group(1).strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return f"{name}, {os.cpu_count()} cores"
+
+
+def run_one(task: str, config: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Fine-tune one (task, config, seed) cell and evaluate it on the full dev set; returns the CSV row.
+
+    The row also carries ``losses`` (every training step's loss, not written to the CSV).
+    """
+    cfg = CONFIGS[config]
+    spec, train_full = load_task(task, "train", data_dir=args.data_dir)
+    _, dev_ds = load_task(task, "dev", data_dir=args.data_dir, limit=getattr(args, "max_dev", None))
+    train_ds = train_subsample(train_full, max_train_for(task, args.max_train))
+    steps_per_epoch = num_batches(len(train_ds), args.batch_size)
+    total = steps_per_epoch * args.epochs
+    tok = _minilm()[0]  # loaded once per process, outside the timed part
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    runner = make_runner(cfg, spec.num_labels, seed, args, total, minilm=_minilm())
+    losses: list[float] = []
+    examples = 0
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc=f"{task} {config} s{seed}", disable=args.quiet, leave=False, unit="step")
+        for epoch in range(args.epochs):
+            for b in batches(tok, train_ds, args.batch_size, max_length=args.max_length, shuffle=True, seed=seed,
+                             epoch=epoch):
+                losses.append(runner.train_step(b))
+                examples += len(b["labels"])
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        bar.close()
+        up, down = runner.bytes_up, runner.bytes_down
+        metrics = evaluate(runner, task, tok, dev_ds, args)
+    finally:
+        runner.close()
+    seconds = time.perf_counter() - t0
+    return {
+        "task": task, "config": config, "seed": seed, "metric_name": metric_name(task),
+        "metric": round(glue_score(task, metrics), 4), "train_examples": len(train_ds), "epochs": args.epochs,
+        "bytes_up_per_example": round(up / max(examples, 1), 2),
+        "bytes_down_per_example": round(down / max(examples, 1), 2), "seconds": round(seconds, 2),
+        "metrics": ";".join(f"{k}={v:.6f}" for k, v in metrics.items()), "lr": args.lr,
+        "batch_size": args.batch_size, "max_length": args.max_length,
+        "first_losses": " ".join(f"{x:.5f}" for x in losses[:10]), "machine": machine(),
+        "losses": losses,
+    }
+
+
+# --------------------------------------------------------------------------------------------- CSV
+def read_rows(path: Path) -> list[dict[str, str]]:
+    """The CSV's rows (empty when the file does not exist)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def append_row(path: Path, row: dict[str, Any]) -> None:
+    """Append ``row`` (header first if the file is new), flushed to disk."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.is_file() or path.stat().st_size == 0
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS + EXTRA_COLUMNS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerow(row)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _meta_path(csv_path: Path) -> Path:
+    return csv_path.with_suffix(".meta.json")
+
+
+def record_command(csv_path: Path, args: argparse.Namespace) -> None:
+    """Remember the command line and hyper-parameters next to the CSV (for RESULTS.md)."""
+    p = _meta_path(csv_path)
+    meta = json.loads(p.read_text()) if p.is_file() else {}
+    cmd = "python bench/glue.py " + " ".join(sys.argv[1:])
+    meta.setdefault("commands", [])
+    if cmd not in meta["commands"]:
+        meta["commands"].append(cmd)
+    meta["hyper"] = {"lr": args.lr, "weight_decay": args.weight_decay, "warmup": args.warmup,
+                     "batch_size": args.batch_size, "eval_batch_size": args.eval_batch_size,
+                     "max_length": args.max_length, "epochs": args.epochs, "split_at": SPLIT_AT,
+                     "optimizer": "AdamW, linear schedule with warmup", "threads": torch.get_num_threads(),
+                     "torch": torch.__version__}
+    meta["machine"] = machine()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(meta, indent=1))
+
+
+# --------------------------------------------------------------------------------------------- report
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    a = np.asarray(xs, dtype=np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def _fmt_bytes(x: float) -> str:
+    if x >= 1e6:
+        return f"{x / 1e6:.2f} MB"
+    if x >= 1e3:
+        return f"{x / 1e3:.1f} kB"
+    return f"{x:.0f} B"
+
+
+def summarize(rows: list[dict[str, str]]) -> dict[str, Any]:
+    """Per (task, config): scores over seeds, mean bytes up/down, seconds; plus the ordered task/config lists."""
+    cells: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in rows:
+        c = cells.setdefault((r["task"], r["config"]), {"scores": [], "up": [], "down": [], "seeds": set(),
+                                                         "train": r["train_examples"], "epochs": r["epochs"]})
+        c["scores"].append(float(r["metric"]))
+        c["up"].append(float(r["bytes_up_per_example"]))
+        c["down"].append(float(r["bytes_down_per_example"]))
+        c["seeds"].add(r["seed"])
+    tasks = [t for t in list(DEFAULT_TASKS) + sorted(TASKS) if any(k[0] == t for k in cells)]
+    tasks = list(dict.fromkeys(tasks))
+    configs = [c for c in CONFIGS if any(k[1] == c for k in cells)]
+    for c in cells.values():
+        c["mean"], c["std"] = _mean_std(c["scores"])
+        c["up_mean"], c["down_mean"] = float(np.mean(c["up"])), float(np.mean(c["down"]))
+    return {"cells": cells, "tasks": tasks, "configs": configs}
+
+
+def _baselines(tasks: Iterable[str], data_dir) -> dict[str, float]:
+    out = {}
+    for t in tasks:
+        try:
+            _, tr = load_task(t, "train", data_dir=data_dir)
+            _, dv = load_task(t, "dev", data_dir=data_dir)
+            out[t] = glue_score(t, majority_baseline(t, tr, dv))
+        except (FileNotFoundError, ValueError):
+            pass
+    return out
+
+
+def _reduction(cells, task: str, config: str, ref: str = "b", key: str = "up_mean") -> Optional[float]:
+    r, c = cells.get((task, ref)), cells.get((task, config))
+    if not r or not c or c[key] <= 0:
+        return None
+    return r[key] / c[key]
+
+
+def make_plots(summary: dict[str, Any], baselines: dict[str, float], plot_dir: Path) -> list[Path]:
+    """One PNG per task: score (mean +- std) vs bytes up per training example, log x; ``a`` and majority as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    cells, paths = summary["cells"], []
+    for task in summary["tasks"]:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        pts = [(c, cells[(task, c)]) for c in summary["configs"] if (task, c) in cells and c != "a"]
+        for name, cell in pts:
+            x = max(cell["up_mean"], 1.0)
+            ax.errorbar([x], [cell["mean"]], yerr=[cell["std"]], fmt="o", capsize=3)
+            ax.annotate(name, (x, cell["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        if (task, "a") in cells:
+            a = cells[(task, "a")]
+            ax.axhline(a["mean"], color="k", lw=1, label=f"(a) no split: {a['mean']:.1f}")
+            if a["std"] > 0:
+                ax.axhspan(a["mean"] - a["std"], a["mean"] + a["std"], color="k", alpha=0.08)
+        if task in baselines:
+            ax.axhline(baselines[task], color="gray", ls="--", lw=1, label=f"majority: {baselines[task]:.1f}")
+        if pts:
+            ax.set_xscale("log")
+        ax.set_xlabel("bytes edge -> cloud per training example (log)")
+        ax.set_ylabel(f"GLUE score ({metric_name(task) if task in TASKS else ''}) x 100")
+        ax.set_title(f"{task}: MiniLM split at K={SPLIT_AT}, score vs traffic")
+        ax.legend(loc="best", fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+        fig.tight_layout()
+        p = plot_dir / f"{task}.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def _keep_findings(path: Path) -> str:
+    placeholder = "_Findings: to be written (this text between the markers is kept when RESULTS.md is regenerated)._"
+    if path.is_file():
+        text = path.read_text()
+        i, j = text.find(FINDINGS_START), text.find(FINDINGS_END)
+        if 0 <= i < j:
+            return text[i + len(FINDINGS_START):j].strip("\n")
+    return placeholder
+
+
+def render_report(csv_path: Path, md_path: Path, plot_dir: Path, data_dir=None) -> str:
+    """Write RESULTS.md and the plots from the CSV; returns the markdown."""
+    rows = read_rows(csv_path)
+    meta_p = _meta_path(csv_path)
+    meta = json.loads(meta_p.read_text()) if meta_p.is_file() else {}
+    s = summarize(rows)
+    cells, tasks, configs = s["cells"], s["tasks"], s["configs"]
+    baselines = _baselines(tasks, data_dir)
+    plots = make_plots(s, baselines, plot_dir)
+    rel = lambda p: os.path.relpath(p, md_path.parent)  # noqa: E731
+    L: list[str] = ["# GLUE results: MiniLM fine-tuned across a split at K = 3 of 6 layers", ""]
+    L.append(f"Generated by `python bench/glue.py --report-only --out {rel(csv_path)}` from `{rel(csv_path)}` "
+             f"({len(rows)} runs). Score = GLUE metric x 100 (MRPC: mean of F1 and accuracy; STS-B: mean of "
+             "Pearson and Spearman; CoLA: Matthews corr.); mean ± std over seeds; dev sets are always complete.")
+    L.append("")
+    hyper = meta.get("hyper", {})
+    mach = meta.get("machine") or (rows[0].get("machine") if rows else machine())
+    total_s = sum(float(r["seconds"]) for r in rows)
+    L += ["## Setup", ""]
+    L.append(f"- Machine: {mach}; torch {hyper.get('torch', torch.__version__)}, {hyper.get('threads', '?')} threads.")
+    if hyper:
+        L.append(f"- Hyper-parameters (same for every config): {hyper.get('optimizer')}, lr {hyper.get('lr')}, "
+                 f"weight decay {hyper.get('weight_decay')}, warmup {hyper.get('warmup'):.0%} of the steps, "
+                 f"batch {hyper.get('batch_size')} (eval {hyper.get('eval_batch_size')}), max length "
+                 f"{hyper.get('max_length')} (dynamic padding), {hyper.get('epochs')} epoch(s); split after layer "
+                 f"{hyper.get('split_at')}.")
+    L.append(f"- Total wall time of the runs: {total_s / 60:.1f} min ({total_s:.0f} s summed over runs).")
+    for cmd in meta.get("commands", []):
+        L.append(f"- Command: `{cmd}`")
+    L += ["", "| task | train examples | epochs | seeds | dev metric | majority baseline |", "|---|---|---|---|---|---|"]
+    for t in tasks:
+        any_cell = next(cells[(t, c)] for c in configs if (t, c) in cells)
+        seeds = sorted(set().union(*(cells[(t, c)]["seeds"] for c in configs if (t, c) in cells)), key=int)
+        base = f"{baselines[t]:.1f}" if t in baselines else "?"
+        if t == "STS-B":
+            base += " (constant: correlation undefined, 0)"
+        L.append(f"| {t} | {any_cell['train']} | {any_cell['epochs']} | {' '.join(seeds)} | "
+                 f"{metric_name(t) if t in TASKS else '?'} | {base} |")
+    # --- scores
+    avg: dict[str, Optional[float]] = {}
+    for c in configs:
+        vals = [cells[(t, c)]["mean"] for t in tasks if (t, c) in cells]
+        avg[c] = float(np.mean(vals)) if len(vals) == len(tasks) else None
+    a_avg = avg.get("a")
+    L += ["", "## Scores (mean ± std over seeds)", "",
+          "| config | " + " | ".join(tasks) + " | average | Δ avg vs (a) |",
+          "|---|" + "---|" * (len(tasks) + 2)]
+    for c in configs:
+        cols = []
+        for t in tasks:
+            cell = cells.get((t, c))
+            cols.append(f"{cell['mean']:.1f} ± {cell['std']:.1f}" if cell else "")
+        d = f"{avg[c] - a_avg:+.1f}" if avg[c] is not None and a_avg is not None and c != "a" else "-"
+        tail = f" | {avg[c]:.1f} | {d} |" if avg[c] is not None else " | | |"
+        L.append(f"| {CONFIGS[c].label} | " + " | ".join(cols) + tail)
+    base_vals = [baselines[t] for t in tasks if t in baselines]
+    if base_vals:
+        tail = f" | {np.mean(base_vals):.1f} | |" if len(base_vals) == len(tasks) else " | | |"
+        L.append("| majority class | " + " | ".join(f"{baselines[t]:.1f}" if t in baselines else "" for t in tasks)
+                 + tail)
+    # --- Δ vs a per task
+    if "a" in configs:
+        L += ["", "## Δ score vs (a) no split, per task", "",
+              "| config | " + " | ".join(tasks) + " | average |", "|---|" + "---|" * (len(tasks) + 1)]
+        for c in configs:
+            if c == "a":
+                continue
+            ds = [cells[(t, c)]["mean"] - cells[(t, "a")]["mean"] if (t, c) in cells and (t, "a") in cells else None
+                  for t in tasks]
+            okd = [d for d in ds if d is not None]
+            tail = f" | {np.mean(okd):+.1f} |" if len(okd) == len(tasks) else " | |"
+            L.append(f"| {CONFIGS[c].label} | " + " | ".join(f"{d:+.1f}" if d is not None else "" for d in ds) + tail)
+    # --- bytes
+    L += ["", "## Traffic per training example (edge -> cloud up / cloud -> edge down) and reduction vs (b)", "",
+          "Bytes are the split's counters over the training steps / training examples: encoded boundary tensors, "
+          "auxiliary data and labels up; encoded gradients down. (a) has no link.", "",
+          "| config | " + " | ".join(tasks) + " | up reduction vs (b), mean over tasks | down reduction vs (b) |",
+          "|---|" + "---|" * (len(tasks) + 2)]
+    red_up: dict[str, Optional[float]] = {}
+    for c in configs:
+        cols = []
+        for t in tasks:
+            cell = cells.get((t, c))
+            if not cell:
+                cols.append("")
+            elif c == "a":
+                cols.append("-")
+            else:
+                cols.append(f"{_fmt_bytes(cell['up_mean'])} / {_fmt_bytes(cell['down_mean'])}")
+        ru = [x for x in (_reduction(cells, t, c) for t in tasks) if x is not None]
+        rd = [x for x in (_reduction(cells, t, c, key="down_mean") for t in tasks) if x is not None]
+        red_up[c] = float(np.mean(ru)) if ru and c != "a" else None
+        L.append(f"| {CONFIGS[c].label} | " + " | ".join(cols) + " | "
+                 + (f"{np.mean(ru):.1f}x" if ru and c != "a" else "-") + " | "
+                 + (f"{np.mean(rd):.1f}x" if rd and c != "a" else "-") + " |")
+    # --- best
+    L.append("")
+    if a_avg is not None:
+        ok = [c for c in configs if c != "a" and avg.get(c) is not None and red_up.get(c) is not None
+              and avg[c] >= a_avg - 1.0]
+        if ok:
+            best = max(ok, key=lambda c: red_up[c])
+            L.append(f"**Best setting within 1 point of (a) on the average:** {CONFIGS[best].label}: average "
+                     f"{avg[best]:.1f} vs {a_avg:.1f} ({avg[best] - a_avg:+.1f}), {red_up[best]:.1f}x less "
+                     "edge -> cloud traffic than (b).")
+        else:
+            L.append("**Best setting within 1 point of (a) on the average:** none of the split configs is within "
+                     "1 point of (a).")
+    L += ["", "## Plots", ""]
+    L += [f"- [{p.stem}]({rel(p)})" for p in plots]
+    L += ["", "## Findings", "", FINDINGS_START, _keep_findings(md_path), FINDINGS_END, ""]
+    text = "\n".join(L)
+    md_path.write_text(text)
+    return text
+
+
+# --------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data-dir", default=None, help="GLUE directory (default $SFT_GLUE_DIR or ../shared/data/glue)")
+    p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), choices=list(TASKS))
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--max-train", type=parse_max_train, default=parse_max_train("512"),
+                   help="train cap: an int, or per task 'SST-2=2000,RTE=1000' (mixable: '512,WNLI=all')")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--eval-batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps")
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--out", type=Path, default=REPO / "results" / "glue.csv")
+    p.add_argument("--results-md", type=Path, default=REPO / "RESULTS.md")
+    p.add_argument("--plots", type=Path, default=None, help="plot directory (default <out dir>/plots)")
+    p.add_argument("--report-only", action="store_true", help="only regenerate RESULTS.md and the plots")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--max-dev", type=int, default=None, help=argparse.SUPPRESS)  # tests only: dev subset
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    plot_dir = args.plots or args.out.parent / "plots"
+    if not args.report_only:
+        done = {(r["task"], r["config"], r["seed"]) for r in read_rows(args.out)}
+        todo = [(t, c, s) for t in args.tasks for s in args.seeds for c in args.configs
+                if (t, c, str(s)) not in done]
+        if not args.quiet:
+            print(f"{len(todo)} runs to do ({len(done)} already in {args.out})", flush=True)
+        if todo:
+            record_command(args.out, args)
+        t_all = time.perf_counter()
+        for i, (t, c, s) in enumerate(todo):
+            row = run_one(t, c, s, args)
+            append_row(args.out, row)
+            if not args.quiet:
+                print(f"[{i + 1}/{len(todo)}] {t:6s} {c:12s} seed {s}: {row['metric_name']} {row['metric']:.2f}  "
+                      f"up {row['bytes_up_per_example']:.0f} B/ex  down {row['bytes_down_per_example']:.0f} B/ex  "
+                      f"{row['seconds']:.1f} s  (elapsed {time.perf_counter() - t_all:.0f} s)", flush=True)
+    text = render_report(args.out, args.results_md, plot_dir, data_dir=args.data_dir)
+    if not args.quiet:
+        start = text.find("## Scores")
+        print(text[start:text.find("## Plots")])
+        print(f"wrote {args.results_md} and {plot_dir}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""bench/glue.py: one tiny run writes a correct CSV row, a resumed run skips it, the report has the table and PNGs."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def glue():
+    spec = importlib.util.spec_from_file_location("bench_glue", ROOT / "bench" / "glue.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_glue"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _args(glue, tmp_path, *extra):
+    return ["--tasks", "WNLI", "--configs", "a", "d4_int8", "--seeds", "0", "--max-train", "16",
+            "--batch-size", "8", "--max-dev", "8", "--max-length", "32", "--quiet",
+            "--out", str(tmp_path / "glue.csv"), "--results-md", str(tmp_path / "RESULTS.md"), *extra]
+
+
+def test_parse_max_train(glue):
+    assert glue.parse_max_train("512") == {"*": 512}
+    assert glue.parse_max_train("SST-2=2000,RTE=1000") == {"SST-2": 2000, "RTE": 1000}
+    spec = glue.parse_max_train("512,WNLI=all")
+    assert glue.max_train_for("WNLI", spec) is None and glue.max_train_for("RTE", spec) == 512
+    with pytest.raises(Exception, match="unknown task"):
+        glue.parse_max_train("XYZ=3")
+
+
+def test_run_resume_report(glue, tmp_path):
+    assert glue.main(_args(glue, tmp_path)) == 0
+    rows = list(csv.DictReader(open(tmp_path / "glue.csv")))
+    assert list(rows[0])[:10] == glue.CSV_COLUMNS
+    assert [(r["task"], r["config"], r["seed"]) for r in rows] == [("WNLI", "a", "0"), ("WNLI", "d4_int8", "0")]
+    a, d = rows
+    assert a["metric_name"] == "accuracy" and 0 <= float(a["metric"]) <= 100
+    assert a["train_examples"] == "16" and a["epochs"] == "1"
+    assert float(a["bytes_up_per_example"]) == 0 and float(a["bytes_down_per_example"]) == 0
+    assert float(d["bytes_up_per_example"]) > 0 and float(d["bytes_down_per_example"]) > 0
+    assert len(d["first_losses"].split()) == 2  # 16 examples / batch 8
+    # resume: nothing new
+    assert glue.main(_args(glue, tmp_path)) == 0
+    assert len(list(csv.DictReader(open(tmp_path / "glue.csv")))) == 2
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "| (a) no split (reference) |" in md and "WNLI" in md and "majority class" in md
+    assert (tmp_path / "plots" / "WNLI.png").stat().st_size > 1000
+    # findings survive regeneration
+    md = md.replace(glue.FINDINGS_START + "\n", glue.FINDINGS_START + "\nOur finding.\n")
+    (tmp_path / "RESULTS.md").write_text(md)
+    assert glue.main(_args(glue, tmp_path, "--report-only")) == 0
+    assert "Our finding." in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_run_one_returns_losses_and_same_bytes_reading(glue, tmp_path):
+    args = glue.build_parser().parse_args(_args(glue, tmp_path))
+    row = glue.run_one("WNLI", "b", 0, args)
+    assert len(row["losses"]) == 2 and row["first_losses"].split()[0] == f"{row['losses'][0]:.5f}"
+    # layer split, fp32 both ways: per example up >= 384 floats per token; down the same without labels/aux
+    assert row["bytes_up_per_example"] > row["bytes_down_per_example"] > 384 * 4
