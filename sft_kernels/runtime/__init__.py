@@ -1,7 +1,16 @@
-"""Runtime: joins data, split, codecs (and later the channel) into jobs.
+"""Runtime: joins data, split, codecs and the channel into jobs.
 
-For now it holds the codec demo that ``sft demo`` / ``make demo`` runs.
+* :class:`CloudServer` / :class:`CloudSession` -- the cloud side (``sft serve``);
+* :class:`EdgeTrainer` -- the edge side (``sft train``);
+* :class:`RunConfig` -- what both sides agree on;
+* :func:`run_demo` -- ``sft demo`` / ``make demo``; :func:`codec_report` -- ``sft codecs``.
 """
-from .demo import DEFAULT_CODECS, CodecReport, codec_report
+from .cloud import CloudServer, CloudSession
+from .codec_report import DEFAULT_CODECS, CodecReport, codec_report
+from .config import RunConfig
+from .edge import CloudError, EdgeTrainer, LinkLost, TrainSummary
+from .jobs import LocalCloud, StepBatches, run_demo, train_and_evaluate
 
-__all__ = ["DEFAULT_CODECS", "CodecReport", "codec_report"]
+__all__ = ["CloudServer", "CloudSession", "RunConfig", "EdgeTrainer", "TrainSummary", "CloudError", "LinkLost",
+           "LocalCloud", "StepBatches", "train_and_evaluate", "run_demo", "DEFAULT_CODECS", "CodecReport",
+           "codec_report"]

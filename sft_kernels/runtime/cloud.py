@@ -36,6 +36,9 @@ __all__ = ["CloudServer", "CloudSession"]
 
 log = logging.getLogger("sft_kernels.runtime")
 
+#: Largest eval batch a session accepts (training batches are bounded by the run's batch size).
+_MAX_EVAL_BATCH = 4096
+
 
 class CloudSession:
     """The cloud part of one run and everything needed to step, replay and resume it."""
@@ -100,12 +103,12 @@ class CloudSession:
         return c  # the edge is ahead (this side restarted from a checkpoint): the edge rolls back
 
     # ---------------------------------------------------------------- steps
-    def _boundary(self, tensors: Mapping[str, torch.Tensor], meta: Any) -> BoundaryOutput:
+    def _boundary(self, tensors: Mapping[str, torch.Tensor], meta: Any, max_batch: int) -> BoundaryOutput:
         if not isinstance(meta, dict) or not isinstance(meta.get("boundary"), dict):
             raise StepRefused("request meta must hold a 'boundary' object")
         return boundary_from_wire(tensors, meta["boundary"], self.fwd, width=self.model.width,
                                   residual=self.cfg.mode == "bottleneck" and not self.cfg.eliminate_links,
-                                  max_length=self.cfg.max_length, max_batch=self.cfg.batch_size)
+                                  max_length=self.cfg.max_length, max_batch=max_batch)
 
     def _labels(self, tensors: Mapping[str, torch.Tensor], batch: int) -> torch.Tensor:
         y = tensors.get("labels")
@@ -127,7 +130,7 @@ class CloudSession:
             return self.last_reply["tensors"], self.last_reply["meta"]
         if step != self.step:
             raise StepRefused(f"step {step} out of order: the session expects step {self.step} (reconnect to resync)")
-        b = self._boundary(tensors, meta)
+        b = self._boundary(tensors, meta, self.cfg.batch_size)
         labels = self._labels(tensors, b.batch_size)
         h = b.hidden.detach().requires_grad_(True)
         r = b.residual.detach().requires_grad_(True) if b.residual is not None else None
@@ -163,7 +166,7 @@ class CloudSession:
     @torch.no_grad()
     def evaluate(self, tensors: Mapping[str, torch.Tensor], meta: Any) -> tuple[dict, dict]:
         """Forward only: the logits of an eval batch."""
-        b = self._boundary(tensors, meta)
+        b = self._boundary(tensors, meta, _MAX_EVAL_BATCH)
         was = self.model.training
         self.model.eval()
         try:

@@ -61,6 +61,7 @@ class TrainSummary:
     losses: list = field(default_factory=list)
     payload_up: int = 0          # encoded boundary + aux + labels, edge -> cloud (training steps)
     payload_down: int = 0        # encoded gradients, cloud -> edge
+    step_bytes: list = field(default_factory=list)  # per step: (payload up, payload down, examples)
     reconnects: int = 0
     replays_or_rollbacks: int = 0
     seconds: float = 0.0
@@ -128,7 +129,7 @@ class EdgeTrainer:
         return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "rng": rng_state(), "step": self.step,
                 "cursor": {"step": self.step}, "config": self.cfg.to_dict(),
-                "summary": {"losses": list(s.losses), "payload_up": s.payload_up, "payload_down": s.payload_down,
+                "summary": {"losses": list(s.losses), "step_bytes": [list(t) for t in s.step_bytes], "payload_up": s.payload_up, "payload_down": s.payload_down,
                             "examples": s.examples}}
 
     def save(self) -> None:
@@ -151,6 +152,7 @@ class EdgeTrainer:
         self.step = int(st["step"])
         sm = st["summary"]
         self.summary.losses = list(sm["losses"])
+        self.summary.step_bytes = [tuple(t) for t in sm["step_bytes"]]
         self.summary.payload_up, self.summary.payload_down = sm["payload_up"], sm["payload_down"]
         self.summary.examples = sm["examples"]
 
@@ -252,9 +254,11 @@ class EdgeTrainer:
         loss = float(reply.meta["loss"])
         s = self.summary
         s.losses.append(loss)
+        down = sum(v.numel() * v.element_size() for v in reply.tensors.values())
         s.payload_up += up
-        s.payload_down += sum(v.numel() * v.element_size() for v in reply.tensors.values())
+        s.payload_down += down
         s.examples += int(labels.shape[0])
+        s.step_bytes.append((up, down, int(labels.shape[0])))
         self.step = step + 1
         if self.step % self.every == 0 or self.step == self.cfg.total_steps:
             self.save()

@@ -1,0 +1,301 @@
+"""Jobs the ``sft`` command runs: a cloud server process, an edge training run, the demo.
+
+* :class:`StepBatches` maps a training step to its batch (epoch and position from the
+  step, order from ``(seed, epoch)``), so a rolled-back or resumed run sees the same data.
+* :class:`LocalCloud` starts ``python -m sft_kernels serve`` as a separate process on
+  loopback with a fresh tokens file, and stops it; the demo, the benchmarks and the
+  tests use it to get a real second process.
+* :func:`train_and_evaluate` is one edge run: train, evaluate on the dev set, summarise.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from ..data import batches, compute_metrics, glue_score, load_task, num_batches
+from .config import RunConfig
+from .edge import EdgeTrainer, TrainSummary
+
+__all__ = ["StepBatches", "LocalCloud", "EdgeRun", "train_and_evaluate", "write_tokens", "run_demo", "resolve_task",
+           "load_train_dev", "print_run"]
+
+
+class StepBatches:
+    """``step -> batch`` over ``ds`` for ``epochs`` passes, order keyed by ``(seed, epoch)``."""
+
+    def __init__(self, tokenizer, ds, batch_size: int, max_length: int, seed: int) -> None:
+        if len(ds) == 0:
+            raise ValueError("the training set is empty")
+        self.tokenizer, self.ds, self.batch_size, self.max_length, self.seed = tokenizer, ds, batch_size, max_length, seed
+        self.per_epoch = num_batches(len(ds), batch_size)
+        self._it = None
+        self._next: Optional[int] = None
+
+    def __call__(self, step: int) -> dict[str, torch.Tensor]:
+        epoch, pos = divmod(step, self.per_epoch)
+        if self._next != step:
+            self._it = batches(self.tokenizer, self.ds, self.batch_size, max_length=self.max_length, shuffle=True,
+                               seed=self.seed, epoch=epoch, start_batch=pos)
+        batch = next(self._it)
+        self._next = step + 1 if pos + 1 < self.per_epoch else None
+        return batch
+
+
+def write_tokens(path: Union[str, Path], tokens: Mapping[str, str]) -> Path:
+    """Write a tokens file (``client_id secret`` per line), readable by its owner only."""
+    path = Path(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("# client_id secret\n")
+        for cid, secret in tokens.items():
+            f.write(f"{cid} {secret}\n")
+    return path
+
+
+class LocalCloud:
+    """A ``sft serve`` process on 127.0.0.1 with a fresh token for one client; a context manager.
+
+    ``extra``: more ``serve`` flags (e.g. ``["--checkpoint-dir", d]``).  The process's output goes to
+    ``workdir/server.log``; :meth:`kill` sends SIGKILL (for fault tests), :meth:`restart` starts it again
+    on the same port.
+    """
+
+    def __init__(self, workdir: Union[str, Path, None] = None, extra: Sequence[str] = (), client_id: str = "edge",
+                 port: int = 0, startup_timeout: float = 180.0) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="sft-cloud-") if workdir is None else None
+        self.workdir = Path(workdir or self._tmp.name)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.client_id, self.token = client_id, secrets.token_hex(32)
+        self.tokens_file = write_tokens(self.workdir / "tokens", {client_id: self.token})
+        self.extra, self.port, self.timeout = list(extra), port, startup_timeout
+        self.proc: Optional[subprocess.Popen] = None
+        self.host = "127.0.0.1"
+
+    def start(self) -> "LocalCloud":
+        """Start the server and wait until it listens."""
+        port_file = self.workdir / "port"
+        port_file.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "sft_kernels", "serve", "--host", self.host, "--port", str(self.port),
+               "--tokens", str(self.tokens_file), "--port-file", str(port_file), *self.extra]
+        self._log = open(self.workdir / "server.log", "ab")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + self.timeout
+        while not port_file.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the cloud server exited with code {self.proc.returncode}; its log:\n"
+                                   + (self.workdir / "server.log").read_text()[-4000:])
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"the cloud server did not listen within {self.timeout} s")
+            time.sleep(0.05)
+        self.port = int(port_file.read_text())
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL the server (nothing flushed, nothing cleaned up)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def restart(self) -> "LocalCloud":
+        """Start again on the same port (after :meth:`kill` or :meth:`stop`)."""
+        return self.start()
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 10 s."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def __enter__(self) -> "LocalCloud":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+@dataclass
+class EdgeRun:
+    """Result of :func:`train_and_evaluate`."""
+
+    config: RunConfig
+    summary: TrainSummary
+    metrics: dict
+    score: Optional[float]
+    eval_examples: int
+    wire_up: int
+    wire_down: int
+
+    def to_json(self) -> dict:
+        """Machine-readable form (``--json``)."""
+        up, down = self.summary.per_example()
+        return {"config": self.config.to_dict(), "steps": self.summary.steps, "examples": self.summary.examples,
+                "losses": self.summary.losses, "metrics": self.metrics, "score": self.score,
+                "eval_examples": self.eval_examples, "bytes_up_per_example": up, "bytes_down_per_example": down,
+                "wire_bytes_up": self.wire_up, "wire_bytes_down": self.wire_down,
+                "reconnects": self.summary.reconnects, "seconds": self.summary.seconds}
+
+
+def steps_for(train_size: int, batch_size: int, epochs: float) -> int:
+    """Training steps for ``epochs`` passes (at least 1)."""
+    return max(1, math.ceil(epochs * num_batches(train_size, batch_size)))
+
+
+def train_and_evaluate(cfg: RunConfig, train_ds, dev_ds, *, host: str, port: int, client_id: str, token: str,
+                       eval_batch_size: int = 64, **edge_kw: Any) -> EdgeRun:
+    """Train ``cfg`` against the cloud at ``host:port``, then evaluate on ``dev_ds`` (None: skip) with its metric."""
+    trainer = EdgeTrainer(cfg, None, host=host, port=port, client_id=client_id, token=token, **edge_kw)
+    trainer.batch_at = StepBatches(trainer.tokenizer, train_ds, cfg.batch_size, cfg.max_length, cfg.seed)
+    try:
+        summary = trainer.train()
+        metrics: dict = {}
+        score = None
+        if dev_ds is not None and len(dev_ds):
+            dev = list(batches(trainer.tokenizer, dev_ds, eval_batch_size, max_length=cfg.max_length,
+                               sort_by_length=True))
+            logits = trainer.predict(dev)
+            index = torch.cat([b["index"] for b in dev]).numpy()
+            order = np.empty_like(index)
+            order[index] = np.arange(len(index))
+            logits = logits.numpy()[order]
+            preds = logits[:, 0] if cfg.num_labels == 1 else logits.argmax(-1)
+            metrics = compute_metrics(cfg.task, preds, np.asarray(dev_ds["label"]))
+            score = glue_score(cfg.task, metrics)
+        trainer.finish()
+        stats = trainer.conn.stats if trainer.conn is not None else None
+        return EdgeRun(cfg, summary, metrics, score, len(dev_ds) if dev_ds is not None else 0,
+                       stats.wire_bytes_sent if stats else 0, stats.wire_bytes_received if stats else 0)
+    finally:
+        trainer.close()
+
+
+def load_train_dev(task: str, data_dir=None, max_train: Optional[int] = None, max_eval: Optional[int] = None):
+    """``(TaskSpec, train, dev)``; train subsampled to ``max_train`` with a fixed permutation."""
+    spec, train = load_task(task, "train", data_dir)
+    _, dev = load_task(task, "dev", data_dir, limit=max_eval)
+    if max_train is not None and max_train < len(train):
+        idx = np.random.default_rng(1234).permutation(len(train))[:max_train]
+        train = train.select(sorted(idx.tolist()))
+    return spec, train, dev
+
+
+def dumps(obj: Any) -> str:
+    """JSON for ``--json`` output."""
+    return json.dumps(obj, indent=2, sort_keys=True)
+
+
+def resolve_task(task: str, data_dir=None) -> str:
+    """``"auto"`` -> SST-2 when its GLUE files are found, else ``"synthetic"``; other names unchanged."""
+    from ..data import TASKS, default_glue_dir
+
+    if task == "auto":
+        root = Path(data_dir) if data_dir else default_glue_dir()
+        return "SST-2" if (root / "SST-2" / "train.tsv").is_file() else "synthetic"
+    if task not in TASKS:
+        raise ValueError(f"task must be 'auto' or one of {sorted(TASKS)}, got {task!r}")
+    return task
+
+
+def _task_label(task: str) -> str:
+    return "synthetic sentiment task (generated, not GLUE)" if task == "synthetic" else f"GLUE {task}"
+
+
+def print_run(run: EdgeRun) -> str:
+    """Human-readable summary of one edge run."""
+    up, down = run.summary.per_example()
+    metric = ", ".join(f"{k} {v:.4f}" for k, v in run.metrics.items()) or "not evaluated"
+    return (f"task: {_task_label(run.config.task)}\nsteps: {run.summary.steps} ({run.summary.examples} examples), "
+            f"final loss {run.summary.losses[-1]:.4f}\ndev ({run.eval_examples} examples): {metric}\n"
+            f"payload bytes per example: up {up:.1f}, down {down:.1f}; wire bytes: up {run.wire_up}, "
+            f"down {run.wire_down}\nreconnects: {run.summary.reconnects}; wall time {run.summary.seconds:.1f} s")
+
+
+def _first_steps_bytes(s: TrainSummary, k: int) -> tuple[float, float]:
+    rows = s.step_bytes[:k]
+    n = max(1, sum(r[2] for r in rows))
+    return sum(r[0] for r in rows) / n, sum(r[1] for r in rows) / n
+
+
+def run_demo(steps: int = 60, baseline_steps: int = 3, task: str = "auto", data_dir=None,
+             max_eval: Optional[int] = None, batch_size: int = 32, seed: int = 0, progress: bool = True) -> dict:
+    """``sft demo``: cloud and edge as two processes on loopback; returns the measured rows (also printed).
+
+    Trains MiniLM with the bottleneck split (rank 4, int8 activations, int8 stochastic-rounded
+    gradients) for ``steps`` steps and evaluates on the dev set; then runs ``baseline_steps`` steps of
+    the uncompressed layer split on the same first batches to measure the bytes it would send.
+    """
+    t0 = time.perf_counter()
+    task = resolve_task(task, data_dir)
+    spec, train, dev = load_train_dev(task, data_dir, max_train=steps * batch_size, max_eval=max_eval)
+    say = print if progress else (lambda *a, **k: None)
+    say(f"sft demo: {_task_label(task)}: {len(train)} training examples, {len(dev)} dev examples; "
+        "starting a cloud server process on 127.0.0.1 ...", flush=True)
+    common = dict(task=task, num_labels=spec.num_labels, seed=seed, batch_size=batch_size, max_length=128)
+    main_cfg = RunConfig(**common, total_steps=steps, warmup_steps=steps // 10, mode="bottleneck", rank=4,
+                         fwd_codec="int8", bwd_codec="int8,sr", run_id="demo-bottleneck")
+    base_cfg = RunConfig(**common, total_steps=baseline_steps, mode="layer", rank=None, fwd_codec="none",
+                         bwd_codec="none", run_id="demo-layer")
+    with tempfile.TemporaryDirectory(prefix="sft-demo-") as wd, \
+            LocalCloud(Path(wd) / "cloud", extra=["--any-split", "--quiet", "--checkpoint-dir",
+                                                 str(Path(wd) / "cloud" / "ckpt")]) as cloud:
+        kw = dict(host=cloud.host, port=cloud.port, client_id=cloud.client_id, token=cloud.token, progress=progress)
+        run = train_and_evaluate(main_cfg, train, dev, checkpoint_dir=Path(wd) / "edge", **kw)
+        base = train_and_evaluate(base_cfg, train, None, **kw)
+    k = min(baseline_steps, steps)
+    m_up, m_down = _first_steps_bytes(run.summary, k)
+    b_up, b_down = _first_steps_bytes(base.summary, k)
+    up, down = run.summary.per_example()
+    metric_name = "/".join(spec.metric_names)
+    rows = {
+        "task": task, "synthetic": task == "synthetic", "metric_name": metric_name, "metrics": run.metrics,
+        "score": run.score, "steps": run.summary.steps, "train_examples": run.summary.examples,
+        "eval_examples": run.eval_examples,
+        "bottleneck_r4_int8": {"bytes_up_per_example": up, "bytes_down_per_example": down,
+                               "first_steps_up": m_up, "first_steps_down": m_down,
+                               "seconds": run.summary.seconds, "wire_up": run.wire_up, "wire_down": run.wire_down},
+        "layer_none": {"steps": base.summary.steps, "bytes_up_per_example": b_up, "bytes_down_per_example": b_down,
+                       "seconds": base.summary.seconds},
+        "reduction_up": b_up / m_up, "reduction_down": b_down / m_down,
+        "wall_seconds": time.perf_counter() - t0,
+    }
+    _print_demo(rows, spec.metric_names, emit=progress)
+    return rows
+
+
+def _print_demo(r: dict, metric_names: Sequence[str], emit: bool) -> None:
+    if not emit:
+        return
+    m, b = r["bottleneck_r4_int8"], r["layer_none"]
+    metric = " / ".join(f"{r['metrics'][k]:.3f}" for k in metric_names)
+    label = _task_label(r["task"])
+    print()
+    print(f"sft demo -- {label}, MiniLM split after layer 3 of 6; dev metric on {r['eval_examples']} examples")
+    print(f"{'setting':44s} {'steps':>6s} {'/'.join(metric_names):>12s} {'B/ex up':>10s} {'B/ex down':>10s} {'s':>7s}")
+    print(f"{'bottleneck r=4, int8 up, int8+SR down':44s} {r['steps']:6d} {metric:>12s} "
+          f"{m['bytes_up_per_example']:10.1f} {m['bytes_down_per_example']:10.1f} {m['seconds']:7.1f}")
+    print(f"{'layer split, uncompressed fp32 (measured)':44s} {b['steps']:6d} {'-':>12s} "
+          f"{b['bytes_up_per_example']:10.1f} {b['bytes_down_per_example']:10.1f} {b['seconds']:7.1f}")
+    k = b["steps"]
+    print(f"{f'reduction on the same first {k} batches':44s} {'':6s} {'':>12s} {r['reduction_up']:9.1f}x "
+          f"{r['reduction_down']:9.1f}x")
+    print(f"wall time (both processes, model loading included): {r['wall_seconds']:.1f} s")
