@@ -1,0 +1,374 @@
+"""The TCP runtime: CloudServer + EdgeTrainer over real sockets.
+
+Every test trains the real embedded MiniLM (tiny batches, synthetic task) through a real
+``CloudServer``: in a thread of this process where that is enough, or as a separate
+process (``LocalCloud``, ``python -m sft_kernels serve``) where a crash is the point.
+Numerics: a run over TCP must equal the one-process ``SimulatedSplit`` run (same seed,
+keyed dropout) exactly; resumed runs must equal uninterrupted ones to 1e-6.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from sft_kernels import SimulatedSplit
+from sft_kernels.channel import Listener, RemoteError, connect
+from sft_kernels.data import load_task
+from sft_kernels.runtime import CloudError, CloudServer, EdgeTrainer, LocalCloud, RunConfig, StepBatches
+from sft_kernels.runtime.config import state_hash
+from sft_kernels.runtime.messages import OPEN, REPLY, TRAIN, StepRefused, boundary_to_wire, packet_to_wire
+from sft_kernels.runtime.parts import build_parts, make_optimizer, make_scheduler
+from sft_kernels.split import minilm_classifier
+
+TOKEN = "t0ken-for-tests"
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def train_ds():
+    return load_task("synthetic", "train", limit=96)[1]
+
+
+def _cfg(**kw) -> RunConfig:
+    base = dict(total_steps=STEPS, batch_size=8, max_length=32, run_id="t", warmup_steps=2)
+    base.update(kw)
+    return RunConfig(**base)
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = CloudServer({"edge": TOKEN.encode()}, checkpoint_dir=tmp_path / "cloud", checkpoint_every=4).start()
+    yield srv
+    srv.shutdown()
+
+
+def _trainer(cfg, ds, host, port, **kw) -> EdgeTrainer:
+    kw.setdefault("progress", False)
+    t = EdgeTrainer(cfg, None, host=host, port=port, client_id="edge", token=TOKEN, **kw)
+    t.batch_at = StepBatches(t.tokenizer, ds, cfg.batch_size, cfg.max_length, cfg.seed)
+    return t
+
+
+def _simulated_losses(cfg, ds, steps):
+    tok, model = minilm_classifier(cfg.num_labels, seed=cfg.seed)
+    sim = SimulatedSplit(model, at=cfg.at, mode=cfg.mode, rank=cfg.rank, fwd_codec=cfg.fwd_codec,
+                         bwd_codec=cfg.bwd_codec, eliminate_links=cfg.eliminate_links, seed=cfg.seed)
+    opt, batches = make_optimizer(sim, cfg), StepBatches(tok, ds, cfg.batch_size, cfg.max_length, cfg.seed)
+    sched = make_scheduler(opt, cfg)
+    losses = []
+    for step in range(steps):
+        out = sim(**batches(step))
+        out.loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        losses.append(out.loss.item())
+    return losses, sim
+
+
+def _params(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _assert_same(a, b, tol=1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=tol, rtol=0, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(eliminate_links=False, fwd_codec="int4", bwd_codec="int4,sr"),
+                                dict(mode="layer", rank=None, fwd_codec="lowrank:r=8+int8", bwd_codec="int8,sr")],
+                         ids=["bottleneck-int8", "links-kept-int4", "layer-lowrank"])
+def test_tcp_run_equals_simulated_run(server, train_ds, kw):
+    cfg = _cfg(total_steps=5, **kw)
+    t = _trainer(cfg, train_ds, *server.address)
+    summary = t.train()
+    t.finish()
+    t.close()
+    sim_losses, sim = _simulated_losses(cfg, train_ds, 5)
+    assert summary.losses == pytest.approx(sim_losses, abs=1e-6)
+    _assert_same(_params(t.model), _params(sim.edge))
+    cloud = server.sessions[("edge", "t")].model
+    _assert_same(_params(cloud), _params(sim.cloud))
+    # the bytes counted by the edge are the simulated counters' (labels and aux included)
+    assert summary.payload_up == sim.bytes_sent
+    assert summary.payload_down == sim.bytes_received
+
+
+def test_split_mismatch_refused_on_both_sides(tmp_path, train_ds, caplog):
+    split = dict(model="all-MiniLM-L6-v2", at=3, mode="bottleneck", rank=4, eliminate_links=True,
+                 fwd_codec="int8", bwd_codec="int8,sr")
+    srv = CloudServer({"edge": TOKEN.encode()}, split).start()
+    try:
+        t = _trainer(_cfg(rank=8, fwd_codec="int4"), train_ds, *srv.address)
+        with caplog.at_level("WARNING", logger="sft_kernels.runtime"):
+            with pytest.raises(CloudError, match=r"rank: edge asks 8, server serves 4.*fwd_codec: edge asks 'int4'"):
+                t.train()
+        assert any("split settings differ" in r.getMessage() for r in caplog.records)
+        assert not srv.sessions
+    finally:
+        srv.shutdown()
+
+
+def test_initial_parameter_hash_mismatch_refused(server, train_ds):
+    t = _trainer(_cfg(), train_ds, *server.address)
+    t.init_hashes = dict(t.init_hashes, edge="0" * 64)  # as if the edge loaded other model files
+    with pytest.raises(CloudError, match="initial parameters differ"):
+        t.train()
+
+
+def _raw_train_frame(cfg, ds, step=0, poison=None):
+    tok, edge, _ = build_parts(cfg)
+    batch = StepBatches(tok, ds, cfg.batch_size, cfg.max_length, cfg.seed)(step)
+    b = edge(batch["input_ids"], batch["attention_mask"], token_type_ids=batch["token_type_ids"])
+    if poison is not None:
+        b.hidden = b.hidden.detach().clone()
+        b.hidden[0, 0] = poison
+    from sft_kernels import from_spec
+
+    tensors, meta, _ = boundary_to_wire(b, from_spec(cfg.fwd_codec), 0)
+    tensors["labels"] = batch["labels"]
+    return tensors, {"boundary": meta}
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_non_finite_activation_refused_model_untouched(server, train_ds, poison):
+    cfg = _cfg(fwd_codec="none")  # 'none' carries the NaN/Inf as is
+    t = _trainer(cfg, train_ds, *server.address)
+    t.open()  # creates the session
+    session = server.sessions[("edge", "t")]
+    before = state_hash(session.model)
+    tensors, meta = _raw_train_frame(cfg, train_ds, poison=poison)
+    with pytest.raises(RemoteError, match="non-finite value"):
+        t.conn.request(TRAIN, tensors, meta, seq=0)
+    assert state_hash(session.model) == before and session.step == 0
+    # the same session and server keep serving: a real step now goes through
+    t.train(steps=1)
+    assert session.step == 1 and state_hash(session.model) != before
+    t.close()
+
+
+def test_malformed_step_refused_server_keeps_serving(server, train_ds):
+    cfg = _cfg()
+    t = _trainer(cfg, train_ds, *server.address)
+    t.open()
+    tensors, meta = _raw_train_frame(cfg, train_ds)
+    cases = [
+        ({k: v for k, v in tensors.items() if k != "labels"}, meta, "labels must be"),
+        (dict(tensors, lengths=tensors["lengths"] * 100), meta, "every length must be"),
+        (tensors, {"boundary": {"h": dict(meta["boundary"]["h"], spec="int4")}}, "encoded with codec 'int4'"),
+        (tensors, {"boundary": {"h": dict(meta["boundary"]["h"], shape=[3, 3])}}, "hidden shape"),
+        (tensors, {}, "'boundary'"),
+    ]
+    for bad_tensors, bad_meta, msg in cases:
+        with pytest.raises(RemoteError, match=msg):
+            t.conn.request(TRAIN, bad_tensors, bad_meta, seq=0)
+    with pytest.raises(RemoteError, match="out of order"):
+        t.conn.request(TRAIN, tensors, meta, seq=5)
+    assert server.sessions[("edge", "t")].step == 0
+    t.train(steps=2)
+    t.close()
+
+
+def test_non_finite_gradient_refused_on_the_edge(train_ds):
+    """A cloud that answers with a NaN gradient: the edge refuses the step and its part is untouched."""
+    cfg = _cfg(bwd_codec="none")
+
+    def bad_cloud(conn):
+        while True:
+            try:
+                f = conn.recv()
+            except Exception:
+                return
+            if f.kind == OPEN:
+                conn.send(REPLY, {}, {"step": 0}, seq=f.seq)
+            else:
+                n = int(f.tensors["lengths"].sum())
+                g = torch.full((n, 4), float("nan"))
+                from sft_kernels import from_spec
+
+                tt, mm = packet_to_wire(from_spec("none").encode(g), "g.h")
+                conn.send(REPLY, tt, {"loss": 0.5, "step": f.seq, "h": mm}, seq=f.seq)
+
+    lst = Listener({"edge": TOKEN.encode()}).start(bad_cloud)
+    try:
+        t = _trainer(cfg, train_ds, *lst.address)
+        before = state_hash(t.model)
+        with pytest.raises(StepRefused, match="received gradient 'h' has .* non-finite"):
+            t.train()
+        assert state_hash(t.model) == before and t.step == 0
+    finally:
+        lst.shutdown()
+
+
+class _DroppingProxy:
+    """A TCP proxy (a flaky network) that, once, forwards a request but drops the connection instead of the reply."""
+
+    def __init__(self, target, drop_reply_number):
+        self.target, self.drop_at, self.replies = target, drop_reply_number, 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.address = self.sock.getsockname()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            s = socket.create_connection(self.target)
+            threading.Thread(target=self._pipe, args=(c, s, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(s, c, True), daemon=True).start()
+
+    def _pipe(self, src, dst, from_server):
+        # frames from the server: count REPLY headers crudely by bursts; drop the connection at the chosen one
+        try:
+            while True:
+                data = src.recv(1 << 16)
+                if not data:
+                    break
+                if from_server and REPLY_MARK in data:
+                    self.replies += data.count(REPLY_MARK)
+                    if self.replies == self.drop_at:
+                        src.close()
+                        dst.close()
+                        return
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def close(self):
+        self.sock.close()
+
+
+REPLY_MARK = b'"loss"'  # a training reply's JSON meta holds the loss
+
+
+def test_lost_reply_is_replayed_not_applied_twice(server, train_ds, caplog):
+    cfg = _cfg(total_steps=6)
+    proxy = _DroppingProxy(server.address, drop_reply_number=3)  # the reply of step 2 never arrives
+    try:
+        t = _trainer(cfg, train_ds, *proxy.address, backoff_s=0.05)
+        with caplog.at_level("INFO", logger="sft_kernels.runtime"):
+            summary = t.train()
+        t.close()
+    finally:
+        proxy.close()
+    assert summary.reconnects == 1
+    assert any("step 2 repeated, replaying its reply" in r.getMessage() for r in caplog.records)
+    sim_losses, sim = _simulated_losses(cfg, train_ds, 6)
+    assert summary.losses == pytest.approx(sim_losses, abs=1e-6)
+    _assert_same(_params(t.model), _params(sim.edge))
+    _assert_same(_params(server.sessions[("edge", "t")].model), _params(sim.cloud))
+
+
+def test_edge_gives_up_after_bounded_retries(train_ds):
+    s = socket.create_server(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    t = _trainer(_cfg(), train_ds, "127.0.0.1", port, retries=2, backoff_s=0.01)
+    from sft_kernels.runtime import LinkLost
+
+    with pytest.raises(LinkLost, match="2 reconnect"):
+        t.train()
+
+
+def _cloud_params(ckpt_root, step):
+    return torch.load(ckpt_root / "edge" / "t" / f"step-{step:08d}.pt", weights_only=True)["model"]
+
+
+def test_kill_cloud_mid_run_resume_equals_uninterrupted(tmp_path, train_ds):
+    """SIGKILL the cloud server process mid-run, restart it from its checkpoint: same result as no crash."""
+    cfg = _cfg(total_steps=STEPS)
+    ref_root, run_root = tmp_path / "ref", tmp_path / "run"
+    with LocalCloud(tmp_path / "ref-srv", extra=["--any-split", "--checkpoint-dir", str(ref_root),
+                                                 "--checkpoint-every", "4"]) as cloud:
+        cloud.token = cloud.token  # (LocalCloud made the token)
+        ref = EdgeTrainer(cfg, None, host=cloud.host, port=cloud.port, client_id=cloud.client_id, token=cloud.token,
+                          progress=False)
+        ref.batch_at = StepBatches(ref.tokenizer, train_ds, cfg.batch_size, cfg.max_length, cfg.seed)
+        ref_summary = ref.train()
+        ref.finish()
+        ref.close()
+    with LocalCloud(tmp_path / "srv", extra=["--any-split", "--checkpoint-dir", str(run_root),
+                                             "--checkpoint-every", "4"]) as cloud:
+        t = EdgeTrainer(cfg, None, host=cloud.host, port=cloud.port, client_id=cloud.client_id, token=cloud.token,
+                        checkpoint_dir=tmp_path / "edge", checkpoint_every=4, progress=False, backoff_s=0.2)
+        t.batch_at = StepBatches(t.tokenizer, train_ds, cfg.batch_size, cfg.max_length, cfg.seed)
+        t.train(steps=6)
+        cloud.kill()  # the cloud has applied steps 0..5 and checkpointed step 4
+        restarter = threading.Timer(0.5, cloud.restart)
+        restarter.start()
+        summary = t.train()  # link errors, reconnect, the cloud resumes at 4, the edge rolls back to 4
+        restarter.join()
+        t.finish()
+        t.close()
+    assert summary.reconnects >= 1 and summary.replays_or_rollbacks == 1
+    assert len(summary.losses) == STEPS
+    assert summary.losses == pytest.approx(ref_summary.losses, abs=1e-6)
+    _assert_same(_params(t.model), _params(ref.model))
+    _assert_same(_cloud_params(run_root, STEPS), _cloud_params(ref_root, STEPS))
+
+
+def test_edge_restart_rolls_the_cloud_back(server, tmp_path, train_ds):
+    """The edge crashes after its checkpoint at 4 while the cloud is at 7: the cloud rolls back to 4."""
+    cfg = _cfg(total_steps=STEPS)
+    t = _trainer(cfg, train_ds, *server.address, checkpoint_dir=tmp_path / "edge", checkpoint_every=4)
+    t.train(steps=7)
+    t.close()
+    del t
+    t2 = _trainer(cfg, train_ds, *server.address, checkpoint_dir=tmp_path / "edge", checkpoint_every=4)
+    assert t2.step == 4
+    summary = t2.train()
+    t2.close()
+    sim_losses, sim = _simulated_losses(cfg, train_ds, STEPS)
+    assert summary.losses == pytest.approx(sim_losses, abs=1e-6)
+    _assert_same(_params(t2.model), _params(sim.edge))
+    _assert_same(_params(server.sessions[("edge", "t")].model), _params(sim.cloud))
+
+
+def test_sft_demo_runs_two_processes_and_prints_the_table():
+    out = subprocess.run([sys.executable, "-m", "sft_kernels", "demo", "--task", "synthetic", "--steps", "3",
+                          "--baseline-steps", "2", "--max-eval", "40", "--batch-size", "8"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout
+    assert "synthetic sentiment task (generated, not GLUE)" in text
+    assert "bottleneck r=4, int8 up, int8+SR down" in text and "layer split, uncompressed fp32" in text
+    assert "reduction on the same first 2 batches" in text
+
+
+def test_sft_demo_json():
+    out = subprocess.run([sys.executable, "-m", "sft_kernels", "demo", "--task", "synthetic", "--steps", "2",
+                          "--baseline-steps", "1", "--max-eval", "16", "--batch-size", "4", "--json"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout)
+    assert r["synthetic"] is True and r["steps"] == 2
+    # rank-4 int8 codes vs fp32 hidden states of width 384: well over 50x less each way
+    assert r["reduction_up"] > 50 and r["reduction_down"] > 50
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["train", "--connect", "nohost"], "--connect must be HOST:PORT"),
+    (["train", "--connect", "127.0.0.1:1", "--task", "synthetic"], "no token"),
+    (["serve", "--tokens", "/nonexistent/tokens"], "does not exist"),
+    (["train", "--connect", "127.0.0.1:1", "--rank", "0"], "--rank must be an integer >= 1"),
+])
+def test_cli_errors_are_clear(argv, msg, monkeypatch):
+    monkeypatch.delenv("SFT_TOKEN", raising=False)
+    out = subprocess.run([sys.executable, "-m", "sft_kernels", *argv], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert msg in out.stderr + out.stdout
