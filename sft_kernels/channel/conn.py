@@ -570,6 +570,10 @@ class Listener:
         """Stop accepting, close every open connection and join the threads (up to ``timeout`` s)."""
         self._stop.set()
         try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked accept() at once on Linux
+        except OSError:
+            pass
+        try:
             self._sock.close()
         except OSError:
             pass
