@@ -60,10 +60,12 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 @SETTINGS
 @given(tensors=tensor_dicts(), meta=metas, seq=st.integers(0, 2**64 - 1), flags=st.integers(0, 0xFFFF),
-       kind=st.integers(16, 255), crc=st.booleans(), chunk=st.sampled_from([None, 1, 7, 100]))
-def test_encode_decode_identity(tensors, meta, seq, flags, kind, crc, chunk):
+       kind=st.integers(16, 255), crc=st.booleans(), chunk=st.sampled_from([None, 1, 7, 100]),
+       buffer=st.sampled_from([None, 16, 64 * 1024]))
+def test_encode_decode_identity(tensors, meta, seq, flags, kind, crc, chunk, buffer):
     data = wire.encode_frame(kind, tensors, meta, seq=seq, flags=flags, conn_id=5, crc=crc)
-    header, f = wire.read_frame(wire.BytesReader(data, chunk=chunk))
+    reader = wire.BytesReader(data, chunk=chunk)
+    header, f = wire.read_frame(reader if buffer is None else wire.BufferedReader(reader, buffer))
     assert (f.kind, f.seq, f.flags, header.conn_id) == (kind, seq, flags, 5)
     assert f.meta == meta and list(f.tensors) == list(tensors)
     assert all(_same(tensors[k], f.tensors[k]) for k in tensors)
