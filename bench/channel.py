@@ -99,6 +99,7 @@ def serve(cert_dir: str) -> None:
              "plain": _raw_listener(None), "plain_tls": _raw_listener(tls.server_context())}
     print(json.dumps(ports), flush=True)
     sys.stdin.read()  # until the parent closes our stdin
+    os._exit(0)  # skip interpreter teardown under the blocked daemon threads
 
 
 # ------------------------------------------------------------------ client side
