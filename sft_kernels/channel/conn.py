@@ -28,8 +28,8 @@ from . import auth
 from .limiter import LinkLimiter
 from .tls import TLSConfig
 from .wire import (
-    CHFLAG_PAYLOAD_CRC, COALESCE_BYTES, BufferedReader, CRC_SIZE, HANDSHAKE_LIMITS, HEADER_SIZE, KIND_AUTH, KIND_CHALLENGE,
-    KIND_ERROR, KIND_HELLO, KIND_OK, KIND_PING, KIND_PONG, KIND_USER_MIN, AuthError, Frame, Limits, PeerClosed,
+    CHFLAG_PAYLOAD_CRC, COALESCE_BYTES, CRC_SIZE, HANDSHAKE_LIMITS, HEADER_SIZE, KIND_AUTH, KIND_CHALLENGE,
+    BufferedReader, KIND_ERROR, KIND_HELLO, KIND_OK, KIND_PING, KIND_PONG, KIND_USER_MIN, AuthError, Frame, Limits, PeerClosed,
     ProtocolError, RemoteError, TruncatedFrame, decode_header, frame_pieces, iter_send_chunks, read_payload,
     recv_exact,
 )
