@@ -50,6 +50,8 @@ SPLIT_AT = 3
 DEFAULT_TASKS = ("SST-2", "CoLA", "MRPC", "STS-B", "RTE", "WNLI")
 #: Seed of the fixed permutation the train subsample is the head of (independent of the run seed).
 SUBSAMPLE_SEED = 1234
+#: Default train cap: 512 rows per task (16 steps of 32), WNLI whole (635).
+DEFAULT_MAX_TRAIN = "512,WNLI=all"
 #: The CSV's required columns, in order; extra columns follow them.
 CSV_COLUMNS = ["task", "config", "seed", "metric_name", "metric", "train_examples", "epochs",
                "bytes_up_per_example", "bytes_down_per_example", "seconds"]
@@ -574,13 +576,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="GLUE directory (default $SFT_GLUE_DIR or ../shared/data/glue)")
     p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), choices=list(TASKS))
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    p.add_argument("--max-train", type=parse_max_train, default=parse_max_train("512"),
+    p.add_argument("--max-train", type=parse_max_train, default=parse_max_train(DEFAULT_MAX_TRAIN),
                    help="train cap: an int, or per task 'SST-2=2000,RTE=1000' (mixable: '512,WNLI=all')")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--eval-batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps")
     p.add_argument("--max-length", type=int, default=128)
