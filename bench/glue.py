@@ -50,6 +50,12 @@ SPLIT_AT = 3
 DEFAULT_TASKS = ("SST-2", "CoLA", "MRPC", "STS-B", "RTE", "WNLI")
 #: Seed of the fixed permutation the train subsample is the head of (independent of the run seed).
 SUBSAMPLE_SEED = 1234
+#: Regression targets (STS-B scores 0..5) are divided by this for training: an output scale near the fresh
+#: head's lets few steps learn (Pearson/Spearman do not depend on the scale).  Measured on STS-B, config a,
+#: 512 rows: score 15.5 with the scaling vs 0.6 without.
+REGRESSION_TARGET_SCALE = 5.0
+#: Default train cap: 512 rows per task (16 steps of 32), WNLI whole (635).
+DEFAULT_MAX_TRAIN = "512,WNLI=all"
 #: The CSV's required columns, in order; extra columns follow them.
 CSV_COLUMNS = ["task", "config", "seed", "metric_name", "metric", "train_examples", "epochs",
                "bytes_up_per_example", "bytes_down_per_example", "seconds"]
@@ -263,7 +269,8 @@ def machine() -> str:
 def run_one(task: str, config: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """Fine-tune one (task, config, seed) cell and evaluate it on the full dev set; returns the CSV row.
 
-    The row also carries ``losses`` (every training step's loss, not written to the CSV).
+    The row also carries ``losses`` (every training step's loss, not written to the CSV).  Regression
+    targets are trained as ``label / REGRESSION_TARGET_SCALE`` (the metrics are scale-free).
     """
     cfg = CONFIGS[config]
     spec, train_full = load_task(task, "train", data_dir=args.data_dir)
@@ -285,6 +292,8 @@ def run_one(task: str, config: str, seed: int, args: argparse.Namespace) -> dict
         for epoch in range(args.epochs):
             for b in batches(tok, train_ds, args.batch_size, max_length=args.max_length, shuffle=True, seed=seed,
                              epoch=epoch):
+                if spec.is_regression:
+                    b["labels"] = b["labels"] / REGRESSION_TARGET_SCALE
                 losses.append(runner.train_step(b))
                 examples += len(b["labels"])
                 bar.update(1)
@@ -546,16 +555,17 @@ def render_report(csv_path: Path, md_path: Path, plot_dir: Path, data_dir=None) 
         L.append(f"| {CONFIGS[c].label} | " + " | ".join(cols) + " | "
                  + (f"{np.mean(ru):.1f}x" if ru and c != "a" else "-") + " | "
                  + (f"{np.mean(rd):.1f}x" if rd and c != "a" else "-") + " |")
-    # --- best
+    # --- best: the least edge -> cloud traffic among configs within 1 point of (a) on the average
     L.append("")
     if a_avg is not None:
-        ok = [c for c in configs if c != "a" and avg.get(c) is not None and red_up.get(c) is not None
-              and avg[c] >= a_avg - 1.0]
+        ok = [c for c in configs if c != "a" and avg.get(c) is not None and avg[c] >= a_avg - 1.0]
+        up_avg = {c: float(np.mean([cells[(t, c)]["up_mean"] for t in tasks])) for c in ok}
         if ok:
-            best = max(ok, key=lambda c: red_up[c])
+            best = min(ok, key=lambda c: up_avg[c])
+            red = f"{red_up[best]:.1f}x less edge -> cloud traffic than (b)" if red_up.get(best) else \
+                f"{_fmt_bytes(up_avg[best])} edge -> cloud per example (no (b) runs to compare)"
             L.append(f"**Best setting within 1 point of (a) on the average:** {CONFIGS[best].label}: average "
-                     f"{avg[best]:.1f} vs {a_avg:.1f} ({avg[best] - a_avg:+.1f}), {red_up[best]:.1f}x less "
-                     "edge -> cloud traffic than (b).")
+                     f"{avg[best]:.1f} vs {a_avg:.1f} ({avg[best] - a_avg:+.1f}), {red}.")
         else:
             L.append("**Best setting within 1 point of (a) on the average:** none of the split configs is within "
                      "1 point of (a).")
@@ -574,13 +584,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="GLUE directory (default $SFT_GLUE_DIR or ../shared/data/glue)")
     p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), choices=list(TASKS))
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    p.add_argument("--max-train", type=parse_max_train, default=parse_max_train("512"),
+    p.add_argument("--max-train", type=parse_max_train, default=parse_max_train(DEFAULT_MAX_TRAIN),
                    help="train cap: an int, or per task 'SST-2=2000,RTE=1000' (mixable: '512,WNLI=all')")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--eval-batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps")
     p.add_argument("--max-length", type=int, default=128)

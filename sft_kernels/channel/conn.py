@@ -29,7 +29,7 @@ from .limiter import LinkLimiter
 from .tls import TLSConfig
 from .wire import (
     CHFLAG_PAYLOAD_CRC, COALESCE_BYTES, CRC_SIZE, HANDSHAKE_LIMITS, HEADER_SIZE, KIND_AUTH, KIND_CHALLENGE,
-    KIND_ERROR, KIND_HELLO, KIND_OK, KIND_PING, KIND_PONG, KIND_USER_MIN, AuthError, Frame, Limits, PeerClosed,
+    BufferedReader, KIND_ERROR, KIND_HELLO, KIND_OK, KIND_PING, KIND_PONG, KIND_USER_MIN, AuthError, Frame, Limits, PeerClosed,
     ProtocolError, RemoteError, TruncatedFrame, decode_header, frame_pieces, iter_send_chunks, read_payload,
     recv_exact,
 )
@@ -87,18 +87,19 @@ class ChannelStats:
         }
 
 
-class _DeadlineReader:
-    """Socket reader that enforces one overall deadline across many ``recv_into`` calls (handshake)."""
+class _SocketSource:
+    """The raw byte source under a connection's buffer; enforces an overall deadline when one is set."""
 
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
+    def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.deadline = deadline
+        self.deadline: float | None = None
 
     def recv_into(self, buf: memoryview, nbytes: int = 0, /) -> int:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("handshake deadline passed")
-        self.sock.settimeout(left)
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("handshake deadline passed")
+            self.sock.settimeout(left)
         return self.sock.recv_into(buf, nbytes)
 
 
@@ -113,6 +114,8 @@ class Connection:
     def __init__(self, sock: socket.socket, *, peer: tuple, limits: Limits, link: LinkLimiter | None,
                  crc: bool, default_timeout: float | None = None) -> None:
         self._sock = sock
+        self._source = _SocketSource(sock)
+        self._reader = BufferedReader(self._source)
         self.peer = peer
         self.limits = limits
         self.link = None if link is None or link.unlimited else link
@@ -192,7 +195,8 @@ class Connection:
         if self._closed:
             raise ConnectionError("connection is closed")
         sock = self._sock
-        reader = _DeadlineReader(sock, deadline) if deadline is not None else sock
+        reader = self._reader
+        self._source.deadline = deadline
         raw = bytearray(HEADER_SIZE)
         view = memoryview(raw)
         started = False
@@ -225,6 +229,8 @@ class Connection:
         except OSError:
             self.close()
             raise
+        finally:
+            self._source.deadline = None
         wire = HEADER_SIZE + header.payload_len + (CRC_SIZE if header.chflags & CHFLAG_PAYLOAD_CRC else 0)
         if self._authenticated:
             self.stats.wire_bytes_received += wire
@@ -569,6 +575,10 @@ class Listener:
     def shutdown(self, timeout: float = 5.0) -> None:
         """Stop accepting, close every open connection and join the threads (up to ``timeout`` s)."""
         self._stop.set()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked accept() at once on Linux
+        except OSError:
+            pass
         try:
             self._sock.close()
         except OSError:

@@ -199,6 +199,44 @@ class BytesReader:
         return len(self._data) - self._pos
 
 
+class BufferedReader:
+    """A :class:`Reader` that serves small reads from a buffer and large ones straight from ``raw``.
+
+    Frame headers and tensor descriptors are a few bytes each; reading them one ``recv`` at a time
+    would cost a system call per field.  Reads of at least half the buffer size (tensor data) go
+    directly into the caller's buffer after the buffered bytes are used up, so bulk data is still
+    received without an extra copy.  Bytes of the next frame may wait in the buffer.
+    """
+
+    def __init__(self, raw: Reader, size: int = 64 * 1024) -> None:
+        self.raw = raw
+        self._buf = bytearray(size)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes read from ``raw`` but not yet handed out."""
+        return self._end - self._start
+
+    def recv_into(self, buffer: memoryview, nbytes: int = 0, /) -> int:
+        n = len(buffer) if nbytes == 0 else min(nbytes, len(buffer))
+        if n == 0:
+            return 0
+        if self._end == self._start:
+            if n >= len(self._buf) // 2:
+                return self.raw.recv_into(buffer, n)
+            k = self.raw.recv_into(self._view)
+            if k == 0:
+                return 0
+            self._start, self._end = 0, k
+        k = min(n, self._end - self._start)
+        buffer[:k] = self._view[self._start:self._start + k]
+        self._start += k
+        return k
+
+
 # ----------------------------------------------------------------------------------------------
 # encoding
 # ----------------------------------------------------------------------------------------------
@@ -404,13 +442,19 @@ class _PayloadReader:
         self.value = 0
 
     def take(self, buf: memoryview, what: str) -> None:
-        if len(buf) > self.remaining:
-            raise ProtocolError(f"{what} needs {len(buf)} bytes but only {self.remaining} remain "
+        n = len(buf)
+        if n > self.remaining:
+            raise ProtocolError(f"{what} needs {n} bytes but only {self.remaining} remain "
                                 f"in the declared payload length")
-        recv_exact(self.reader, buf, what)
-        self.remaining -= len(buf)
-        if self.crc:
-            self.value = zlib.crc32(buf, self.value)
+        got = 0
+        while got < n:
+            k = self.reader.recv_into(buf[got:])
+            if k == 0:
+                raise TruncatedFrame(f"connection closed mid-frame: got {got} of {n} bytes of the {what}")
+            if self.crc:  # checksum each piece as it arrives, while it is still in cache
+                self.value = zlib.crc32(buf[got:got + k], self.value)
+            got += k
+        self.remaining -= n
 
     def small(self, n: int, what: str) -> bytes:
         b = bytearray(n)

@@ -1,0 +1,90 @@
+"""Helpers for the channel tests: throwaway certificates, raw-socket handshakes and hand-made frames."""
+from __future__ import annotations
+
+import socket
+import struct
+import subprocess
+import time
+import zlib
+from pathlib import Path
+
+from sft_kernels.channel import auth, wire
+
+TOKENS = {"edge": b"s3cret-token", "edge2": b"another"}
+
+
+def make_certs(d: Path) -> dict[str, str]:
+    """A CA, a server cert for 127.0.0.1/localhost, a client cert, and an unrelated second CA (EC keys)."""
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for ca in ("ca", "other_ca"):
+        run("req", "-x509", *ec, "-keyout", f"{ca}.key", "-out", f"{ca}.pem", "-days", "2", "-subj", f"/CN={ca}")
+    (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
+    (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+    for who in ("server", "client"):
+        run("req", *ec, "-keyout", f"{who}.key", "-out", f"{who}.csr", "-subj", f"/CN={who}")
+        run("x509", "-req", "-in", f"{who}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{who}.pem", "-days", "2", "-extfile", f"{who}.ext")
+    return {name: str(d / name) for name in
+            ("ca.pem", "other_ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+
+
+def wait_for(cond, timeout: float = 5.0) -> bool:
+    """Poll ``cond()`` until true or ``timeout``; return the last value."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return bool(cond())
+
+
+def raw_socket(address) -> socket.socket:
+    s = socket.create_connection(address, timeout=5)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+
+def read_frame(sock: socket.socket) -> wire.Frame:
+    return wire.read_frame(sock, wire.Limits())[1]
+
+
+def raw_handshake(sock: socket.socket, client_id: str = "edge", secret: bytes = TOKENS["edge"]) -> tuple[int, bytes]:
+    """Authenticate a raw socket; return ``(conn_id, the AUTH frame bytes that were sent)``."""
+    sock.sendall(wire.encode_frame(wire.KIND_HELLO, None, {"client_id": client_id}))
+    ch = read_frame(sock)
+    assert ch.kind == wire.KIND_CHALLENGE, ch
+    conn_id = ch.meta["conn_id"]
+    mac = auth.compute_mac(secret, bytes.fromhex(ch.meta["nonce"]), client_id, conn_id)
+    auth_frame = wire.encode_frame(wire.KIND_AUTH, None, {"mac": mac.hex()}, conn_id=conn_id)
+    sock.sendall(auth_frame)
+    ok = read_frame(sock)
+    assert ok.kind == wire.KIND_OK, ok
+    return conn_id, auth_frame
+
+
+def expect_error(sock: socket.socket) -> str:
+    """Read frames until an ERROR arrives; return its message."""
+    while True:
+        f = read_frame(sock)
+        if f.kind == wire.KIND_ERROR:
+            return f.meta["message"]
+
+
+def tensor_entry(name: str, code: int, shape: list[int], nbytes: int, data: bytes = b"") -> bytes:
+    nb = name.encode()
+    return (struct.pack("<H", len(nb)) + nb + struct.pack("<BB", code, len(shape))
+            + b"".join(struct.pack("<q", d) for d in shape) + struct.pack("<Q", nbytes) + data)
+
+
+def payload(entries: list[bytes], meta: bytes = b"") -> bytes:
+    return struct.pack("<I", len(meta)) + meta + struct.pack("<I", len(entries)) + b"".join(entries)
+
+
+def frame(body: bytes, *, kind: int = 20, conn_id: int = 0, crc: bool = True, payload_len: int | None = None) -> bytes:
+    """A frame with a correct header around a hand-made payload ``body``."""
+    plen = len(body) if payload_len is None else payload_len
+    head = wire.encode_header(kind, 0, wire.CHFLAG_PAYLOAD_CRC if crc else 0, conn_id, 0, plen)
+    return head + body + (struct.pack("<I", zlib.crc32(body)) if crc else b"")

@@ -1,0 +1,134 @@
+"""Property tests of the channel's wire format on in-memory streams (no sockets).
+
+(1) encode -> decode is the identity for random tensor dicts and meta;
+(2) decoding mutated or random bytes raises only ProtocolError, allocates nothing beyond the
+    limits and always terminates.
+"""
+from __future__ import annotations
+
+import struct
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sft_kernels.channel import Limits, ProtocolError
+from sft_kernels.channel import wire
+
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+DTYPES = list(wire.DTYPE_CODES.values())
+SMALL = Limits(max_frame_bytes=4096, max_tensors=8, max_ndim=4)
+
+json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**53, 2**53),
+                         st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=8))
+json_values = st.recursive(json_scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c,
+                                                                                             max_size=3),
+                           max_leaves=8)
+metas = st.dictionaries(st.text(max_size=6), json_values, max_size=4)
+
+
+@st.composite
+def tensor_dicts(draw):
+    n = draw(st.integers(0, 5))
+    names = draw(st.lists(st.text(min_size=1, max_size=12).filter(lambda s: len(s.encode()) <= 256),
+                          min_size=n, max_size=n, unique=True))
+    out = {}
+    for name in names:
+        dtype = draw(st.sampled_from(DTYPES))
+        shape = draw(st.lists(st.integers(0, 4), max_size=3))
+        nbytes = dtype.itemsize * int(torch.tensor(shape, dtype=torch.int64).prod().item()) if shape else dtype.itemsize
+        raw = draw(st.binary(min_size=nbytes, max_size=nbytes))
+        t = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
+        if dtype == torch.bool:
+            t = t & 1
+        t = t.view(dtype).reshape(shape)
+        if draw(st.booleans()) and t.dim() >= 2:
+            t = t.transpose(0, 1)  # non-contiguous input
+        out[name] = t
+    return out
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bytes (so NaN payloads and -0.0 count as equal only when bit-identical)."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bits(a), _bits(b))
+
+
+@SETTINGS
+@given(tensors=tensor_dicts(), meta=metas, seq=st.integers(0, 2**64 - 1), flags=st.integers(0, 0xFFFF),
+       kind=st.integers(16, 255), crc=st.booleans(), chunk=st.sampled_from([None, 1, 7, 100]),
+       buffer=st.sampled_from([None, 16, 64 * 1024]))
+def test_encode_decode_identity(tensors, meta, seq, flags, kind, crc, chunk, buffer):
+    data = wire.encode_frame(kind, tensors, meta, seq=seq, flags=flags, conn_id=5, crc=crc)
+    reader = wire.BytesReader(data, chunk=chunk)
+    header, f = wire.read_frame(reader if buffer is None else wire.BufferedReader(reader, buffer))
+    assert (f.kind, f.seq, f.flags, header.conn_id) == (kind, seq, flags, 5)
+    assert f.meta == meta and list(f.tensors) == list(tensors)
+    assert all(_same(tensors[k], f.tensors[k]) for k in tensors)
+    assert f.wire_bytes == len(data)
+
+
+def _decode_only_protocol_errors(data: bytes, limits: Limits = SMALL) -> None:
+    try:
+        f = wire.decode_frame(data, limits)
+    except ProtocolError:
+        return
+    # anything accepted respects the limits
+    assert sum(t.numel() * t.element_size() for t in f.tensors.values()) <= limits.max_frame_bytes
+    assert len(f.tensors) <= limits.max_tensors
+
+
+@SETTINGS
+@given(tensors=tensor_dicts(), meta=metas, crc=st.booleans(), data=st.data())
+def test_mutated_frames_raise_only_protocol_error(tensors, meta, crc, data):
+    frame = bytearray(wire.encode_frame(20, tensors, meta, crc=crc, limits=SMALL))
+    how = data.draw(st.sampled_from(["flip", "truncate", "overwrite", "extend", "header_ok_payload_flip"]))
+    if how == "flip":
+        for pos in data.draw(st.lists(st.integers(0, len(frame) - 1), min_size=1, max_size=4)):
+            frame[pos] ^= 1 << data.draw(st.integers(0, 7))
+    elif how == "truncate":
+        frame = frame[:data.draw(st.integers(0, len(frame) - 1))]
+    elif how == "overwrite":
+        pos = data.draw(st.integers(0, len(frame) - 1))
+        junk = data.draw(st.binary(min_size=1, max_size=16))
+        frame[pos:pos + len(junk)] = junk
+    elif how == "extend":
+        frame += data.draw(st.binary(min_size=1, max_size=16))
+    else:
+        # mutate the payload and keep a valid header, so the payload parser itself is exercised
+        pos = data.draw(st.integers(wire.HEADER_SIZE, max(wire.HEADER_SIZE, len(frame) - 1)))
+        if pos < len(frame):
+            frame[pos] = data.draw(st.integers(0, 255))
+        plen = data.draw(st.one_of(st.just(len(frame) - wire.HEADER_SIZE - (4 if crc else 0)),
+                                   st.integers(0, 2**64 - 1)))
+        frame[:wire.HEADER_SIZE] = wire.encode_header(20, 0, wire.CHFLAG_PAYLOAD_CRC if crc else 0, 0, 0, plen)
+    _decode_only_protocol_errors(bytes(frame))
+
+
+@SETTINGS
+@given(raw=st.binary(max_size=300), plen=st.integers(0, 2**64 - 1), crc=st.booleans(), valid_header=st.booleans())
+def test_random_bytes_raise_only_protocol_error(raw, plen, crc, valid_header):
+    if valid_header:
+        raw = wire.encode_header(20, 0, wire.CHFLAG_PAYLOAD_CRC if crc else 0, 0, 0, min(plen, len(raw))) + raw
+    _decode_only_protocol_errors(raw)
+
+
+@SETTINGS
+@given(fields=st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=12), code=st.integers(0, 255),
+       ndim=st.integers(0, 255))
+def test_random_tensor_descriptors_raise_only_protocol_error(fields, code, ndim):
+    """Payloads whose descriptor fields are arbitrary 64-bit values (dims, byte lengths)."""
+    body = struct.pack("<II", 0, 1) + struct.pack("<H", 1) + b"x" + struct.pack("<BB", code, ndim)
+    body += b"".join(struct.pack("<Q", v) for v in fields)
+    data = wire.encode_header(20, 0, 0, 0, 0, len(body)) + body
+    _decode_only_protocol_errors(data)
+    _decode_only_protocol_errors(data, Limits())
+
+
+def test_empty_stream_is_peer_closed():
+    with pytest.raises(wire.PeerClosed):
+        wire.decode_frame(b"")
