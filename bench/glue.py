@@ -611,7 +611,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     plot_dir = args.plots or args.out.parent / "plots"
     if not args.report_only:
         done = {(r["task"], r["config"], r["seed"]) for r in read_rows(args.out)}
-        todo = [(t, c, s) for t in args.tasks for s in args.seeds for c in args.configs
+        todo = [(t, c, s) for s in args.seeds for t in args.tasks for c in args.configs
                 if (t, c, str(s)) not in done]
         if not args.quiet:
             print(f"{len(todo)} runs to do ({len(done)} already in {args.out})", flush=True)

@@ -237,14 +237,16 @@ class _DroppingProxy:
                 if from_server and REPLY_MARK in data:
                     self.replies += data.count(REPLY_MARK)
                     if self.replies == self.drop_at:
-                        src.close()
-                        dst.close()
+                        for sock in (src, dst):  # shutdown wakes the other pipe thread blocked in recv
+                            sock.shutdown(socket.SHUT_RDWR)
+                            sock.close()
                         return
                 dst.sendall(data)
         except OSError:
             pass
         for s in (src, dst):
             try:
+                s.shutdown(socket.SHUT_RDWR)
                 s.close()
             except OSError:
                 pass
