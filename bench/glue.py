@@ -184,9 +184,75 @@ class SimulatedRunner:
         self.model = self.opt = self.sched = None
 
 
+class TcpRunner:
+    """Runs a split config through the real runtime: an ``EdgeTrainer`` here, the cloud part in a
+    ``sft serve`` process on loopback (one per benchmark process, see :func:`_local_cloud`).
+
+    Same hyper-parameters, schedule, seeds and batches as :class:`SimulatedRunner`; dropout and codec
+    randomness are keyed by (seed, step, part) on both, so the two compute the same training run.
+    """
+
+    def __init__(self, config: Config, num_labels: int, seed: int, *, lr: float, weight_decay: float,
+                 total_steps: int, warmup_steps: int, max_length: int, batch_size: int, run_id: str) -> None:
+        from sft_kernels.runtime import EdgeTrainer, RunConfig
+
+        split = dict(config.split)
+        split.setdefault("rank", None)
+        cfg = RunConfig(task="glue", num_labels=num_labels, at=SPLIT_AT, seed=seed, lr=lr, weight_decay=weight_decay,
+                        warmup_steps=warmup_steps, total_steps=total_steps, batch_size=batch_size,
+                        max_length=max_length, run_id=run_id, **split)
+        cloud = _local_cloud()
+        self._batch: Optional[dict[str, torch.Tensor]] = None
+        self.trainer = EdgeTrainer(cfg, lambda step: self._batch, host=cloud.host, port=cloud.port,
+                                   client_id=cloud.client_id, token=cloud.token, progress=False)
+        self.tokenizer = self.trainer.tokenizer
+        self._evals = 0
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> float:
+        self._batch = batch
+        return self.trainer.train_step()
+
+    def predict(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = self.trainer.predict([{k: batch[k] for k in _MODEL_INPUTS}], start=self._evals)
+        self._evals += 1
+        return logits
+
+    @property
+    def bytes_up(self) -> int:
+        return self.trainer.summary.payload_up
+
+    @property
+    def bytes_down(self) -> int:
+        return self.trainer.summary.payload_down
+
+    def close(self) -> None:
+        self.trainer.close()
+
+
+_CLOUD = None
+
+
+def _local_cloud():
+    """The ``sft serve`` process the TCP runner trains against (started on first use, stopped at exit)."""
+    global _CLOUD
+    if _CLOUD is None:
+        import atexit
+
+        from sft_kernels.runtime import LocalCloud
+
+        _CLOUD = LocalCloud(extra=["--any-split", "--quiet", "--max-sessions", "4"]).start()
+        atexit.register(_CLOUD.__exit__, None, None, None)
+    return _CLOUD
+
+
 def make_runner(config: Config, num_labels: int, seed: int, args: argparse.Namespace, total_steps: int,
                 minilm=None) -> Runner:
-    """The runner for one cell (the in-process simulation; other runners plug in here)."""
+    """The runner for one cell: :class:`TcpRunner` for split configs under ``--over-tcp``, else in-process."""
+    warmup = int(round(args.warmup * total_steps))
+    if getattr(args, "over_tcp", False) and config.split is not None:
+        return TcpRunner(config, num_labels, seed, lr=args.lr, weight_decay=args.weight_decay,
+                         total_steps=total_steps, warmup_steps=warmup, max_length=args.max_length,
+                         batch_size=args.batch_size, run_id=f"{config.name}-s{seed}-{time.time_ns()}")
     return SimulatedRunner(config, num_labels, seed, lr=args.lr, weight_decay=args.weight_decay,
                            total_steps=total_steps, warmup_steps=int(round(args.warmup * total_steps)),
                            minilm=minilm)
@@ -594,8 +660,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps")
     p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--out", type=Path, default=REPO / "results" / "glue.csv")
-    p.add_argument("--results-md", type=Path, default=REPO / "RESULTS.md")
+    p.add_argument("--over-tcp", action="store_true",
+                   help="run split configs through the real TCP runtime (a `sft serve` process on loopback) "
+                        "instead of SimulatedSplit; (a) still runs in process. Writes results/glue_tcp.csv "
+                        "unless --out is given")
+    p.add_argument("--out", type=Path, default=None, help="CSV (default results/glue.csv, or glue_tcp.csv)")
+    p.add_argument("--results-md", type=Path, default=None,
+                   help="report (default RESULTS.md, or results/glue_tcp.md with --over-tcp)")
     p.add_argument("--plots", type=Path, default=None, help="plot directory (default <out dir>/plots)")
     p.add_argument("--report-only", action="store_true", help="only regenerate RESULTS.md and the plots")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -606,6 +677,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.out is None:
+        args.out = REPO / "results" / ("glue_tcp.csv" if args.over_tcp else "glue.csv")
+    if args.results_md is None:
+        args.results_md = REPO / "results" / "glue_tcp.md" if args.over_tcp else REPO / "RESULTS.md"
     if args.threads:
         torch.set_num_threads(args.threads)
     plot_dir = args.plots or args.out.parent / "plots"

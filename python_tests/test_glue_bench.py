@@ -65,3 +65,16 @@ def test_run_one_returns_losses_and_same_bytes_reading(glue, tmp_path):
     assert len(row["losses"]) == 2 and row["first_losses"].split()[0] == f"{row['losses'][0]:.5f}"
     # layer split, fp32 both ways: per example up >= 384 floats per token; down the same without labels/aux
     assert row["bytes_up_per_example"] > row["bytes_down_per_example"] > 384 * 4
+
+
+@pytest.mark.parametrize("config", ["d4_int8", "e_lr16_int8"])
+def test_over_tcp_first_losses_match_simulated(glue, config):
+    """--over-tcp (EdgeTrainer + a `sft serve` process) trains the same run as SimulatedSplit: first 10 losses to 1e-3."""
+    common = ["--tasks", "WNLI", "--configs", config, "--seeds", "1", "--max-train", "40", "--batch-size", "4",
+              "--max-dev", "8", "--max-length", "32", "--quiet"]
+    sim = glue.run_one("WNLI", config, 1, glue.build_parser().parse_args(common))
+    tcp = glue.run_one("WNLI", config, 1, glue.build_parser().parse_args(common + ["--over-tcp"]))
+    assert len(sim["losses"]) == len(tcp["losses"]) == 10
+    assert tcp["losses"] == pytest.approx(sim["losses"], abs=1e-3)
+    assert tcp["bytes_up_per_example"] == sim["bytes_up_per_example"]
+    assert tcp["bytes_down_per_example"] == sim["bytes_down_per_example"]

@@ -293,15 +293,19 @@ class EdgeTrainer:
         return self.summary
 
     @torch.no_grad()
-    def predict(self, batches: Iterable[Mapping[str, torch.Tensor]]) -> torch.Tensor:
-        """Logits of every batch (forward only; the cloud does not update)."""
+    def predict(self, batches: Iterable[Mapping[str, torch.Tensor]], start: int = 0) -> torch.Tensor:
+        """Logits of every batch (forward only; the cloud does not update).
+
+        Eval batch ``i`` is encoded with the codec seed of step ``self.step + start + i``, as
+        ``SimulatedSplit`` (which counts every forward) does for evaluation after training.
+        """
         was = self.model.training
         self.model.eval()
         out = []
         try:
             for i, batch in enumerate(batches):
                 b = self.model(**self._inputs(batch))
-                tensors, meta, _ = boundary_to_wire(b, self.fwd, codec_seed(self.cfg.seed, self.step + i))
+                tensors, meta, _ = boundary_to_wire(b, self.fwd, codec_seed(self.cfg.seed, self.step + start + i))
                 while True:
                     try:
                         reply = self._request(EVAL, tensors, {"boundary": meta}, seq=i)
