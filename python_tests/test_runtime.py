@@ -374,3 +374,42 @@ def test_cli_errors_are_clear(argv, msg, monkeypatch):
     out = subprocess.run([sys.executable, "-m", "sft_kernels", *argv], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert msg in out.stderr + out.stdout
+
+
+def test_sft_serve_and_train_over_mutual_tls(tmp_path):
+    """The README's deployment flow on loopback: tokens file, mutual TLS, checkpoints, `sft train --json`."""
+    from channel_helpers import make_certs
+    from sft_kernels.runtime.jobs import write_tokens
+
+    certs = make_certs(tmp_path)
+    write_tokens(tmp_path / "tokens", {"edge-1": "s3cret-edge-1"})
+    (tmp_path / "edge-1.token").write_text("s3cret-edge-1\n")
+    port_file = tmp_path / "port"
+    server = subprocess.Popen([sys.executable, "-m", "sft_kernels", "serve", "--port", "0", "--port-file",
+                               str(port_file), "--tokens", str(tmp_path / "tokens"), "--tls-cert",
+                               certs["server.pem"], "--tls-key", certs["server.key"], "--tls-ca", certs["ca.pem"],
+                               "--checkpoint-dir", str(tmp_path / "cloud"), "--checkpoint-every", "2", "--quiet"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not port_file.exists():
+            assert server.poll() is None, server.stdout.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        train = [sys.executable, "-m", "sft_kernels", "train", "--connect", f"127.0.0.1:{port_file.read_text()}",
+                 "--client-id", "edge-1", "--token-file", str(tmp_path / "edge-1.token"), "--tls-ca", certs["ca.pem"],
+                 "--task", "synthetic", "--max-train", "12", "--max-eval", "8", "--batch-size", "4",
+                 "--max-length", "32", "--checkpoint-dir", str(tmp_path / "edge"), "--checkpoint-every", "2",
+                 "--run-id", "tls-run", "--quiet", "--json"]
+        refused = subprocess.run(train, capture_output=True, text=True, timeout=300)  # no client certificate
+        assert refused.returncode != 0
+        out = subprocess.run(train + ["--tls-cert", certs["client.pem"], "--tls-key", certs["client.key"]],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        r = json.loads(out.stdout)
+        assert r["steps"] == 3 and r["eval_examples"] == 8 and len(r["losses"]) == 3
+        assert (tmp_path / "cloud" / "edge-1" / "tls-run" / "step-00000003.pt").is_file()
+        assert (tmp_path / "edge" / "step-00000003.pt").is_file()
+    finally:
+        server.terminate()
+        server.wait(10)

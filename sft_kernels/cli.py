@@ -95,7 +95,6 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint-every", type=_positive_int("--checkpoint-every"), default=50,
                    help="steps between checkpoints (default 50)")
     g.add_argument("--quiet", action="store_true", help="no progress bars or logs, only results/errors")
-    g.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
@@ -120,6 +119,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seeds head init, factors, data order, dropout (default 0)")
     g.add_argument("--run-id", default="run", help="names this run on the server (with the client id) (default run)")
     g.add_argument("--retries", type=int, default=8, help="reconnect attempts after a dropped link (default 8)")
+    g.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
 def _parser() -> argparse.ArgumentParser:
