@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from sft_kernels import SimulatedSplit
-from sft_kernels.channel import Listener, RemoteError, connect
+from sft_kernels.channel import Listener, RemoteError
 from sft_kernels.data import load_task
 from sft_kernels.runtime import CloudError, CloudServer, EdgeTrainer, LocalCloud, RunConfig, StepBatches
 from sft_kernels.runtime.config import state_hash

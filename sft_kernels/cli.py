@@ -19,28 +19,25 @@ from typing import Optional, Sequence
 DEFAULTS = dict(at=3, mode="bottleneck", rank=4, fwd_codec="int8", bwd_codec="int8,sr")
 
 
-def _positive_int(name: str):
-    def parse(s: str) -> int:
+def _number(name: str, cast, lo, what: str):
+    """An argparse type: ``cast(s)`` that must be finite and >= ``lo``; the error names the flag and the range."""
+    def parse(s: str):
         try:
-            v = int(s)
+            v = cast(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 1, got {s!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 1, got {v}")
+            raise argparse.ArgumentTypeError(f"{name} must be {what}, got {s!r}") from None
+        if not lo <= v < float("inf"):
+            raise argparse.ArgumentTypeError(f"{name} must be {what}, got {v}")
         return v
     return parse
+
+
+def _positive_int(name: str):
+    return _number(name, int, 1, "an integer >= 1")
 
 
 def _nonneg_float(name: str):
-    def parse(s: str) -> float:
-        try:
-            v = float(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number >= 0, got {s!r}") from None
-        if not v >= 0 or v == float("inf"):
-            raise argparse.ArgumentTypeError(f"{name} must be a finite number >= 0, got {s}")
-        return v
-    return parse
+    return _number(name, float, 0.0, "a finite number >= 0")
 
 
 def _add_split(p: argparse.ArgumentParser) -> None:

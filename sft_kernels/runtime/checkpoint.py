@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-__all__ = ["CheckpointStore"]
+__all__ = ["CheckpointStore", "CheckpointedPart"]
 
 _NAME = re.compile(r"^step-(\d{8,})\.pt$")
 
@@ -82,3 +82,55 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     """Inverse of :func:`rng_state`."""
     torch.set_rng_state(state["torch_cpu"])
+
+
+class CheckpointedPart:
+    """Mixin for one side of a run (edge or cloud): checkpointing of its part, optimizer and scheduler.
+
+    The class sets ``model``, ``opt``, ``sched``, ``cfg`` (a ``RunConfig``), ``step`` and ``store``
+    (a :class:`CheckpointStore` or None), and may add to a checkpoint through :meth:`_extra_state` /
+    :meth:`_load_extra`.
+    """
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra(self, state: dict[str, Any]) -> None:
+        pass
+
+    def _cannot_restore(self, step: int) -> Exception:
+        return RuntimeError(f"cannot roll back to step {step}: no checkpoint directory")
+
+    def _open_store(self) -> None:
+        """Resume from the newest checkpoint, or write the step-0 one."""
+        if self.store is not None:
+            latest = self.store.latest()
+            if latest is None:
+                self.save()
+            else:
+                self.restore(latest)
+
+    def state(self) -> dict[str, Any]:
+        """Everything a checkpoint holds."""
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "rng": rng_state(), "step": self.step,
+                "config": self.cfg.to_dict(), **self._extra_state()}
+
+    def save(self) -> None:
+        """Checkpoint at the current step (no-op without a checkpoint directory)."""
+        if self.store is not None:
+            self.store.save(self.step, self.state())
+
+    def restore(self, step: int) -> None:
+        """Load the checkpoint of ``step``."""
+        if self.store is None:
+            raise self._cannot_restore(step)
+        st = self.store.load(step)
+        if st["config"] != self.cfg.to_dict():
+            raise ValueError(f"checkpoint {self.store.path(step)} belongs to a different run config")
+        self.model.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["optimizer"])
+        self.sched.load_state_dict(st["scheduler"])
+        set_rng_state(st["rng"])
+        self.step = int(st["step"])
+        self._load_extra(st)

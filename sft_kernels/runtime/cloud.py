@@ -26,7 +26,7 @@ import torch
 from ..channel import Connection, Limits, LinkLimiter, Listener, TLSConfig
 from ..codecs import BWD_SEED_OFFSET, from_spec
 from ..split import BoundaryOutput, codec_seed, part_rng
-from .checkpoint import CheckpointStore, rng_state, set_rng_state
+from .checkpoint import CheckpointedPart, CheckpointStore
 from .config import SPLIT_FIELDS, RunConfig, state_hash
 from .messages import (EVAL, FINISH, OPEN, REPLY, TRAIN, StepRefused, boundary_from_wire, check_finite,
                        packet_to_wire)
@@ -40,7 +40,7 @@ log = logging.getLogger("sft_kernels.runtime")
 _MAX_EVAL_BATCH = 4096
 
 
-class CloudSession:
+class CloudSession(CheckpointedPart):
     """The cloud part of one run and everything needed to step, replay and resume it."""
 
     def __init__(self, client_id: str, cfg: RunConfig, model_dir: Union[str, Path, None] = None,
@@ -59,38 +59,18 @@ class CloudSession:
         self.every = checkpoint_every
         self.store = (CheckpointStore(Path(checkpoint_dir) / client_id / cfg.run_id)
                       if checkpoint_dir is not None else None)
-        if self.store is not None:
-            latest = self.store.latest()
-            if latest is None:
-                self.save()
-            else:
-                self.restore(latest)
+        self._open_store()
 
     # ---------------------------------------------------------------- state
-    def state(self) -> dict[str, Any]:
-        """Everything a checkpoint holds."""
-        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict(), "rng": rng_state(), "step": self.step,
-                "config": self.cfg.to_dict(), "reply": self.last_reply}
+    def _extra_state(self) -> dict[str, Any]:
+        return {"reply": self.last_reply}
 
-    def save(self) -> None:
-        """Checkpoint at the current step (no-op without a checkpoint directory)."""
-        if self.store is not None:
-            self.store.save(self.step, self.state())
-
-    def restore(self, step: int) -> None:
-        """Load the checkpoint of ``step``."""
-        if self.store is None:
-            raise StepRefused(f"cannot roll back to step {step}: the server runs without --checkpoint-dir")
-        st = self.store.load(step)
-        if RunConfig.from_dict(st["config"]) != self.cfg:
-            raise StepRefused(f"checkpoint {self.store.path(step)} belongs to a different run config")
-        self.model.load_state_dict(st["model"])
-        self.opt.load_state_dict(st["optimizer"])
-        self.sched.load_state_dict(st["scheduler"])
-        set_rng_state(st["rng"])
-        self.step, self.last_reply = int(st["step"]), st["reply"]
+    def _load_extra(self, state: dict[str, Any]) -> None:
+        self.last_reply = state["reply"]
         log.info("session %s/%s: restored step %d", self.client_id, self.cfg.run_id, self.step)
+
+    def _cannot_restore(self, step: int) -> Exception:
+        return StepRefused(f"cannot roll back to step {step}: the server runs without --checkpoint-dir")
 
     def resume_point(self, edge_step: int) -> int:
         """Agree on the next step with an edge that is at ``edge_step``; roll this side back if it must."""

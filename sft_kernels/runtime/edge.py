@@ -24,9 +24,9 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Union
 import torch
 
 from ..channel import Connection, Limits, LinkLimiter, ProtocolError, RemoteError, TLSConfig, connect
-from ..codecs import BWD_SEED_OFFSET, from_spec
+from ..codecs import from_spec
 from ..split import codec_seed, part_rng
-from .checkpoint import CheckpointStore, rng_state, set_rng_state
+from .checkpoint import CheckpointedPart, CheckpointStore
 from .config import RunConfig, state_hash
 from .messages import EVAL, FINISH, OPEN, TRAIN, StepRefused, boundary_to_wire, decode_packet, packet_from_wire
 from .parts import build_parts, make_optimizer, make_scheduler
@@ -72,7 +72,7 @@ class TrainSummary:
         return self.payload_up / n, self.payload_down / n
 
 
-class EdgeTrainer:
+class EdgeTrainer(CheckpointedPart):
     """Trains the edge part of ``cfg`` against a :class:`~.cloud.CloudServer` at ``host:port``.
 
     Args:
@@ -114,47 +114,26 @@ class EdgeTrainer:
         self.step = 0
         self.summary = TrainSummary()
         self.store = CheckpointStore(checkpoint_dir) if checkpoint_dir is not None else None
-        if self.store is not None:
-            latest = self.store.latest()
-            if latest is None:
-                self.save()
-            else:
-                self.restore(latest)
         self.conn: Optional[Connection] = None
+        self._open_store()
 
     # ---------------------------------------------------------------- state
-    def state(self) -> dict[str, Any]:
-        """Everything an edge checkpoint holds (the data cursor is the step: batches are keyed by it)."""
+    def _extra_state(self) -> dict[str, Any]:
         s = self.summary
-        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict(), "rng": rng_state(), "step": self.step,
-                "cursor": {"step": self.step}, "config": self.cfg.to_dict(),
-                "summary": {"losses": list(s.losses), "step_bytes": [list(t) for t in s.step_bytes], "payload_up": s.payload_up, "payload_down": s.payload_down,
-                            "examples": s.examples}}
+        return {"cursor": {"step": self.step},  # batches are keyed by step: the data cursor is the step
+                "summary": {"losses": list(s.losses), "step_bytes": [list(t) for t in s.step_bytes],
+                            "payload_up": s.payload_up, "payload_down": s.payload_down, "examples": s.examples}}
 
-    def save(self) -> None:
-        """Checkpoint at the current step (no-op without a checkpoint directory)."""
-        if self.store is not None:
-            self.store.save(self.step, self.state())
-
-    def restore(self, step: int) -> None:
-        """Load the edge checkpoint of ``step``."""
-        if self.store is None:
-            raise CloudError(f"the cloud resumes at step {step}, but this edge runs without a checkpoint directory "
-                             f"and is at step {self.step}; cannot roll back")
-        st = self.store.load(step)
-        if RunConfig.from_dict(st["config"]) != self.cfg:
-            raise ValueError(f"checkpoint {self.store.path(step)} belongs to a different run config")
-        self.model.load_state_dict(st["model"])
-        self.opt.load_state_dict(st["optimizer"])
-        self.sched.load_state_dict(st["scheduler"])
-        set_rng_state(st["rng"])
-        self.step = int(st["step"])
-        sm = st["summary"]
+    def _load_extra(self, state: dict[str, Any]) -> None:
+        sm = state["summary"]
         self.summary.losses = list(sm["losses"])
         self.summary.step_bytes = [tuple(t) for t in sm["step_bytes"]]
         self.summary.payload_up, self.summary.payload_down = sm["payload_up"], sm["payload_down"]
         self.summary.examples = sm["examples"]
+
+    def _cannot_restore(self, step: int) -> Exception:
+        return CloudError(f"the cloud resumes at step {step}, but this edge runs without a checkpoint directory "
+                          f"and is at step {self.step}; cannot roll back")
 
     # ---------------------------------------------------------------- link
     def open(self) -> None:

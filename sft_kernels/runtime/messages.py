@@ -19,7 +19,7 @@ REPLY      20      --                                reply to any of the above
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import torch
 
