@@ -24,7 +24,7 @@ import json
 import struct
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Protocol
+from typing import Any, Callable, Iterator, Mapping, Protocol
 
 import torch
 
@@ -241,6 +241,19 @@ class BufferedReader:
         self._start += k
         return k
 
+    def bulk_reader(self) -> Callable[[memoryview], int]:
+        """The fastest ``recv_into(buffer) -> int`` for bulk data once the buffered bytes are used up.
+
+        While bytes are buffered this is :meth:`recv_into`; afterwards it is ``raw.bulk_reader()``
+        when the raw source has one (e.g. a plain socket's ``recv_into`` with ``MSG_WAITALL``: one
+        system call per buffer instead of one per arriving segment), else ``raw.recv_into``.  Valid
+        until the next read from this object.
+        """
+        if self._end != self._start:
+            return self.recv_into
+        bulk = getattr(self.raw, "bulk_reader", None)
+        return bulk() if bulk is not None else self.raw.recv_into
+
 
 # ----------------------------------------------------------------------------------------------
 # encoding
@@ -451,7 +464,7 @@ class _PayloadReader:
     """
 
     #: Tensor data is checksummed once this many bytes arrived unchecked (fewer calls, still in L2).
-    CRC_RUN = 1 << 20
+    CRC_RUN = 256 * 1024
 
     def __init__(self, reader: Reader, length: int, crc: bool) -> None:
         self.reader = reader
@@ -484,33 +497,32 @@ class _PayloadReader:
         return bytes(b)
 
     def data(self, buf: torch.Tensor, what: str) -> None:
-        """Fill the contiguous uint8 CPU tensor ``buf`` (tensor data) straight from the stream."""
+        """Fill the contiguous uint8 CPU tensor ``buf`` (tensor data) straight from the stream.
+
+        Buffered bytes are copied first; the rest is received directly into ``buf`` through the
+        reader's bulk path (see :meth:`BufferedReader.bulk_reader`), in pieces of at most
+        :data:`CRC_RUN` bytes when the payload is checksummed (each piece is checksummed right
+        after it arrives, while it is still in cache), else in one piece.
+        """
         n = buf.numel()
         self._check_room(n, what)
         view = memoryview(buf.numpy())
-        reader = self.reader
-        if not self.crc:
-            got = 0
-            while got < n:
-                k = reader.recv_into(view[got:])
-                if k == 0:
-                    raise TruncatedFrame(f"connection closed mid-frame: got {got} of {n} bytes of the {what}")
-                got += k
-            self.remaining -= n
-            return
-        value = self.value
+        crc = self.crc
+        value = self.value if crc else 0
         base = buf.data_ptr()
-        got = done = 0
-        run = self.CRC_RUN
+        run = self.CRC_RUN if crc else n
+        got = 0
         while got < n:
-            k = reader.recv_into(view[got:])
+            bulk = getattr(self.reader, "bulk_reader", None)
+            recv = bulk() if bulk is not None else self.reader.recv_into
+            end = min(n, got + run)
+            k = recv(view[got:end])
             if k == 0:
                 raise TruncatedFrame(f"connection closed mid-frame: got {got} of {n} bytes of the {what}")
+            if crc:
+                value = crc32c_at(base + got, k, value)
             got += k
-            if got - done >= run:
-                value = crc32c_at(base + done, got - done, value)
-                done = got
-        self._value = crc32c_at(base + done, n - done, value)
+        self._value = value
         self.remaining -= n
 
 
