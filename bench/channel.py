@@ -7,7 +7,10 @@ message.  So one message = one request/reply, which is what a training step does
 * ours: ``conn.request(K, {"x": float32 tensor of N bytes})``; the server's handler replies with
   an empty frame.  Plain TCP with the payload CRC32 (the default) and without; TLS (no CRC).
 * plain: a TCP_NODELAY socket (or ``ssl`` socket), an 8-byte length prefix then ``sendall`` of the
-  tensor's memoryview; the server ``recv_into`` a reused preallocated buffer and sends 1 byte back.
+  tensor's memoryview; the server ``recv_into`` a **freshly allocated** ``torch.empty(n, uint8)``
+  per message (as ours must: a received tensor belongs to the caller) and sends 1 byte back.
+* plain, reused buffer (extra column, for transparency): the same, but the server receives into
+  one reused preallocated buffer (no per-message allocation / page faults).
 
 The servers run in a child process (no GIL sharing with the client).  Every cell is the median
 over interleaved rounds (ours and plain alternate, order flipped each round).
@@ -45,7 +48,8 @@ LIMITS = Limits(max_frame_bytes=1 << 28, idle_timeout=None)
 
 # ------------------------------------------------------------------ server side (child process)
 
-def _raw_serve(sock: socket.socket) -> None:
+def _raw_serve(sock: socket.socket, reuse: bool) -> None:
+    """Read length-prefixed messages; into one reused buffer, or a new tensor per message."""
     buf = bytearray(1 << 20)
     hdr = bytearray(8)
     try:
@@ -57,9 +61,13 @@ def _raw_serve(sock: socket.socket) -> None:
                     return
                 got += k
             (n,) = struct.unpack("<Q", hdr)
-            if n > len(buf):
-                buf = bytearray(n)
-            mv = memoryview(buf)[:n]
+            if reuse:
+                if n > len(buf):
+                    buf = bytearray(n)
+                mv = memoryview(buf)[:n]
+            else:
+                msg = torch.empty(n, dtype=torch.uint8)  # handed to the caller, like a received tensor
+                mv = memoryview(msg.numpy())
             got = 0
             while got < n:
                 got += sock.recv_into(mv[got:])
@@ -70,7 +78,7 @@ def _raw_serve(sock: socket.socket) -> None:
         sock.close()
 
 
-def _raw_listener(ctx: ssl.SSLContext | None) -> int:
+def _raw_listener(ctx: ssl.SSLContext | None, reuse: bool) -> int:
     ls = socket.create_server(("127.0.0.1", 0))
 
     def loop() -> None:
@@ -79,7 +87,7 @@ def _raw_listener(ctx: ssl.SSLContext | None) -> int:
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if ctx is not None:
                 s = ctx.wrap_socket(s, server_side=True)
-            threading.Thread(target=_raw_serve, args=(s,), daemon=True).start()
+            threading.Thread(target=_raw_serve, args=(s, reuse), daemon=True).start()
 
     threading.Thread(target=loop, daemon=True).start()
     return ls.getsockname()[1]
@@ -96,7 +104,8 @@ def serve(cert_dir: str) -> None:
     ours = Listener(TOKENS, limits=LIMITS).start(_ack)
     ours_tls = Listener(TOKENS, limits=LIMITS, tls=tls).start(_ack)
     ports = {"ours": ours.address[1], "ours_tls": ours_tls.address[1],
-             "plain": _raw_listener(None), "plain_tls": _raw_listener(tls.server_context())}
+             "plain": _raw_listener(None, False), "plain_tls": _raw_listener(tls.server_context(), False),
+             "reuse": _raw_listener(None, True), "reuse_tls": _raw_listener(tls.server_context(), True)}
     print(json.dumps(ports), flush=True)
     sys.stdin.read()  # until the parent closes our stdin
     os._exit(0)  # skip interpreter teardown under the blocked daemon threads
@@ -132,22 +141,29 @@ class Plain:
             raise ConnectionError("server closed")
 
 
-def run_pair(ours_fn, plain_fn, n_msgs: int, rounds: int, max_s: float) -> tuple[list[float], list[float]]:
-    """Seconds per message of each function, over interleaved rounds of ``n_msgs`` messages."""
-    ours_fn(), plain_fn()
-    t_ours: list[float] = []
-    t_plain: list[float] = []
+def run_interleaved(fns: list, n_msgs: int, rounds: int, max_s: float) -> list[list[float]]:
+    """Seconds per message of each function, over interleaved rounds of ``n_msgs`` messages.
+
+    Each round runs every function once; the order rotates (and reverses every other round) so no
+    function always goes first or always follows the same one.
+    """
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
     end = time.perf_counter() + max_s
+    idx = list(range(len(fns)))
     for r in range(rounds):
-        pair = [(ours_fn, t_ours), (plain_fn, t_plain)]
-        for fn, ts in (pair if r % 2 == 0 else pair[::-1]):
+        order = idx[r % len(idx):] + idx[:r % len(idx)]
+        if r % 2:
+            order = order[::-1]
+        for i in order:
             t0 = time.perf_counter()
             for _ in range(n_msgs):
-                fn()
-            ts.append((time.perf_counter() - t0) / n_msgs)
+                fns[i]()
+            times[i].append((time.perf_counter() - t0) / n_msgs)
         if time.perf_counter() > end and r >= 2:
             break
-    return t_ours, t_plain
+    return times
 
 
 def main() -> None:
@@ -170,33 +186,39 @@ def main() -> None:
             ctx = TLSConfig(ca=f"{d}/ca.pem").client_context()
             variants = [
                 ("tcp, crc on", connect("127.0.0.1", ports["ours"], "bench", TOKENS["bench"], limits=LIMITS),
-                 Plain(ports["plain"], None)),
+                 Plain(ports["plain"], None), Plain(ports["reuse"], None)),
                 ("tcp, crc off", connect("127.0.0.1", ports["ours"], "bench", TOKENS["bench"], limits=LIMITS,
-                                         crc=False), Plain(ports["plain"], None)),
+                                         crc=False), Plain(ports["plain"], None), Plain(ports["reuse"], None)),
                 ("tls", connect("127.0.0.1", ports["ours_tls"], "bench", TOKENS["bench"], limits=LIMITS,
-                                tls=TLSConfig(ca=f"{d}/ca.pem")), Plain(ports["plain_tls"], ctx)),
+                                tls=TLSConfig(ca=f"{d}/ca.pem")), Plain(ports["plain_tls"], ctx),
+                 Plain(ports["reuse_tls"], ctx)),
             ]
             rows = []
             print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
                   f"python {platform.python_version()}; {rounds} interleaved rounds, medians")
-            print("| link | size | ours MB/s | plain MB/s | ratio | ours latency | plain latency |")
-            print("|---|---|---|---|---|---|---|")
-            for label, conn, plain in variants:
+            print("| link | size | ours MB/s | plain MB/s | ratio | ours latency | plain latency "
+                  "| plain (reused buf) MB/s | ratio vs reused |")
+            print("|---|---|---|---|---|---|---|---|---|")
+            for label, conn, plain, reuse in variants:
                 for size in SIZES:
                     t = torch.randn(size // 4)
                     n_msgs = max(1, min(200, (8 << 20) // size)) // (2 if args.quick else 1) or 1
-                    to, tp = run_pair(lambda: conn.request(K, {"x": t}), lambda: plain.request(t),
-                                      n_msgs, rounds, max_s=6 if args.quick else 15)
-                    mo, mp = statistics.median(to), statistics.median(tp)
+                    to, tp, tr = run_interleaved([lambda: conn.request(K, {"x": t}), lambda: plain.request(t),
+                                                  lambda: reuse.request(t)], n_msgs, rounds,
+                                                 max_s=6 if args.quick else 15)
+                    mo, mp, mr = statistics.median(to), statistics.median(tp), statistics.median(tr)
                     row = {"link": label, "bytes": size, "ours_MBps": size / mo / 1e6, "plain_MBps": size / mp / 1e6,
                            "ratio": mp / mo, "ours_latency_ms": mo * 1e3, "plain_latency_ms": mp * 1e3,
+                           "reuse_MBps": size / mr / 1e6, "ratio_vs_reuse": mr / mo, "reuse_latency_ms": mr * 1e3,
                            "rounds": len(to), "msgs_per_round": n_msgs}
                     rows.append(row)
                     sz = f"{size >> 20} MB" if size >= 1 << 20 else f"{size >> 10} KB"
                     print(f"| {label} | {sz} | {row['ours_MBps']:.0f} | {row['plain_MBps']:.0f} | {row['ratio']:.2f} "
-                          f"| {row['ours_latency_ms']:.3f} ms | {row['plain_latency_ms']:.3f} ms |", flush=True)
+                          f"| {row['ours_latency_ms']:.3f} ms | {row['plain_latency_ms']:.3f} ms | {row['reuse_MBps']:.0f} "
+                          f"| {row['ratio_vs_reuse']:.2f} |", flush=True)
                 conn.close()
                 plain.sock.close()
+                reuse.sock.close()
             if args.json:
                 Path(args.json).write_text(json.dumps(rows, indent=1))
         finally:

@@ -18,4 +18,7 @@ TORCH_LIBRARY(sft, m) {
   m.def(
       "lowrank_dequantize(Tensor p_codes, Tensor p_scales, Tensor q_codes, Tensor q_scales, int rows, int cols, "
       "int rank, int bits, int block, ScalarType dtype) -> Tensor");
+  // CRC32C (Castagnoli) of a contiguous uint8 CPU tensor, continuing from `init`
+  // (0 for a fresh CRC); the channel's payload checksum (docs/protocol.md).
+  m.def("crc32c(Tensor data, int init=0) -> int");
 }

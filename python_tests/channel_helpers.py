@@ -5,10 +5,10 @@ import socket
 import struct
 import subprocess
 import time
-import zlib
 from pathlib import Path
 
 from sft_kernels.channel import auth, wire
+from sft_kernels.channel.checksum import crc32c
 
 TOKENS = {"edge": b"s3cret-token", "edge2": b"another"}
 
@@ -87,4 +87,4 @@ def frame(body: bytes, *, kind: int = 20, conn_id: int = 0, crc: bool = True, pa
     """A frame with a correct header around a hand-made payload ``body``."""
     plen = len(body) if payload_len is None else payload_len
     head = wire.encode_header(kind, 0, wire.CHFLAG_PAYLOAD_CRC if crc else 0, conn_id, 0, plen)
-    return head + body + (struct.pack("<I", zlib.crc32(body)) if crc else b"")
+    return head + body + (struct.pack("<I", crc32c(body)) if crc else b"")

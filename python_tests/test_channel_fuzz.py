@@ -132,3 +132,73 @@ def test_random_tensor_descriptors_raise_only_protocol_error(fields, code, ndim)
 def test_empty_stream_is_peer_closed():
     with pytest.raises(wire.PeerClosed):
         wire.decode_frame(b"")
+
+
+# ---------------------------------------------------------------------------------------------
+# (3) the payload checksum: the extension's CRC32C against a bitwise reference
+
+def crc32c_reference(data: bytes, value: int = 0) -> int:
+    """Bitwise CRC32C (reflected polynomial 0x82F63B78), the definition the kernels must match."""
+    c = value ^ 0xFFFFFFFF
+    for b in data:
+        c ^= b
+        for _ in range(8):
+            c = (c >> 1) ^ (0x82F63B78 if c & 1 else 0)
+    return c ^ 0xFFFFFFFF
+
+
+def test_crc32c_check_value():
+    from sft_kernels.channel.checksum import crc32c, crc32c_portable
+    assert crc32c_reference(b"123456789") == 0xE3069283
+    assert crc32c(b"123456789") == 0xE3069283
+    assert crc32c_portable(b"123456789") == 0xE3069283
+    assert torch.ops.sft.crc32c(torch.frombuffer(bytearray(b"123456789"), dtype=torch.uint8), 0) == 0xE3069283
+    assert crc32c(b"") == 0 and crc32c(b"", 1234) == 1234
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 255, 767, 768, 769, 3 * 256 + 13, 24575, 24576, 24577,
+                               3 * 8192 * 2 + 3 * 256 + 5, 100_003])
+@pytest.mark.parametrize("start", [0, 1, 3, 7])
+def test_crc32c_matches_reference(n, start):
+    """Every path (alignment prologue, 3 x 8 KiB and 3 x 256 B lanes, 8-byte and byte tails)."""
+    from sft_kernels.channel.checksum import crc32c, crc32c_at, crc32c_portable
+    g = torch.Generator().manual_seed(n * 8 + start)
+    t = torch.randint(0, 256, (start + n,), dtype=torch.uint8, generator=g)
+    data = bytes(t[start:].numpy())
+    want = crc32c_reference(data, 0x1234567) if n <= 30_000 else None
+    got = crc32c(memoryview(t.numpy())[start:], 0x1234567)
+    if want is not None:
+        assert got == want
+    assert crc32c_portable(data, 0x1234567) == got
+    assert crc32c(data, 0x1234567) == got  # bytes path
+    assert crc32c_at(t.data_ptr() + start, n, 0x1234567) == got
+    assert torch.ops.sft.crc32c(t[start:].contiguous(), 0x1234567) == got
+    # incremental == one shot
+    cut = n // 3
+    assert crc32c(data[cut:], crc32c(data[:cut], 0x1234567)) == got
+
+
+@SETTINGS
+@given(data=st.binary(max_size=2000), value=st.integers(0, 2**32 - 1))
+def test_crc32c_random(data, value):
+    from sft_kernels.channel.checksum import crc32c, crc32c_portable
+    want = crc32c_reference(data, value)
+    assert crc32c(data, value) == want
+    assert crc32c(bytearray(data), value) == want
+    assert crc32c_portable(data, value) == want
+
+
+def test_crc32c_op_checks_arguments():
+    with pytest.raises(RuntimeError, match="uint8"):
+        torch.ops.sft.crc32c(torch.zeros(4), 0)
+    with pytest.raises(RuntimeError, match="init"):
+        torch.ops.sft.crc32c(torch.zeros(4, dtype=torch.uint8), -1)
+
+
+def test_payload_crc_is_crc32c():
+    """The trailer of a frame is CRC32C of the payload (protocol version 2)."""
+    t = torch.arange(10_000, dtype=torch.float32)
+    data = wire.encode_frame(20, {"x": t}, {"a": 1}, crc=True)
+    payload = data[wire.HEADER_SIZE:-4]
+    assert struct.unpack("<I", data[-4:])[0] == crc32c_reference(payload)
+    assert data[4] == wire.PROTOCOL_VERSION == 2

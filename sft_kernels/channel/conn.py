@@ -20,7 +20,7 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 
@@ -37,6 +37,7 @@ from .wire import (
 log = logging.getLogger("sft_kernels.channel")
 
 _MAX_ERROR_CHARS = 4096
+_WAITALL = getattr(socket, "MSG_WAITALL", 0)
 _MAX_RECORDED_ERRORS = 1000
 
 
@@ -102,6 +103,18 @@ class _SocketSource:
             self.sock.settimeout(left)
         return self.sock.recv_into(buf, nbytes)
 
+    def bulk_reader(self) -> Callable[[memoryview], int]:
+        """``recv_into`` for bulk data: on a plain socket with no deadline, with ``MSG_WAITALL``.
+
+        ``MSG_WAITALL`` makes one system call fill the whole buffer (it may still return less on a
+        signal, a timeout-driven non-blocking socket, or EOF; callers loop).  ``ssl`` sockets
+        refuse flags, so they keep the plain ``recv_into``.
+        """
+        if self.deadline is None and _WAITALL and not isinstance(self.sock, ssl.SSLSocket):
+            sock = self.sock
+            return lambda buf: sock.recv_into(buf, 0, _WAITALL)
+        return self.recv_into
+
 
 class Connection:
     """One authenticated channel endpoint: send and receive frames of named tensors plus JSON meta.
@@ -128,6 +141,8 @@ class Connection:
         self._send_lock = threading.Lock()
         self._send_broken = False
         self._closed = False
+        # scatter/gather sends on plain sockets (ssl sockets have no sendmsg)
+        self._gather = not isinstance(sock, ssl.SSLSocket) and hasattr(sock, "sendmsg")
 
     # ------------------------------------------------------------------ sending
     def _send_frame(self, kind: int, tensors: Mapping[str, torch.Tensor] | None, meta: Mapping | None,
@@ -137,7 +152,9 @@ class Connection:
         pieces, wire, payload, keep = frame_pieces(kind, tensors, meta, seq=seq, flags=flags,
                                                    conn_id=self.conn_id, crc=self.crc, limits=self.limits)
         link = self.link
-        chunk = 64 * 1024 if link is not None and link.mbps else 1 << 20
+        # Paced links send in 64 KiB slices; the CRC is computed per 1 MiB chunk (still in L2 when
+        # the kernel copies it); otherwise each tensor goes to sendall whole (fewest calls).
+        chunk = 64 * 1024 if link is not None and link.mbps else (256 * 1024 if self.crc else 0)
         with self._send_lock:
             if self._send_broken:
                 raise ConnectionError("connection is broken by an earlier failed send")
@@ -145,17 +162,20 @@ class Connection:
                 self._sock.settimeout(self.default_timeout)
                 if link is not None:
                     link.frame_delay()
-                pending = bytearray()
-                for c in iter_send_chunks(pieces, self.crc, chunk):
-                    if len(c) < COALESCE_BYTES:
-                        pending += c
-                        continue
+                if link is None and self._gather:
+                    self._send_gathered(iter_send_chunks(pieces, self.crc, chunk))
+                else:
+                    pending = bytearray()
+                    for c in iter_send_chunks(pieces, self.crc, chunk):
+                        if len(c) < COALESCE_BYTES:
+                            pending += c
+                            continue
+                        if pending:
+                            self._sendall(pending, link)
+                            pending = bytearray()
+                        self._sendall(c, link)
                     if pending:
                         self._sendall(pending, link)
-                        pending = bytearray()
-                    self._sendall(c, link)
-                if pending:
-                    self._sendall(pending, link)
             except BaseException:
                 self._send_broken = True
                 raise
@@ -167,6 +187,45 @@ class Connection:
         else:
             self.stats.handshake_wire_bytes_sent += wire
         return wire
+
+    def _send_gathered(self, chunks: Iterator[bytes | memoryview]) -> None:
+        """Send ``chunks`` in order with at most one big chunk per ``sendmsg`` call.
+
+        Small pieces ride along with the neighbouring big chunk (the header and tensor descriptors
+        with the first data chunk, the CRC trailer with the last), so a frame with one tensor is
+        one or a few system calls and no tiny TCP segment of its own; nothing big is copied.
+        """
+        out: list[bytes | bytearray | memoryview] = []
+        big = False
+        for c in chunks:
+            if len(c) < COALESCE_BYTES:
+                if out and isinstance(out[-1], bytearray):
+                    out[-1] += c
+                else:
+                    out.append(bytearray(c))
+                continue
+            if big:
+                self._sendmsg_all(out)
+                out = []
+            out.append(c)
+            big = True
+        if out:
+            self._sendmsg_all(out)
+
+    def _sendmsg_all(self, bufs: list[bytes | bytearray | memoryview]) -> None:
+        """``sendall`` of several buffers through ``sendmsg`` (scatter/gather), looping on short sends."""
+        sock = self._sock
+        if len(bufs) == 1:
+            sock.sendall(bufs[0])
+            return
+        views = [memoryview(b).cast("B") for b in bufs]
+        while views:
+            sent = sock.sendmsg(views)
+            while views and sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            if views and sent:
+                views[0] = views[0][sent:]
 
     def _sendall(self, buf: bytes | bytearray | memoryview, link: LinkLimiter | None) -> None:
         if link is not None:
