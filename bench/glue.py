@@ -225,7 +225,11 @@ class TcpRunner:
         return self.trainer.summary.payload_down
 
     def close(self) -> None:
-        self.trainer.close()
+        try:
+            if self.trainer.step == self.trainer.cfg.total_steps:
+                self.trainer.finish()  # lets the server drop this session when it needs room
+        finally:
+            self.trainer.close()
 
 
 _CLOUD = None

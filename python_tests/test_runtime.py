@@ -413,3 +413,18 @@ def test_sft_serve_and_train_over_mutual_tls(tmp_path):
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_finished_sessions_make_room_unfinished_do_not(train_ds):
+    srv = CloudServer({"edge": TOKEN.encode()}, max_sessions=1).start()
+    try:
+        a = _trainer(_cfg(total_steps=1, warmup_steps=0, run_id="first"), train_ds, *srv.address)
+        a.train()
+        b = _trainer(_cfg(total_steps=1, warmup_steps=0, run_id="second"), train_ds, *srv.address)
+        with pytest.raises(CloudError, match=r"server is full \(1 unfinished sessions\)"):
+            b.train()
+        a.finish()
+        b.train()  # the finished session made room
+        assert list(srv.sessions) == [("edge", "second")]
+    finally:
+        srv.shutdown()

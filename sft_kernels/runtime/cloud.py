@@ -55,6 +55,7 @@ class CloudSession(CheckpointedPart):
         self.fwd, self.bwd = from_spec(cfg.fwd_codec), from_spec(cfg.bwd_codec)
         self.step = 0
         self.last_reply: Optional[dict[str, Any]] = None
+        self.finished = False  # set by FINISH; a finished session is the first to make room for a new one
         self.lock = threading.Lock()
         self.every = checkpoint_every
         self.store = (CheckpointStore(Path(checkpoint_dir) / client_id / cfg.run_id)
@@ -161,6 +162,7 @@ class CloudSession(CheckpointedPart):
             raise StepRefused(f"finish at step {step}, but the session is at step {self.step}")
         if self.store is not None and self.store.latest() != self.step:
             self.save()
+        self.finished = True
         return {}, {"step": self.step}
 
 
@@ -175,7 +177,8 @@ class CloudServer:
         model_dir: local model directory (default: the embedded package).
         checkpoint_dir, checkpoint_every: where and how often sessions checkpoint (every N steps).
         tls, limits, link: passed to the channel's :class:`~sft_kernels.channel.Listener`.
-        max_sessions: sessions held at once.
+        max_sessions: sessions held in memory at once; when full, the oldest finished one (``FINISH``
+            received) makes room, and an unfinished one never does.
     """
 
     def __init__(self, tokens: Mapping[str, bytes], split: Optional[Mapping[str, Any]] = None,
@@ -237,7 +240,10 @@ class CloudServer:
                 raise StepRefused(f"run id '{cfg.run_id}' is already open with a different config")
             if s is None:
                 if len(self.sessions) >= self.max_sessions:
-                    raise StepRefused(f"server is full ({self.max_sessions} sessions)")
+                    done = [k for k, v in self.sessions.items() if v.finished]
+                    if not done:
+                        raise StepRefused(f"server is full ({self.max_sessions} unfinished sessions)")
+                    del self.sessions[done[0]]  # the oldest finished session (its checkpoints stay on disk)
                 s = CloudSession(client_id, cfg, self.model_dir, self.checkpoint_dir, self.every)
                 self.sessions[key] = s
         if meta["hashes"] != s.init_hashes:
