@@ -474,8 +474,10 @@ class _PayloadReader:
     tensor data is checksummed in runs of up to :data:`CRC_RUN` bytes as they arrive.
     """
 
-    #: Tensor data is checksummed once this many bytes arrived unchecked (fewer calls, still in L2).
-    CRC_RUN = 256 * 1024
+    #: Tensor data is checksummed once this many bytes arrived unchecked: few system calls and
+    #: CRC calls per tensor, and the run is still in the last-level cache.  Measured on loopback
+    #: (2-core EPYC): 4 MiB runs beat 1 MiB and 256 KiB ones (fewer, larger MSG_WAITALL reads).
+    CRC_RUN = 4 << 20
 
     def __init__(self, reader: Reader, length: int, crc: bool) -> None:
         self.reader = reader
