@@ -158,7 +158,10 @@ class _SocketSource:
         left = self._time_left()
         if left is None:
             return self.sock.recv_into(buf, 0, _WAITALL)
-        self._prepare(left)
+        # Bulk data, mid-frame: no poll (it would cost an extra sleep/wake-up per read); the
+        # blocking read itself is bounded by SO_RCVTIMEO = the time left.
+        if abs(left - self._rcvtimeo) > 0.01 * left + 0.001:
+            self._set_rcvtimeo(left)
         try:
             return self.sock.recv_into(buf, 0, _WAITALL)
         except BlockingIOError:

@@ -241,8 +241,8 @@ class BufferedReader:
         self._start += k
         return k
 
-    def take(self, n: int) -> bytes | None:
-        """``n`` buffered bytes as ``bytes`` (consumed), or None if fewer are buffered (no I/O)."""
+    def take(self, n: int) -> bytearray | None:
+        """A copy of the next ``n`` buffered bytes (consumed), or None if fewer are buffered (no I/O)."""
         start = self._start
         if self._end - start < n:
             return None
@@ -485,7 +485,7 @@ class _PayloadReader:
         self.crc = crc
         self._value = 0
         self._pending = bytearray()
-        self._take: Callable[[int], bytes | None] | None = getattr(reader, "take", None)
+        self._take: Callable[[int], bytearray | None] | None = getattr(reader, "take", None)
 
     @property
     def value(self) -> int:
@@ -500,7 +500,7 @@ class _PayloadReader:
             raise ProtocolError(f"{what} needs {n} bytes but only {self.remaining} remain "
                                 f"in the declared payload length")
 
-    def small(self, n: int, what: str, arg: object = None) -> bytes:
+    def small(self, n: int, what: str, arg: object = None) -> bytes | bytearray:
         """Read a small field of ``n`` bytes (descriptors, names, meta).
 
         ``what`` names the field in error messages; when ``arg`` is given it is a ``str.format``
@@ -601,13 +601,15 @@ def read_payload(reader: Reader, header: Header, limits: Limits) -> tuple[dict[s
         raw_shape = pr.small(8 * ndim, "tensor {} shape", name)
         shape = [_I64.unpack_from(raw_shape, 8 * j)[0] for j in range(ndim)]
         numel = 1
+        span = 1  # product of max(dim, 1): the contiguous strides, which must fit int64 even when numel is 0
         for j, d in enumerate(shape):
             if d < 0:
                 raise ProtocolError(f"tensor {name!r} dim {j} is {d}; dims must be >= 0")
             numel *= d
+            span *= d or 1
         (nbytes,) = _U64.unpack(pr.small(8, "tensor {} byte length", name))
         itemsize = dtype.itemsize
-        if numel * itemsize > I64_MAX:
+        if span * itemsize > I64_MAX:
             raise ProtocolError(f"tensor {name!r} shape {shape} x itemsize {itemsize} overflows int64")
         if numel * itemsize != nbytes:
             raise ProtocolError(f"tensor {name!r} byte length {nbytes} != numel {numel} x itemsize {itemsize} "
