@@ -1,14 +1,21 @@
 """Channel throughput and per-message latency on loopback: our Connection vs a plain socket.
 
-Pattern (the same for both): the client sends one message of N bytes, the server reads all of
-it into memory and answers with a tiny ack; the client waits for the ack before the next
-message.  So one message = one request/reply, which is what a training step does.
+Two measurements per message size N, with the same pattern for ours and the plain socket:
 
-* ours: ``conn.request(K, {"x": float32 tensor of N bytes})``; the server's handler replies with
-  an empty frame.  Plain TCP with the payload CRC32 (the default) and without; TLS (no CRC).
-* plain: a TCP_NODELAY socket (or ``ssl`` socket), an 8-byte length prefix then ``sendall`` of the
-  tensor's memoryview; the server ``recv_into`` a **freshly allocated** ``torch.empty(n, uint8)``
-  per message (as ours must: a received tensor belongs to the caller) and sends 1 byte back.
+* **throughput (stream)**: the client sends M messages of N bytes back to back (M such that a
+  round moves >= 32 MB, at least 4, at most 256); the server receives every message into memory
+  and answers the last one with a tiny ack.  Throughput = M x N / time until the ack.
+* **latency (ping-pong)**: one message, then wait for the server's tiny ack (request/reply, what a
+  training step does); seconds per round trip.
+
+* ours: ``conn.send(K, {"x": float32 tensor of N bytes}, flags=...)`` (``conn.request`` for the
+  ack'ed last one); the server's handler replies with an empty frame when flag bit 0 is set.  Both
+  sides use the default ``Limits()`` (server ``idle_timeout=300``).  Plain TCP with the payload
+  CRC32C (the default) and without; TLS (no CRC, the default).
+* plain: a TCP_NODELAY socket (or ``ssl`` socket), a 9-byte prefix (length, ack wanted) then
+  ``sendall`` of the tensor's memoryview; the server ``recv_into`` a **freshly allocated**
+  ``torch.empty(n, uint8)`` per message (as ours must: a received tensor belongs to the caller)
+  and sends 1 byte back when asked.
 * plain, reused buffer (extra column, for transparency): the same, but the server receives into
   one reused preallocated buffer (no per-message allocation / page faults).
 
@@ -43,7 +50,9 @@ from sft_kernels.channel import KIND_USER_MIN, Limits, Listener, TLSConfig, conn
 TOKENS = {"bench": b"bench-secret"}
 SIZES = [1 << 10, 16 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 K = KIND_USER_MIN
-LIMITS = Limits(max_frame_bytes=1 << 28, idle_timeout=None)
+LIMITS = Limits()  # the defaults users get (1 GiB frames, idle_timeout=300 s on the server)
+PREFIX = struct.Struct("<QB")  # plain baseline: message length, ack wanted
+STREAM_BYTES = 32 << 20
 
 
 # ------------------------------------------------------------------ server side (child process)
@@ -51,16 +60,16 @@ LIMITS = Limits(max_frame_bytes=1 << 28, idle_timeout=None)
 def _raw_serve(sock: socket.socket, reuse: bool) -> None:
     """Read length-prefixed messages; into one reused buffer, or a new tensor per message."""
     buf = bytearray(1 << 20)
-    hdr = bytearray(8)
+    hdr = bytearray(PREFIX.size)
     try:
         while True:
             got = 0
-            while got < 8:
+            while got < PREFIX.size:
                 k = sock.recv_into(memoryview(hdr)[got:])
                 if k == 0:
                     return
                 got += k
-            (n,) = struct.unpack("<Q", hdr)
+            n, want_ack = PREFIX.unpack(hdr)
             if reuse:
                 if n > len(buf):
                     buf = bytearray(n)
@@ -71,7 +80,8 @@ def _raw_serve(sock: socket.socket, reuse: bool) -> None:
             got = 0
             while got < n:
                 got += sock.recv_into(mv[got:])
-            sock.sendall(b"k")
+            if want_ack:
+                sock.sendall(b"k")
     except OSError:
         return
     finally:
@@ -96,7 +106,8 @@ def _raw_listener(ctx: ssl.SSLContext | None, reuse: bool) -> int:
 def _ack(conn) -> None:
     while True:
         f = conn.recv()
-        conn.send(f.kind, seq=f.seq)
+        if f.flags & 1:
+            conn.send(f.kind, seq=f.seq)
 
 
 def serve(cert_dir: str) -> None:
@@ -133,12 +144,37 @@ class Plain:
         self.sock = ctx.wrap_socket(s, server_hostname="127.0.0.1") if ctx is not None else s
         self.ack = bytearray(1)
 
-    def request(self, t: torch.Tensor) -> None:
+    def send(self, t: torch.Tensor, want_ack: bool) -> None:
+        """Send one message (prefix, then the tensor memory); wait for the ack if ``want_ack``."""
         mv = memoryview(t.view(torch.uint8).numpy())
-        self.sock.sendall(struct.pack("<Q", len(mv)))
+        self.sock.sendall(PREFIX.pack(len(mv), want_ack))
         self.sock.sendall(mv)
-        if self.sock.recv_into(self.ack) != 1:
+        if want_ack and self.sock.recv_into(self.ack) != 1:
             raise ConnectionError("server closed")
+
+    def request(self, t: torch.Tensor) -> None:
+        """One message and its ack (ping-pong)."""
+        self.send(t, True)
+
+    def stream(self, t: torch.Tensor, m: int) -> None:
+        """``m`` messages back to back; only the last one is ack'ed."""
+        for i in range(m):
+            self.send(t, i == m - 1)
+
+
+def ours_stream(conn, t: torch.Tensor, m: int) -> None:
+    """``m`` frames back to back on our connection; the last one is a request (flag bit 0 = ack me)."""
+    x = {"x": t}
+    for _ in range(m - 1):
+        conn.send(K, x)
+    conn.send(K, x, flags=1)
+    conn.recv()
+
+
+def ours_request(conn, t: torch.Tensor) -> None:
+    """One frame and the server's ack (ping-pong)."""
+    conn.send(K, {"x": t}, flags=1)
+    conn.recv()
 
 
 def run_interleaved(fns: list, n_msgs: int, rounds: int, max_s: float) -> list[list[float]]:
@@ -195,27 +231,34 @@ def main() -> None:
             ]
             rows = []
             print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
-                  f"python {platform.python_version()}; {rounds} interleaved rounds, medians")
-            print("| link | size | ours MB/s | plain MB/s | ratio | ours latency | plain latency "
-                  "| plain (reused buf) MB/s | ratio vs reused |")
-            print("|---|---|---|---|---|---|---|---|---|")
+                  f"python {platform.python_version()}; {rounds} interleaved rounds, medians; throughput = "
+                  f"stream of M messages + 1 ack, latency = ping-pong of one message")
+            print("| link | size | M | ours MB/s | plain MB/s | ratio | plain (reused buf) MB/s | ratio vs reused "
+                  "| ours latency | plain latency |")
+            print("|---|---|---|---|---|---|---|---|---|---|")
             for label, conn, plain, reuse in variants:
                 for size in SIZES:
                     t = torch.randn(size // 4)
-                    n_msgs = max(1, min(200, (8 << 20) // size)) // (2 if args.quick else 1) or 1
-                    to, tp, tr = run_interleaved([lambda: conn.request(K, {"x": t}), lambda: plain.request(t),
-                                                  lambda: reuse.request(t)], n_msgs, rounds,
-                                                 max_s=6 if args.quick else 15)
-                    mo, mp, mr = statistics.median(to), statistics.median(tp), statistics.median(tr)
-                    row = {"link": label, "bytes": size, "ours_MBps": size / mo / 1e6, "plain_MBps": size / mp / 1e6,
-                           "ratio": mp / mo, "ours_latency_ms": mo * 1e3, "plain_latency_ms": mp * 1e3,
-                           "reuse_MBps": size / mr / 1e6, "ratio_vs_reuse": mr / mo, "reuse_latency_ms": mr * 1e3,
-                           "rounds": len(to), "msgs_per_round": n_msgs}
+                    m = max(4, min(256, STREAM_BYTES // size))
+                    if args.quick:
+                        m = max(4, m // 4)
+                    to, tp, tr = run_interleaved([lambda: ours_stream(conn, t, m), lambda: plain.stream(t, m),
+                                                  lambda: reuse.stream(t, m)], 1, rounds,
+                                                 max_s=3 if args.quick else 8)
+                    mo, mp, mr = (statistics.median(x) / m for x in (to, tp, tr))
+                    n_lat = max(1, min(50, (4 << 20) // size)) // (2 if args.quick else 1) or 1
+                    lo, lp = run_interleaved([lambda: ours_request(conn, t), lambda: plain.request(t)], n_lat,
+                                             rounds, max_s=2 if args.quick else 4)
+                    lo, lp = statistics.median(lo), statistics.median(lp)
+                    row = {"link": label, "bytes": size, "stream_msgs": m, "ours_MBps": size / mo / 1e6,
+                           "plain_MBps": size / mp / 1e6, "ratio": mp / mo, "reuse_MBps": size / mr / 1e6,
+                           "ratio_vs_reuse": mr / mo, "ours_latency_ms": lo * 1e3, "plain_latency_ms": lp * 1e3,
+                           "rounds": len(to), "latency_msgs_per_round": n_lat}
                     rows.append(row)
                     sz = f"{size >> 20} MB" if size >= 1 << 20 else f"{size >> 10} KB"
-                    print(f"| {label} | {sz} | {row['ours_MBps']:.0f} | {row['plain_MBps']:.0f} | {row['ratio']:.2f} "
-                          f"| {row['ours_latency_ms']:.3f} ms | {row['plain_latency_ms']:.3f} ms | {row['reuse_MBps']:.0f} "
-                          f"| {row['ratio_vs_reuse']:.2f} |", flush=True)
+                    print(f"| {label} | {sz} | {m} | {row['ours_MBps']:.0f} | {row['plain_MBps']:.0f} "
+                          f"| {row['ratio']:.2f} | {row['reuse_MBps']:.0f} | {row['ratio_vs_reuse']:.2f} "
+                          f"| {row['ours_latency_ms']:.3f} ms | {row['plain_latency_ms']:.3f} ms |", flush=True)
                 conn.close()
                 plain.sock.close()
                 reuse.sock.close()

@@ -424,6 +424,18 @@ def test_idle_timeout_drops_connection():
         assert_serves(srv)
 
 
+def test_stall_mid_tensor_is_timed_out():
+    """A peer that stops in the middle of a big tensor (inside a MSG_WAITALL read) is dropped in time."""
+    with Listener(TOKENS, limits=Limits(idle_timeout=0.5)).start(echo) as srv:
+        with connect(*srv.address, "edge", TOKENS["edge"], crc=False) as c:
+            frame = wire.encode_frame(K, {"x": torch.zeros(2 << 20)}, conn_id=c.conn_id, crc=False)
+            t0 = time.monotonic()
+            c._sock.sendall(frame[: len(frame) // 3])  # header, descriptors and a third of the data
+            assert_error_logged(srv, "timed out in the middle of a frame")
+            assert time.monotonic() - t0 < 3
+        assert_serves(srv)
+
+
 def test_recv_timeout_keeps_connection_usable(server):
     with connect(*server.address, "edge", TOKENS["edge"]) as c:
         with pytest.raises(TimeoutError):

@@ -13,10 +13,13 @@ from __future__ import annotations
 import hmac
 import itertools
 import logging
+import math
 import secrets
+import select
 import socket
 import ssl
 import statistics
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -39,6 +42,9 @@ log = logging.getLogger("sft_kernels.channel")
 _MAX_ERROR_CHARS = 4096
 _WAITALL = getattr(socket, "MSG_WAITALL", 0)
 _MAX_RECORDED_ERRORS = 1000
+#: Bytes per checksummed send chunk (the receiver checksums in runs of the same size).
+_CRC_CHUNK = 4 << 20
+_TIMEVAL = struct.Struct("@ll")  # struct timeval for SO_RCVTIMEO / SO_SNDTIMEO
 
 
 @dataclass
@@ -89,30 +95,88 @@ class ChannelStats:
 
 
 class _SocketSource:
-    """The raw byte source under a connection's buffer; enforces an overall deadline when one is set."""
+    """The raw byte source under a connection's buffer: a blocking socket plus deadlines.
+
+    The socket itself never has a Python-level timeout (``settimeout(None)``): with one, Python
+    makes it non-blocking and every read becomes poll + ``recv`` of whatever arrived, which also
+    rules out ``MSG_WAITALL``.  Instead each read that may wait first polls for readability
+    (``select.poll``) for at most the time left, where the time left is the smaller of
+    ``deadline - now`` (an absolute deadline over a whole exchange, the handshake) and ``wait``
+    (the seconds any one read may wait for data: the idle / ``recv`` timeout).  A peer that stalls
+    *after* poll said readable (mid-frame, or in the middle of a TLS record) is bounded by the
+    kernel: ``SO_RCVTIMEO`` is set to the same time left, so a blocked ``recv`` returns what it has
+    (or fails with ``EAGAIN``, raised here as ``TimeoutError``) once it runs out.  Bytes already
+    decrypted inside an ``ssl`` socket (``pending()``) are read without polling.
+    """
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.deadline: float | None = None
+        self.wait: float | None = None
+        self._tls = isinstance(sock, ssl.SSLSocket)
+        self._poll = select.poll()
+        self._poll.register(sock.fileno(), select.POLLIN)
+        self._rcvtimeo = 0.0  # SO_RCVTIMEO now set on the socket (0 = none)
 
-    def recv_into(self, buf: memoryview, nbytes: int = 0, /) -> int:
+    def _time_left(self) -> float | None:
+        """Seconds the next read may wait (None = forever); ``TimeoutError`` if none are left."""
+        left = self.wait
         if self.deadline is not None:
-            left = self.deadline - time.monotonic()
+            d = self.deadline - time.monotonic()
+            left = d if left is None else min(left, d)
             if left <= 0:
                 raise TimeoutError("handshake deadline passed")
-            self.sock.settimeout(left)
-        return self.sock.recv_into(buf, nbytes)
+        return left
+
+    def _prepare(self, left: float) -> None:
+        """Wait until the socket is readable (at most ``left`` s) and bound the read that follows."""
+        if not (self._tls and self.sock.pending()):
+            if not self._poll.poll(max(1, math.ceil(left * 1000))):
+                raise TimeoutError(f"timed out: no data within {left:.3g} s")
+        # Cached: the steady state (a fixed idle timeout) sets the option once per connection.
+        if abs(left - self._rcvtimeo) > 0.01 * left + 0.001:
+            self._set_rcvtimeo(left)
+
+    def _set_rcvtimeo(self, seconds: float) -> None:
+        sec = int(seconds)
+        usec = max(1, int((seconds - sec) * 1e6)) if seconds > 0 else 0
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.pack(sec, usec))
+        self._rcvtimeo = seconds
+
+    def recv_into(self, buf: memoryview, nbytes: int = 0, /) -> int:
+        """``recv_into`` of the socket within the time left (``TimeoutError`` when it runs out)."""
+        left = self._time_left()
+        if left is None:
+            return self.sock.recv_into(buf, nbytes)
+        self._prepare(left)
+        try:
+            return self.sock.recv_into(buf, nbytes)
+        except (BlockingIOError, ssl.SSLWantReadError):  # SO_RCVTIMEO ran out with nothing read
+            raise TimeoutError(f"timed out: no data within {left:.3g} s") from None
+
+    def _recv_waitall(self, buf: memoryview) -> int:
+        left = self._time_left()
+        if left is None:
+            return self.sock.recv_into(buf, 0, _WAITALL)
+        # Bulk data, mid-frame: no poll (it would cost an extra sleep/wake-up per read); the
+        # blocking read itself is bounded by SO_RCVTIMEO = the time left.
+        if abs(left - self._rcvtimeo) > 0.01 * left + 0.001:
+            self._set_rcvtimeo(left)
+        try:
+            return self.sock.recv_into(buf, 0, _WAITALL)
+        except BlockingIOError:
+            raise TimeoutError(f"timed out: no data within {left:.3g} s") from None
 
     def bulk_reader(self) -> Callable[[memoryview], int]:
-        """``recv_into`` for bulk data: on a plain socket with no deadline, with ``MSG_WAITALL``.
+        """``recv_into`` for bulk data: on a plain socket, with ``MSG_WAITALL``.
 
-        ``MSG_WAITALL`` makes one system call fill the whole buffer (it may still return less on a
-        signal, a timeout-driven non-blocking socket, or EOF; callers loop).  ``ssl`` sockets
-        refuse flags, so they keep the plain ``recv_into``.
+        ``MSG_WAITALL`` makes one system call fill the whole buffer; it returns less on a signal,
+        at EOF, or when ``SO_RCVTIMEO`` (the time left) runs out with part of it read (callers
+        loop, and the next call checks the deadline again).  ``ssl`` sockets refuse flags, so they
+        keep the plain :meth:`recv_into`.
         """
-        if self.deadline is None and _WAITALL and not isinstance(self.sock, ssl.SSLSocket):
-            sock = self.sock
-            return lambda buf: sock.recv_into(buf, 0, _WAITALL)
+        if _WAITALL and not self._tls:
+            return self._recv_waitall
         return self.recv_into
 
 
@@ -126,6 +190,9 @@ class Connection:
 
     def __init__(self, sock: socket.socket, *, peer: tuple, limits: Limits, link: LinkLimiter | None,
                  crc: bool, default_timeout: float | None = None) -> None:
+        # Blocking, no Python timeout: deadlines are enforced by _SocketSource (poll + SO_RCVTIMEO)
+        # and, for sends, by SO_SNDTIMEO = default_timeout.
+        sock.settimeout(None)
         self._sock = sock
         self._source = _SocketSource(sock)
         self._reader = BufferedReader(self._source)
@@ -143,6 +210,17 @@ class Connection:
         self._closed = False
         # scatter/gather sends on plain sockets (ssl sockets have no sendmsg)
         self._gather = not isinstance(sock, ssl.SSLSocket) and hasattr(sock, "sendmsg")
+        if default_timeout is not None:
+            self._set_send_timeout(default_timeout)
+
+    def _set_send_timeout(self, seconds: float) -> None:
+        """Bound each blocked send system call by ``seconds`` (``SO_SNDTIMEO``; the socket stays blocking)."""
+        sec = int(seconds)
+        usec = max(1, int((seconds - sec) * 1e6))
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL.pack(sec, usec))
+        except OSError:
+            pass
 
     # ------------------------------------------------------------------ sending
     def _send_frame(self, kind: int, tensors: Mapping[str, torch.Tensor] | None, meta: Mapping | None,
@@ -152,14 +230,13 @@ class Connection:
         pieces, wire, payload, keep = frame_pieces(kind, tensors, meta, seq=seq, flags=flags,
                                                    conn_id=self.conn_id, crc=self.crc, limits=self.limits)
         link = self.link
-        # Paced links send in 64 KiB slices; the CRC is computed per 1 MiB chunk (still in L2 when
-        # the kernel copies it); otherwise each tensor goes to sendall whole (fewest calls).
-        chunk = 64 * 1024 if link is not None and link.mbps else (256 * 1024 if self.crc else 0)
+        # Paced links send in 64 KiB slices; with the CRC, tensors go out in 4 MiB chunks, each
+        # checksummed just before its sendmsg (still in cache); otherwise each tensor is one sendmsg.
+        chunk = 64 * 1024 if link is not None and link.mbps else (_CRC_CHUNK if self.crc else 0)
         with self._send_lock:
             if self._send_broken:
                 raise ConnectionError("connection is broken by an earlier failed send")
             try:
-                self._sock.settimeout(self.default_timeout)
                 if link is not None:
                     link.frame_delay()
                 if link is None and self._gather:
@@ -253,15 +330,14 @@ class Connection:
         """Read one frame of any kind; on a protocol violation tell the peer (best effort) and close."""
         if self._closed:
             raise ConnectionError("connection is closed")
-        sock = self._sock
         reader = self._reader
-        self._source.deadline = deadline
+        source = self._source
+        source.deadline = deadline
+        source.wait = timeout
         raw = bytearray(HEADER_SIZE)
         view = memoryview(raw)
         started = False
         try:
-            if deadline is None:
-                sock.settimeout(timeout)
             # The first read may time out without harm: nothing of the frame was consumed yet.
             got = reader.recv_into(view)
             if got == 0:
@@ -289,7 +365,7 @@ class Connection:
             self.close()
             raise
         finally:
-            self._source.deadline = None
+            source.deadline = None
         wire = HEADER_SIZE + header.payload_len + (CRC_SIZE if header.chflags & CHFLAG_PAYLOAD_CRC else 0)
         if self._authenticated:
             self.stats.wire_bytes_received += wire
@@ -303,7 +379,7 @@ class Connection:
         """Best-effort ERROR frame to the peer, then close (our send stream is still in sync)."""
         if not self._send_broken and not self._closed:
             try:
-                self._sock.settimeout(1.0)
+                self._set_send_timeout(1.0)
                 self.send_error(f"protocol error: {message}")
             except Exception:  # noqa: BLE001 - best effort only
                 pass
@@ -588,7 +664,6 @@ class Listener:
             except (TimeoutError, socket.timeout):
                 raise AuthError(f"handshake not completed within {self.limits.handshake_timeout} s") from None
             log.info("connection %d from %s authenticated as %r", cid, addr, conn.client_id)
-            sock.settimeout(self.limits.idle_timeout)
             try:
                 handler(conn)
             except TruncatedFrame as e:

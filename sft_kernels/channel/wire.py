@@ -241,6 +241,14 @@ class BufferedReader:
         self._start += k
         return k
 
+    def take(self, n: int) -> bytearray | None:
+        """A copy of the next ``n`` buffered bytes (consumed), or None if fewer are buffered (no I/O)."""
+        start = self._start
+        if self._end - start < n:
+            return None
+        self._start = start + n
+        return self._buf[start:start + n]
+
     def bulk_reader(self) -> Callable[[memoryview], int]:
         """The fastest ``recv_into(buffer) -> int`` for bulk data once the buffered bytes are used up.
 
@@ -392,7 +400,10 @@ def iter_send_chunks(pieces: list[bytes | memoryview], crc: bool, chunk: int = 1
                 if skip >= len(c):
                     skip -= len(c)
                 else:
-                    value = crc32c(c[skip:] if skip else c, value)
+                    if skip:  # the small head piece: a bytes copy is cheaper than a view's address
+                        value = crc32c(bytes(c[skip:]), value)
+                    else:
+                        value = crc32c(c, value)
                     skip = 0
             yield c
     if crc:
@@ -463,8 +474,10 @@ class _PayloadReader:
     tensor data is checksummed in runs of up to :data:`CRC_RUN` bytes as they arrive.
     """
 
-    #: Tensor data is checksummed once this many bytes arrived unchecked (fewer calls, still in L2).
-    CRC_RUN = 256 * 1024
+    #: Tensor data is checksummed once this many bytes arrived unchecked: few system calls and
+    #: CRC calls per tensor, and the run is still in the last-level cache.  Measured on loopback
+    #: (2-core EPYC): 4 MiB runs beat 1 MiB and 256 KiB ones (fewer, larger MSG_WAITALL reads).
+    CRC_RUN = 4 << 20
 
     def __init__(self, reader: Reader, length: int, crc: bool) -> None:
         self.reader = reader
@@ -472,6 +485,7 @@ class _PayloadReader:
         self.crc = crc
         self._value = 0
         self._pending = bytearray()
+        self._take: Callable[[int], bytearray | None] | None = getattr(reader, "take", None)
 
     @property
     def value(self) -> int:
@@ -486,15 +500,25 @@ class _PayloadReader:
             raise ProtocolError(f"{what} needs {n} bytes but only {self.remaining} remain "
                                 f"in the declared payload length")
 
-    def small(self, n: int, what: str) -> bytes:
-        """Read a small field of ``n`` bytes (descriptors, names, meta)."""
-        self._check_room(n, what)
-        b = bytearray(n)
-        recv_exact(self.reader, memoryview(b), what)
+    def small(self, n: int, what: str, arg: object = None) -> bytes | bytearray:
+        """Read a small field of ``n`` bytes (descriptors, names, meta).
+
+        ``what`` names the field in error messages; when ``arg`` is given it is a ``str.format``
+        template filled with ``repr(arg)`` only if an error is raised (no formatting per field).
+        Served straight from a :class:`BufferedReader`'s buffer when it holds the bytes (the
+        common case: one frame's descriptors arrive together), else read with :func:`recv_exact`.
+        """
+        if n > self.remaining:
+            self._check_room(n, what if arg is None else what.format(repr(arg)))
+        take = self._take
+        b = take(n) if take is not None else None
+        if b is None:
+            b = bytearray(n)
+            recv_exact(self.reader, memoryview(b), what if arg is None else what.format(repr(arg)))
         self.remaining -= n
         if self.crc:
             self._pending += b
-        return bytes(b)
+        return b
 
     def data(self, buf: torch.Tensor, what: str) -> None:
         """Fill the contiguous uint8 CPU tensor ``buf`` (tensor data) straight from the stream.
@@ -558,32 +582,34 @@ def read_payload(reader: Reader, header: Header, limits: Limits) -> tuple[dict[s
     tensors: dict[str, torch.Tensor] = {}
     data_bytes = 0
     for i in range(count):
-        (name_len,) = _NAME_LEN.unpack(pr.small(2, f"tensor {i} name length"))
+        (name_len,) = _NAME_LEN.unpack(pr.small(2, "tensor {} name length", i))
         if not 1 <= name_len <= MAX_NAME_BYTES:
             raise ProtocolError(f"tensor {i} name length {name_len} is outside [1, {MAX_NAME_BYTES}]")
         try:
-            name = pr.small(name_len, f"tensor {i} name").decode("utf-8")
+            name = pr.small(name_len, "tensor {} name", i).decode("utf-8")
         except UnicodeDecodeError:
             raise ProtocolError(f"tensor {i} name is not valid UTF-8") from None
         if name in tensors:
             raise ProtocolError(f"tensor name {name!r} appears twice in one frame")
-        code, ndim = _TDESC.unpack(pr.small(2, f"tensor {name!r} dtype/ndim"))
+        code, ndim = _TDESC.unpack(pr.small(2, "tensor {} dtype/ndim", name))
         dtype = DTYPE_CODES.get(code)
         if dtype is None:
             raise ProtocolError(f"tensor {name!r} has unknown dtype code {code}; valid codes: "
                                 f"{min(DTYPE_CODES)}..{max(DTYPE_CODES)}")
         if ndim > limits.max_ndim:
             raise ProtocolError(f"tensor {name!r} ndim {ndim} exceeds max_ndim {limits.max_ndim}")
-        raw_shape = pr.small(8 * ndim, f"tensor {name!r} shape")
+        raw_shape = pr.small(8 * ndim, "tensor {} shape", name)
         shape = [_I64.unpack_from(raw_shape, 8 * j)[0] for j in range(ndim)]
         numel = 1
+        span = 1  # product of max(dim, 1): the contiguous strides, which must fit int64 even when numel is 0
         for j, d in enumerate(shape):
             if d < 0:
                 raise ProtocolError(f"tensor {name!r} dim {j} is {d}; dims must be >= 0")
             numel *= d
-        (nbytes,) = _U64.unpack(pr.small(8, f"tensor {name!r} byte length"))
+            span *= d or 1
+        (nbytes,) = _U64.unpack(pr.small(8, "tensor {} byte length", name))
         itemsize = dtype.itemsize
-        if numel * itemsize > I64_MAX:
+        if span * itemsize > I64_MAX:
             raise ProtocolError(f"tensor {name!r} shape {shape} x itemsize {itemsize} overflows int64")
         if numel * itemsize != nbytes:
             raise ProtocolError(f"tensor {name!r} byte length {nbytes} != numel {numel} x itemsize {itemsize} "
