@@ -24,6 +24,7 @@
 #include <cstring>
 
 #if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
 #include <nmmintrin.h>
 #define SFT_HAVE_SSE42_PATH 1
 #else
@@ -65,6 +66,14 @@ struct Tables {
   uint32_t shift_long[4][256];  // c -> c * x^(8 kLong) mod P, byte by byte
   uint32_t shift_short[4][256];
   bool sse42 = false;
+  bool pclmul = false;   // PCLMULQDQ + SSE4.2: 4 x 128-bit folding
+  bool vpclmul = false;  // VPCLMULQDQ + AVX-512: 4 x 512-bit folding
+  // Fold constants, one pair {lo, hi} per fold distance D (bytes): folding a
+  // 16-byte chunk X = L x^64 + H forward by D bytes multiplies it by x^(8D);
+  // with reflected operands, clmul(L, k_lo) ^ clmul(H, k_hi) lands in the frame
+  // of the chunk D bytes later when k_lo = x^(8D+32) mod P, k_hi = x^(8D-32)
+  // mod P, each stored one bit up (bit 32-d for x^d; see fold_const).
+  uint64_t fold16[2], fold32[2], fold48[2], fold64[2], fold256[2];
 
   Tables() {
     for (uint32_t b = 0; b < 256; ++b) {
@@ -80,10 +89,27 @@ struct Tables {
         shift_long[k][b] = mulmod(b << (8 * k), kl);
         shift_short[k][b] = mulmod(b << (8 * k), ks);
       }
+    fold_const(fold16, 16);
+    fold_const(fold32, 32);
+    fold_const(fold48, 48);
+    fold_const(fold64, 64);
+    fold_const(fold256, 256);
 #if SFT_HAVE_SSE42_PATH
     __builtin_cpu_init();
     sse42 = __builtin_cpu_supports("sse4.2");
+    pclmul = sse42 && __builtin_cpu_supports("pclmul");
+    vpclmul = pclmul && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("vpclmulqdq");
 #endif
+  }
+
+  // x8n() values have bit 31 = x^0 (bit i = x^(31-i)); shifted up one bit, bit
+  // j = x^(32-j). A 64-bit reflected data qword has bit i = x^(63-i), so the
+  // clmul product has bit k = x^(95-k) of L*K; read in the 128-bit data frame
+  // (bit k = x^(127-k)) it is L*K*x^32, hence the -32 in the exponents.
+  static void fold_const(uint64_t (&k)[2], size_t d) {
+    k[0] = static_cast<uint64_t>(x8n(d + 4)) << 1;  // x^(8d+32): first qword (weight x^64)
+    k[1] = static_cast<uint64_t>(x8n(d - 4)) << 1;  // x^(8d-32): second qword (weight x^0)
   }
 };
 
@@ -160,7 +186,104 @@ __attribute__((target("sse4.2"))) uint32_t crc_sse42(uint32_t crc, const uint8_t
   while (n--) c = _mm_crc32_u8(static_cast<uint32_t>(c), *p++);
   return static_cast<uint32_t>(c);
 }
+
+// Carry-less-multiply folding (Intel, "Fast CRC Computation for Generic
+// Polynomials Using PCLMULQDQ"). The raw CRC register after a message M with
+// start state c equals the CRC with start state 0 of M with c XORed into its
+// first 4 bytes, and that is (M' x^32 mod P). Folding replaces a leading chunk X
+// by a polynomial congruent to X x^(8D) mod P, XORed into the chunk D bytes
+// later, so it keeps M' mod P; once one 16-byte chunk V is left, the CRC
+// instruction over V's 16 bytes from state 0 gives V x^32 mod P, i.e. the
+// register after the folded prefix. The tail (< one block) continues with the
+// SSE4.2 code from there.
+__attribute__((target("pclmul,sse4.2"), always_inline)) inline __m128i fold128(__m128i x, __m128i k) {
+  return _mm_xor_si128(_mm_clmulepi64_si128(x, k, 0x00), _mm_clmulepi64_si128(x, k, 0x11));
+}
+
+__attribute__((target("pclmul,sse4.2"))) inline __m128i kvec(const uint64_t (&k)[2]) {
+  return _mm_set_epi64x(static_cast<long long>(k[1]), static_cast<long long>(k[0]));
+}
+
+__attribute__((target("pclmul,sse4.2"))) inline uint32_t crc_of_chunk(__m128i v) {
+  uint64_t c = _mm_crc32_u64(0, static_cast<uint64_t>(_mm_cvtsi128_si64(v)));
+  c = _mm_crc32_u64(c, static_cast<uint64_t>(_mm_extract_epi64(v, 1)));
+  return static_cast<uint32_t>(c);
+}
+
+__attribute__((target("sse4.2"), always_inline)) inline __m128i loadu128(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+
+// 4 x 128-bit accumulators (64 bytes a round). Needs n >= 64.
+__attribute__((target("pclmul,sse4.2"))) uint32_t crc_pclmul(uint32_t crc, const uint8_t* p, size_t n) {
+  if (n < 64) return crc_sse42(crc, p, n);
+  const Tables& t = tables();
+  __m128i a0 = _mm_xor_si128(loadu128(p), _mm_cvtsi32_si128(static_cast<int>(crc)));
+  __m128i a1 = loadu128(p + 16), a2 = loadu128(p + 32), a3 = loadu128(p + 48);
+  p += 64;
+  n -= 64;
+  const __m128i k64 = kvec(t.fold64);
+  while (n >= 64) {
+    a0 = _mm_xor_si128(fold128(a0, k64), loadu128(p));
+    a1 = _mm_xor_si128(fold128(a1, k64), loadu128(p + 16));
+    a2 = _mm_xor_si128(fold128(a2, k64), loadu128(p + 32));
+    a3 = _mm_xor_si128(fold128(a3, k64), loadu128(p + 48));
+    p += 64;
+    n -= 64;
+  }
+  const __m128i v = _mm_xor_si128(_mm_xor_si128(fold128(a0, kvec(t.fold48)), fold128(a1, kvec(t.fold32))),
+                                  _mm_xor_si128(fold128(a2, kvec(t.fold16)), a3));
+  return crc_sse42(crc_of_chunk(v), p, n);
+}
+
+#define SFT_AVX512_TARGET "avx512f,avx512bw,avx512vl,vpclmulqdq,pclmul,sse4.2"
+
+__attribute__((target(SFT_AVX512_TARGET), always_inline)) inline __m512i fold512(__m512i x, __m512i k,
+                                                                                   __m512i next) {
+  return _mm512_ternarylogic_epi64(_mm512_clmulepi64_epi128(x, k, 0x00), _mm512_clmulepi64_epi128(x, k, 0x11),
+                                   next, 0x96);
+}
+
+__attribute__((target(SFT_AVX512_TARGET))) inline __m512i kvec512(const uint64_t (&k)[2]) {
+  return _mm512_broadcast_i32x4(_mm_set_epi64x(static_cast<long long>(k[1]), static_cast<long long>(k[0])));
+}
+
+__attribute__((target(SFT_AVX512_TARGET), always_inline)) inline __m512i loadu512(const uint8_t* p) { return _mm512_loadu_si512(reinterpret_cast<const void*>(p)); }
+
+// 4 x 512-bit accumulators (256 bytes a round). Needs n >= 256.
+__attribute__((target(SFT_AVX512_TARGET))) uint32_t crc_vpclmul(uint32_t crc, const uint8_t* p, size_t n) {
+  if (n < 256) return crc_sse42(crc, p, n);
+  const Tables& t = tables();
+  __m512i a0 = _mm512_xor_si512(loadu512(p), _mm512_zextsi128_si512(_mm_cvtsi32_si128(static_cast<int>(crc))));
+  __m512i a1 = loadu512(p + 64), a2 = loadu512(p + 128), a3 = loadu512(p + 192);
+  p += 256;
+  n -= 256;
+  const __m512i k256 = kvec512(t.fold256);
+  while (n >= 256) {
+    a0 = fold512(a0, k256, loadu512(p));
+    a1 = fold512(a1, k256, loadu512(p + 64));
+    a2 = fold512(a2, k256, loadu512(p + 128));
+    a3 = fold512(a3, k256, loadu512(p + 192));
+    p += 256;
+    n -= 256;
+  }
+  const __m512i k64 = kvec512(t.fold64);
+  a1 = fold512(a0, k64, a1);
+  a2 = fold512(a1, k64, a2);
+  __m512i a = fold512(a2, k64, a3);
+  while (n >= 64) {
+    a = fold512(a, k64, loadu512(p));
+    p += 64;
+    n -= 64;
+  }
+  // The four 128-bit lanes of a sit at offsets 0, 16, 32, 48 of the last 64 bytes.
+  const __m128i v = _mm_xor_si128(
+      _mm_xor_si128(fold128(_mm512_extracti32x4_epi32(a, 0), kvec(t.fold48)),
+                    fold128(_mm512_extracti32x4_epi32(a, 1), kvec(t.fold32))),
+      _mm_xor_si128(fold128(_mm512_extracti32x4_epi32(a, 2), kvec(t.fold16)), _mm512_extracti32x4_epi32(a, 3)));
+  return crc_sse42(crc_of_chunk(v), p, n);
+}
 #endif
+
+constexpr size_t kFoldMin = 512;  // below this the SSE4.2 3-lane code is as fast
 
 }  // namespace
 
@@ -170,7 +293,12 @@ uint32_t crc32c(uint32_t init, const void* data, size_t n) {
   const auto* p = static_cast<const uint8_t*>(data);
   uint32_t c = ~init;
 #if SFT_HAVE_SSE42_PATH
-  if (tables().sse42) return ~crc_sse42(c, p, n);
+  const Tables& t = tables();
+  if (n >= kFoldMin) {
+    if (t.vpclmul) return ~crc_vpclmul(c, p, n);
+    if (t.pclmul) return ~crc_pclmul(c, p, n);
+  }
+  if (t.sse42) return ~crc_sse42(c, p, n);
 #endif
   return ~crc_portable(c, p, n);
 }
@@ -202,6 +330,42 @@ extern "C" __attribute__((visibility("default"))) uint32_t sft_crc32c_portable(u
 
 extern "C" __attribute__((visibility("default"))) int sft_crc32c_hw(void) {
   return sft::cpu::tables().sse42 ? 1 : 0;
+}
+
+// Bit mask of the implementations this CPU can run: 1 SSE4.2, 2 PCLMULQDQ
+// folding, 4 VPCLMULQDQ/AVX-512 folding.
+extern "C" __attribute__((visibility("default"))) int sft_crc32c_features(void) {
+  const auto& t = sft::cpu::tables();
+  return (t.sse42 ? 1 : 0) | (t.pclmul ? 2 : 0) | (t.vpclmul ? 4 : 0);
+}
+
+// Forced implementations, for tests and benchmarks: each falls back to the
+// portable code when the CPU lacks its instructions (check sft_crc32c_features).
+extern "C" __attribute__((visibility("default"))) uint32_t sft_crc32c_sse42(uint32_t init, const void* data,
+                                                                             size_t n) {
+  const auto* p = static_cast<const uint8_t*>(data);
+#if SFT_HAVE_SSE42_PATH
+  if (sft::cpu::tables().sse42) return ~sft::cpu::crc_sse42(~init, p, n);
+#endif
+  return ~sft::cpu::crc_portable(~init, p, n);
+}
+
+extern "C" __attribute__((visibility("default"))) uint32_t sft_crc32c_pclmul(uint32_t init, const void* data,
+                                                                              size_t n) {
+  const auto* p = static_cast<const uint8_t*>(data);
+#if SFT_HAVE_SSE42_PATH
+  if (sft::cpu::tables().pclmul) return ~sft::cpu::crc_pclmul(~init, p, n);
+#endif
+  return ~sft::cpu::crc_portable(~init, p, n);
+}
+
+extern "C" __attribute__((visibility("default"))) uint32_t sft_crc32c_vpclmul(uint32_t init, const void* data,
+                                                                               size_t n) {
+  const auto* p = static_cast<const uint8_t*>(data);
+#if SFT_HAVE_SSE42_PATH
+  if (sft::cpu::tables().vpclmul) return ~sft::cpu::crc_vpclmul(~init, p, n);
+#endif
+  return ~sft::cpu::crc_portable(~init, p, n);
 }
 
 TORCH_LIBRARY_IMPL(sft, CPU, m) { m.impl("crc32c", &sft::cpu::crc32c_op); }
