@@ -12,6 +12,10 @@
 //     bitwise GF(2) multiply). The function carries target("sse4.2") so the
 //     portable build (no -msse4.2) still contains it; __builtin_cpu_supports
 //     decides whether it runs.
+//   * VPCLMULQDQ + AVX-512 (n >= kFoldMin): carry-less-multiply folding of
+//     4 x 64-byte accumulators, the last 16 bytes reduced with `crc32`; about
+//     2x the SSE4.2 code in cache (see crc_vpclmul).
+//   * PCLMULQDQ 4 x 128-bit folding: tested and callable, not dispatched.
 //   * Portable: slicing-by-8 tables.
 // Both are exposed as the op `sft::crc32c(Tensor data, int init) -> int` and as
 // the C function `sft_crc32c(init, ptr, len)` (called through ctypes by the
@@ -248,7 +252,8 @@ __attribute__((target(SFT_AVX512_TARGET))) inline __m512i kvec512(const uint64_t
 
 __attribute__((target(SFT_AVX512_TARGET), always_inline)) inline __m512i loadu512(const uint8_t* p) { return _mm512_loadu_si512(reinterpret_cast<const void*>(p)); }
 
-// 4 x 512-bit accumulators (256 bytes a round). Needs n >= 256.
+// 4 x 512-bit accumulators (256 bytes a round). Needs n >= 256. Bound by the
+// clmul throughput on Zen 4: 8 accumulators measured the same (~54 GB/s in cache).
 __attribute__((target(SFT_AVX512_TARGET))) uint32_t crc_vpclmul(uint32_t crc, const uint8_t* p, size_t n) {
   if (n < 256) return crc_sse42(crc, p, n);
   const Tables& t = tables();
@@ -294,10 +299,10 @@ uint32_t crc32c(uint32_t init, const void* data, size_t n) {
   uint32_t c = ~init;
 #if SFT_HAVE_SSE42_PATH
   const Tables& t = tables();
-  if (n >= kFoldMin) {
-    if (t.vpclmul) return ~crc_vpclmul(c, p, n);
-    if (t.pclmul) return ~crc_pclmul(c, p, n);
-  }
+  // The 128-bit PCLMULQDQ folding is not dispatched: on Zen 4 it measured
+  // 14.5 GB/s against 27.5 for the 3-lane crc32 code (bench/crc32c.py); it stays
+  // callable as sft_crc32c_pclmul.
+  if (n >= kFoldMin && t.vpclmul) return ~crc_vpclmul(c, p, n);
   if (t.sse42) return ~crc_sse42(c, p, n);
 #endif
   return ~crc_portable(c, p, n);
