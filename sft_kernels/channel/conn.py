@@ -41,6 +41,7 @@ log = logging.getLogger("sft_kernels.channel")
 
 _MAX_ERROR_CHARS = 4096
 _WAITALL = getattr(socket, "MSG_WAITALL", 0)
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _MAX_RECORDED_ERRORS = 1000
 #: Bytes per checksummed send chunk (the receiver checksums in runs of the same size).
 _CRC_CHUNK = 4 << 20
@@ -148,6 +149,12 @@ class _SocketSource:
         left = self._time_left()
         if left is None:
             return self.sock.recv_into(buf, nbytes)
+        if _DONTWAIT and not self._tls:
+            # Data already there (the common case when frames stream): read it without the poll.
+            try:
+                return self.sock.recv_into(buf, nbytes, _DONTWAIT)
+            except BlockingIOError:
+                pass
         self._prepare(left)
         try:
             return self.sock.recv_into(buf, nbytes)
