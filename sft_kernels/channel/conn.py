@@ -67,6 +67,16 @@ class ChannelStats:
     handshake_wire_bytes_received: int = 0
     rtt_s: list[float] = field(default_factory=list)
 
+    def count(self, direction: str, wire: int, payload: int, authenticated: bool) -> None:
+        """Add one frame ``direction`` ("sent" or "received"); handshake frames count apart."""
+        if authenticated:
+            setattr(self, f"wire_bytes_{direction}", getattr(self, f"wire_bytes_{direction}") + wire)
+            setattr(self, f"payload_bytes_{direction}", getattr(self, f"payload_bytes_{direction}") + payload)
+            setattr(self, f"frames_{direction}", getattr(self, f"frames_{direction}") + 1)
+        else:
+            name = f"handshake_wire_bytes_{direction}"
+            setattr(self, name, getattr(self, name) + wire)
+
     @property
     def last_rtt_s(self) -> float | None:
         """The latest request round-trip time, or None before the first request."""
@@ -264,12 +274,7 @@ class Connection:
                 self._send_broken = True
                 raise
         del keep
-        if self._authenticated:
-            self.stats.wire_bytes_sent += wire
-            self.stats.payload_bytes_sent += payload
-            self.stats.frames_sent += 1
-        else:
-            self.stats.handshake_wire_bytes_sent += wire
+        self.stats.count("sent", wire, payload, self._authenticated)
         return wire
 
     def _send_gathered(self, chunks: Iterator[bytes | memoryview]) -> None:
@@ -374,12 +379,7 @@ class Connection:
         finally:
             source.deadline = None
         wire = HEADER_SIZE + header.payload_len + (CRC_SIZE if header.chflags & CHFLAG_PAYLOAD_CRC else 0)
-        if self._authenticated:
-            self.stats.wire_bytes_received += wire
-            self.stats.payload_bytes_received += payload
-            self.stats.frames_received += 1
-        else:
-            self.stats.handshake_wire_bytes_received += wire
+        self.stats.count("received", wire, payload, self._authenticated)
         return Frame(header.kind, header.seq, header.flags, tensors, meta, wire, payload)
 
     def _fail(self, message: str) -> None:
