@@ -21,6 +21,8 @@
 // the C function `sft_crc32c(init, ptr, len)` (called through ctypes by the
 // channel, which avoids building a tensor per small buffer; ctypes drops the
 // GIL during the call).
+#include "crc32c.h"
+
 #include <torch/library.h>
 
 #include <cstddef>

@@ -110,3 +110,53 @@ def crc32c_path(path: str, data: bytes | bytearray | memoryview, value: int = 0)
     out = fn(value, addr, n)
     del keep
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# socket I/O fused with the CRC (csrc/cpu/sockio.cpp): plain sockets only
+# ----------------------------------------------------------------------------------------------
+
+#: Bytes checksummed per send/recv system call in the fused path: small enough that a chunk is
+#: still in L1/L2 when the kernel copies it (send) or when it is checksummed (recv).
+SOCKIO_CHUNK = 128 << 10
+
+try:
+    _send_crc = _lib.sft_send_crc
+    _send_crc.restype = ctypes.c_int64
+    _send_crc.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t,
+                          ctypes.POINTER(ctypes.c_uint32), ctypes.c_int]
+    _recv_crc = _lib.sft_recv_crc
+    _recv_crc.restype = ctypes.c_int64
+    _recv_crc.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t,
+                          ctypes.POINTER(ctypes.c_uint32)]
+    _lib.sft_sockio_available.restype = ctypes.c_int
+    _lib.sft_sockio_available.argtypes = []
+    #: True when :func:`send_crc_at` / :func:`recv_crc_at` work (a POSIX build of the extension).
+    SOCKIO: bool = bool(_lib.sft_sockio_available())
+except AttributeError:  # an extension built before sockio.cpp existed
+    SOCKIO = False
+
+
+def send_crc_at(fd: int, address: int, nbytes: int, value: int, more: bool = True,
+                chunk: int = 0) -> tuple[int, int]:
+    """Send ``nbytes`` at ``address`` on socket ``fd``, CRC32C-ing each chunk just before sending it.
+
+    Returns ``(result, crc)``: ``result`` is the bytes sent (fewer than ``nbytes`` only after a
+    signal; call again for the rest) or ``-errno``; ``crc`` continues ``value`` over exactly the
+    bytes sent.  ``more`` sets ``MSG_MORE`` (more of the frame follows).
+    """
+    c = ctypes.c_uint32(value)
+    r = _send_crc(fd, address, nbytes, chunk or SOCKIO_CHUNK, ctypes.byref(c), 1 if more else 0)
+    return r, c.value
+
+
+def recv_crc_at(fd: int, address: int, nbytes: int, value: int, chunk: int = 0) -> tuple[int, int]:
+    """Receive up to ``nbytes`` into ``address`` from socket ``fd``, CRC32C-ing each piece as it lands.
+
+    Returns ``(result, crc)``: ``result`` is the bytes received (fewer than ``nbytes`` after a
+    short read: EOF, a timeout with part read, a signal; 0 = EOF) or ``-errno``; ``crc`` continues
+    ``value`` over exactly the bytes received.
+    """
+    c = ctypes.c_uint32(value)
+    r = _recv_crc(fd, address, nbytes, chunk or SOCKIO_CHUNK, ctypes.byref(c))
+    return r, c.value

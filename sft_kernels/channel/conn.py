@@ -10,10 +10,12 @@ are serialised by a lock, so another thread may send concurrently.
 """
 from __future__ import annotations
 
+import errno
 import hmac
 import itertools
 import logging
 import math
+import os
 import secrets
 import select
 import socket
@@ -27,11 +29,11 @@ from typing import Callable, Iterator, Mapping
 
 import torch
 
-from . import auth
+from . import auth, checksum
 from .limiter import LinkLimiter
 from .tls import TLSConfig
 from .wire import (
-    CHFLAG_PAYLOAD_CRC, COALESCE_BYTES, CRC_SIZE, HANDSHAKE_LIMITS, HEADER_SIZE, KIND_AUTH, KIND_CHALLENGE,
+    CHFLAG_PAYLOAD_CRC, COALESCE_BYTES, CRC_SIZE, HANDSHAKE_LIMITS, HEADER_SIZE as _HEADER_SIZE, HEADER_SIZE, KIND_AUTH, KIND_CHALLENGE,
     BufferedReader, KIND_ERROR, KIND_HELLO, KIND_OK, KIND_PING, KIND_PONG, KIND_USER_MIN, AuthError, Frame, Limits, PeerClosed,
     ProtocolError, RemoteError, TruncatedFrame, decode_header, frame_pieces, iter_send_chunks, read_payload,
     recv_exact,
@@ -42,6 +44,8 @@ log = logging.getLogger("sft_kernels.channel")
 _MAX_ERROR_CHARS = 4096
 _WAITALL = getattr(socket, "MSG_WAITALL", 0)
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+_MORE = getattr(socket, "MSG_MORE", 0)
+_CRC_TRAILER = struct.Struct("<I")
 _MAX_RECORDED_ERRORS = 1000
 #: Bytes per checksummed send chunk (the receiver checksums in runs of the same size).
 _CRC_CHUNK = 4 << 20
@@ -128,6 +132,8 @@ class _SocketSource:
         self._poll = select.poll()
         self._poll.register(sock.fileno(), select.POLLIN)
         self._rcvtimeo = 0.0  # SO_RCVTIMEO now set on the socket (0 = none)
+        self._fd = sock.fileno()
+        self._fused = checksum.SOCKIO and not self._tls
 
     def _time_left(self) -> float | None:
         """Seconds the next read may wait (None = forever); ``TimeoutError`` if none are left."""
@@ -184,6 +190,30 @@ class _SocketSource:
         except BlockingIOError:
             raise TimeoutError(f"timed out: no data within {left:.3g} s") from None
 
+    def _recv_crc(self, address: int, nbytes: int, value: int) -> tuple[int, int]:
+        """Receive up to ``nbytes`` at ``address`` and CRC32C them in C (``sft_recv_crc``).
+
+        Returns ``(bytes received, crc)``; fewer than ``nbytes`` after a short read (0 = EOF).
+        Bounded like :meth:`_recv_waitall`: ``SO_RCVTIMEO`` = the time left bounds each blocking
+        read (``TimeoutError`` when one runs out with nothing read).
+        """
+        left = self._time_left()
+        if left is not None and abs(left - self._rcvtimeo) > 0.01 * left + 0.001:
+            self._set_rcvtimeo(left)
+        while True:
+            r, value = checksum.recv_crc_at(self._fd, address, nbytes, value)
+            if r >= 0:
+                return r, value
+            if r == -errno.EINTR:
+                continue  # signal handlers ran (or raised) between the calls
+            if r == -errno.EAGAIN:
+                raise TimeoutError(f"timed out: no data within {left:.3g} s")
+            raise OSError(-r, os.strerror(-r))
+
+    def fused_recv_crc(self) -> Callable[[int, int, int], tuple[int, int]] | None:
+        """:meth:`_recv_crc` on a plain socket when the extension has it, else None (TLS)."""
+        return self._recv_crc if self._fused else None
+
     def bulk_reader(self) -> Callable[[memoryview], int]:
         """``recv_into`` for bulk data: on a plain socket, with ``MSG_WAITALL``.
 
@@ -227,6 +257,8 @@ class Connection:
         self._closed = False
         # scatter/gather sends on plain sockets (ssl sockets have no sendmsg)
         self._gather = not isinstance(sock, ssl.SSLSocket) and hasattr(sock, "sendmsg")
+        # plain socket with the payload CRC: tensor data is checksummed and sent in C (sockio.cpp)
+        self._fused = crc and checksum.SOCKIO and not isinstance(sock, ssl.SSLSocket)
         if default_timeout is not None:
             self._set_send_timeout(default_timeout)
 
@@ -256,7 +288,9 @@ class Connection:
             try:
                 if link is not None:
                     link.frame_delay()
-                if link is None and self._gather:
+                if link is None and self._fused:
+                    self._send_fused(pieces)
+                elif link is None and self._gather:
                     self._send_gathered(iter_send_chunks(pieces, self.crc, chunk))
                 else:
                     pending = bytearray()
@@ -276,6 +310,47 @@ class Connection:
         del keep
         self.stats.count("sent", wire, payload, self._authenticated)
         return wire
+
+    def _send_fused(self, pieces: list[bytes | memoryview]) -> None:
+        """Send a checksummed frame on a plain socket: tensor data through ``sft_send_crc``.
+
+        Small pieces (header, meta, descriptors) are checksummed here and sent with ``MSG_MORE``
+        just before the tensor data that follows them; each tensor's bytes are checksummed and
+        sent chunk by chunk in C (each chunk still in cache for the kernel's copy), continuing the
+        running CRC; the remaining small pieces and the CRC trailer go out last.  Same bytes on
+        the wire as :func:`iter_send_chunks`.
+        """
+        sock = self._sock
+        fd = sock.fileno()
+        value = 0
+        skip = _HEADER_SIZE
+        pending = bytearray()
+        for p in pieces:
+            if not isinstance(p, memoryview) or len(p) < COALESCE_BYTES:
+                b = bytes(p)
+                if skip:
+                    value = checksum.crc32c(b[skip:], value) if len(b) > skip else value
+                    skip = max(0, skip - len(b))
+                else:
+                    value = checksum.crc32c(b, value)
+                pending += b
+                continue
+            if pending:
+                sock.sendall(pending, _MORE)
+                pending = bytearray()
+            keep, address = checksum._address(p)
+            n = p.nbytes
+            done = 0
+            while done < n:
+                r, value = checksum.send_crc_at(fd, address + done, n - done, value, True)
+                if r < 0:
+                    if r == -errno.EINTR:
+                        continue
+                    raise OSError(-r, os.strerror(-r))
+                done += r
+            del keep
+        pending += _CRC_TRAILER.pack(value)
+        sock.sendall(pending)
 
     def _send_gathered(self, chunks: Iterator[bytes | memoryview]) -> None:
         """Send ``chunks`` in order with at most one big chunk per ``sendmsg`` call.

@@ -262,6 +262,17 @@ class BufferedReader:
         bulk = getattr(self.raw, "bulk_reader", None)
         return bulk() if bulk is not None else self.raw.recv_into
 
+    def fused_recv_crc(self) -> Callable[[int, int, int], tuple[int, int]] | None:
+        """The raw source's receive-and-checksum call (see ``_SocketSource.fused_recv_crc``), or None.
+
+        None while bytes are buffered (they must be handed out first) or when the source has none.
+        Valid until the next read from this object.
+        """
+        if self._end != self._start:
+            return None
+        fused = getattr(self.raw, "fused_recv_crc", None)
+        return fused() if fused is not None else None
+
 
 # ----------------------------------------------------------------------------------------------
 # encoding
@@ -526,7 +537,9 @@ class _PayloadReader:
         Buffered bytes are copied first; the rest is received directly into ``buf`` through the
         reader's bulk path (see :meth:`BufferedReader.bulk_reader`), in pieces of at most
         :data:`CRC_RUN` bytes when the payload is checksummed (each piece is checksummed right
-        after it arrives, while it is still in cache), else in one piece.
+        after it arrives, while it is still in cache), else in one piece.  With the checksum on
+        a plain socket, once the buffered bytes are used up the rest goes through the reader's
+        fused receive-and-checksum call (``csrc/cpu/sockio.cpp``) instead.
         """
         n = buf.numel()
         self._check_room(n, what)
@@ -535,8 +548,17 @@ class _PayloadReader:
         value = self.value if crc else 0
         base = buf.data_ptr()
         run = self.CRC_RUN if crc else n
+        fused_of = getattr(self.reader, "fused_recv_crc", None) if crc else None
         got = 0
         while got < n:
+            fused = fused_of() if fused_of is not None else None
+            if fused is not None:
+                # Plain socket: receive and checksum in C, chunk by chunk while cache-hot.
+                k, value = fused(base + got, n - got, value)
+                if k == 0:
+                    raise TruncatedFrame(f"connection closed mid-frame: got {got} of {n} bytes of the {what}")
+                got += k
+                continue
             bulk = getattr(self.reader, "bulk_reader", None)
             recv = bulk() if bulk is not None else self.reader.recv_into
             end = min(n, got + run)
