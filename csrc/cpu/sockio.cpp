@@ -30,7 +30,7 @@
 #define SFT_EXPORT extern "C" __attribute__((visibility("default")))
 
 namespace {
-constexpr size_t kDefaultChunk = 128 * 1024;
+constexpr size_t kDefaultChunk = 256 * 1024;
 
 inline int64_t again_or(int e) { return (e == EWOULDBLOCK) ? -static_cast<int64_t>(EAGAIN) : -static_cast<int64_t>(e); }
 }  // namespace

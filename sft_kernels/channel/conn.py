@@ -281,6 +281,8 @@ class Connection:
         link = self.link
         # Paced links send in 64 KiB slices; with the CRC, tensors go out in 4 MiB chunks, each
         # checksummed just before its sendmsg (still in cache); otherwise each tensor is one sendmsg.
+        # Plain sockets with the CRC (self._fused) checksum and send tensor data in C instead
+        # (_send_fused: SOCKIO_CHUNK-sized pieces, no Python per piece).
         chunk = 64 * 1024 if link is not None and link.mbps else (_CRC_CHUNK if self.crc else 0)
         with self._send_lock:
             if self._send_broken:
