@@ -116,11 +116,11 @@ def crc32c_path(path: str, data: bytes | bytearray | memoryview, value: int = 0)
 # socket I/O fused with the CRC (csrc/cpu/sockio.cpp): plain sockets only
 # ----------------------------------------------------------------------------------------------
 
-#: Bytes checksummed per send/recv system call in the fused path: small enough that a chunk plus
-#: the kernel's copy of it stay in L2 (1 MiB per core here), large enough to keep system calls few.
-#: Loopback TCP, 1 MB messages, measured under heavy background load (nice 19), median of 5:
-#: 128 KiB 388 us, 256 KiB 372 us, 512 KiB 322 us per message; re-measure on a quiet machine.
-SOCKIO_CHUNK = 256 << 10
+#: Bytes checksummed per send/recv system call in the fused path.  ``bench/channel.py --quick`` on a
+#: quiet 2-core machine, plain TCP with CRC, ratio to a plain socket at 1 / 4 / 16 MB: 256 KiB
+#: 0.66 / 0.44 / 0.79, 1 MiB 0.81 / 1.17 / 0.95, 4 MiB 0.82 / 0.94 / 0.95 (single noisy runs; small
+#: chunks lose to the extra system calls).
+SOCKIO_CHUNK = 1 << 20
 
 try:
     _send_crc = _lib.sft_send_crc
