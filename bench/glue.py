@@ -462,6 +462,39 @@ def summarize(rows: list[dict[str, str]]) -> dict[str, Any]:
     return {"cells": cells, "tasks": tasks, "configs": configs}
 
 
+#: Paired comparisons of the report: (config, against, what it isolates).
+PAIRS = [("b", "a", "the split itself (keyed dropout streams differ: a seed-noise yardstick)"),
+         ("c4", "a", "the paper's method, rank 4, vs no split"),
+         ("c4", "c4_links", "eliminating the residual link (same bottleneck)"),
+         ("c16", "a", "rank 16 vs no split"),
+         ("d4_int8", "c4", "int8 both ways on the rank-4 bottleneck"),
+         ("d8_int8", "c8", "int8 both ways on the rank-8 bottleneck"),
+         ("d4_int4", "c4", "int4 both ways on the rank-4 bottleneck"),
+         ("f_int8", "b", "int8 both ways on the layer split"),
+         ("e_lr16_int8", "b", "low-rank r=16 + int8 on the layer split")]
+
+
+def _paired_section(rows: list[dict[str, str]], tasks: list[str]) -> list[str]:
+    """Mean ± std over seeds of per-seed score differences: the same seed shares head init, data order, dropout."""
+    score: dict[tuple[str, str, str], float] = {(r["task"], r["config"], r["seed"]): float(r["metric"]) for r in rows}
+    L = ["", "## Paired differences (same task, same seed), mean ± std over seeds", "",
+         "Each run of a seed shares the head initialisation, the data order and the dropout keys across configs, so "
+         "per-seed differences cancel much of the seed noise that the mean ± std columns above carry.", "",
+         "| difference | isolates | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+    for x, y, what in PAIRS:
+        cells = []
+        for t in tasks:
+            d = [score[(t, x, s)] - score[(t, y, s)] for (tt, c, s) in score if tt == t and c == x and (t, y, s) in score]
+            if d:
+                m, sd = _mean_std(d)
+                cells.append(f"{m:+.1f} ± {sd:.1f}")
+            else:
+                cells.append("")
+        if any(cells):
+            L.append(f"| {x} − {y} | {what} | " + " | ".join(cells) + " |")
+    return L
+
+
 def _baselines(tasks: Iterable[str], data_dir) -> dict[str, float]:
     out = {}
     for t in tasks:
@@ -601,6 +634,8 @@ def render_report(csv_path: Path, md_path: Path, plot_dir: Path, data_dir=None) 
             okd = [d for d in ds if d is not None]
             tail = f" | {np.mean(okd):+.1f} |" if len(okd) == len(tasks) else " | |"
             L.append(f"| {CONFIGS[c].label} | " + " | ".join(f"{d:+.1f}" if d is not None else "" for d in ds) + tail)
+    # --- paired differences (same task and seed)
+    L += _paired_section(rows, tasks)
     # --- bytes
     L += ["", "## Traffic per training example (edge -> cloud up / cloud -> edge down) and reduction vs (b)", "",
           "Bytes are the split's counters over the training steps / training examples: encoded boundary tensors, "
