@@ -1,13 +1,14 @@
 """Helpers for the channel tests: throwaway certificates, raw-socket handshakes and hand-made frames."""
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import subprocess
 import time
 from pathlib import Path
 
-from sft_kernels.channel import auth, wire
+from sft_kernels.channel import Connection, Limits, Listener, auth, wire
 from sft_kernels.channel.checksum import crc32c
 
 TOKENS = {"edge": b"s3cret-token", "edge2": b"another"}
@@ -88,3 +89,27 @@ def frame(body: bytes, *, kind: int = 20, conn_id: int = 0, crc: bool = True, pa
     plen = len(body) if payload_len is None else payload_len
     head = wire.encode_header(kind, 0, wire.CHFLAG_PAYLOAD_CRC if crc else 0, conn_id, 0, plen)
     return head + body + (struct.pack("<I", crc32c(body)) if crc else b"")
+
+
+#: Limits of the test servers: short handshake and idle timeouts.
+TEST_LIMITS = Limits(handshake_timeout=3.0, idle_timeout=10.0)
+
+
+def echo(conn: Connection) -> None:
+    """Reply to each frame with the same tensors and meta (and kind/seq/flags); meta ``fail`` -> ERROR frame."""
+    while True:
+        f = conn.recv()
+        if f.meta.get("fail"):
+            conn.send_error(f"refusing step {f.seq}", seq=f.seq)
+            continue
+        conn.send(f.kind, f.tensors, f.meta, seq=f.seq, flags=f.flags)
+
+
+@contextlib.contextmanager
+def echo_server(limits: Limits = TEST_LIMITS):
+    """A ``Listener`` with the test tokens serving :func:`echo`; shut down on exit."""
+    srv = Listener(TOKENS, limits=limits).start(echo)
+    try:
+        yield srv
+    finally:
+        srv.shutdown()

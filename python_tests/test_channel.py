@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from channel_helpers import (
-    TOKENS, expect_error, frame, make_certs, payload, raw_handshake, raw_socket, read_frame, tensor_entry,
+    TEST_LIMITS, TOKENS, echo, echo_server, expect_error, frame, make_certs, payload, raw_handshake, raw_socket,
+    read_frame, tensor_entry,
     wait_for,
 )
 from sft_kernels.channel import (
@@ -27,24 +28,13 @@ from sft_kernels.channel import (
 from sft_kernels.channel import wire
 
 K = KIND_USER_MIN + 4
-LIMITS = Limits(handshake_timeout=3.0, idle_timeout=10.0)
-
-
-def echo(conn: Connection) -> None:
-    """Reply to each frame with the same tensors and meta (and kind/seq/flags)."""
-    while True:
-        f = conn.recv()
-        if f.meta.get("fail"):
-            conn.send_error(f"refusing step {f.seq}", seq=f.seq)
-            continue
-        conn.send(f.kind, f.tensors, f.meta, seq=f.seq, flags=f.flags)
+LIMITS = TEST_LIMITS
 
 
 @pytest.fixture
 def server():
-    srv = Listener(TOKENS, limits=LIMITS).start(echo)
-    yield srv
-    srv.shutdown()
+    with echo_server(LIMITS) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

@@ -10,27 +10,20 @@ import time
 import pytest
 import torch
 
-from channel_helpers import TOKENS, raw_handshake, raw_socket, wait_for
+from channel_helpers import TEST_LIMITS, TOKENS, echo, echo_server, raw_handshake, raw_socket, wait_for
 from sft_kernels.channel import KIND_USER_MIN, Connection, Limits, Listener, TruncatedFrame, checksum, connect, wire
 
 pytestmark = pytest.mark.skipif(not checksum.SOCKIO, reason="extension built without sockio")
 
 K = KIND_USER_MIN + 4
-LIMITS = Limits(handshake_timeout=3.0, idle_timeout=10.0)
+LIMITS = TEST_LIMITS
 SIZES = [0, 1, 4095, (1 << 20) + 3, 5 << 20]
-
-
-def echo(conn: Connection) -> None:
-    while True:
-        f = conn.recv()
-        conn.send(f.kind, f.tensors, f.meta, seq=f.seq, flags=f.flags)
 
 
 @pytest.fixture
 def server():
-    srv = Listener(TOKENS, limits=LIMITS).start(echo)
-    yield srv
-    srv.shutdown()
+    with echo_server(LIMITS) as srv:
+        yield srv
 
 
 def _errors_with(srv: Listener, *needles: str) -> bool:
