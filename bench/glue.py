@@ -42,13 +42,12 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from sft_kernels.data import (TASKS, batches, compute_metrics, glue_score, load_task,  # noqa: E402
-                              majority_baseline, num_batches)
+                              majority_baseline, num_batches, subsample)
+from sft_kernels.runtime.parts import linear_warmup  # noqa: E402
 
 #: The split point: after layer K of MiniLM's 6.
 SPLIT_AT = 3
 DEFAULT_TASKS = ("SST-2", "CoLA", "MRPC", "STS-B", "RTE", "WNLI")
-#: Seed of the fixed permutation the train subsample is the head of (independent of the run seed).
-SUBSAMPLE_SEED = 1234
 #: Regression targets (STS-B scores 0..5) are divided by this for training: an output scale near the fresh
 #: head's lets few steps learn (Pearson/Spearman do not depend on the scale).  Measured on STS-B, config a,
 #: 512 rows: score 15.5 with the scaling vs 0.6 without.
@@ -121,12 +120,6 @@ class Runner(Protocol):
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def _linear_warmup(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / max(1, warmup)
-    return max(0.0, (total - step) / max(1, total - warmup))
-
-
 class SimulatedRunner:
     """In-process runner: the plain model (config ``a``) or a ``SimulatedSplit`` of it.
 
@@ -147,7 +140,7 @@ class SimulatedRunner:
         self.split = config.split is not None
         self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: _linear_warmup(s, total_steps, warmup_steps))
+            self.opt, lambda s: linear_warmup(s, total_steps, warmup_steps))
         self._up = self._down = 0
 
     def _counters(self) -> tuple[int, int]:
@@ -275,14 +268,6 @@ def _minilm():
     return _MINILM
 
 
-def train_subsample(ds, n: Optional[int]):
-    """The first ``n`` rows of a fixed permutation (seed 1234) of ``ds``: the same for every config and seed."""
-    if n is None or n >= len(ds):
-        return ds
-    idx = np.random.default_rng(SUBSAMPLE_SEED).permutation(len(ds))[:n]
-    return ds.select(idx.tolist())
-
-
 def max_train_for(task: str, spec: dict[str, Optional[int]]) -> Optional[int]:
     """Cap for ``task`` from ``--max-train``'s parsed form (per-task value, else the default)."""
     return spec.get(task, spec.get("*"))
@@ -344,7 +329,7 @@ def run_one(task: str, config: str, seed: int, args: argparse.Namespace) -> dict
     cfg = CONFIGS[config]
     spec, train_full = load_task(task, "train", data_dir=args.data_dir)
     _, dev_ds = load_task(task, "dev", data_dir=args.data_dir, limit=getattr(args, "max_dev", None))
-    train_ds = train_subsample(train_full, max_train_for(task, args.max_train))
+    train_ds = subsample(train_full, max_train_for(task, args.max_train))
     steps_per_epoch = num_batches(len(train_ds), args.batch_size)
     total = steps_per_epoch * args.epochs
     tok = _minilm()[0]  # loaded once per process, outside the timed part

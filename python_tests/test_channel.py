@@ -378,16 +378,18 @@ def test_client_disconnects_mid_tensor_data(server):
     _authed_bad(server, cut, "closed mid-frame", "tensor 'x' data", expect_reply=False)
 
 
-def test_server_closes_mid_frame_client_sees_truncation():
+@pytest.mark.parametrize("numel,match", [(100, "closed mid-frame"), (1 << 20, "tensor 'x' data")],
+                         ids=["small-python-path", "1MB-fused-crc-path"])
+def test_server_closes_mid_frame_client_sees_truncation(numel, match):
     def half(conn: Connection) -> None:
         conn.recv()
-        data = wire.encode_frame(K, {"x": torch.randn(100)}, conn_id=conn.conn_id)
+        data = wire.encode_frame(K, {"x": torch.randn(numel)}, conn_id=conn.conn_id)
         conn._sock.sendall(data[: len(data) // 2])
         conn.close()
 
     with Listener(TOKENS, limits=LIMITS).start(half) as srv:
         with connect(*srv.address, "edge", TOKENS["edge"]) as c:
-            with pytest.raises(TruncatedFrame, match="closed mid-frame"):
+            with pytest.raises(TruncatedFrame, match=match):
                 c.request(K)
             assert c.closed
 

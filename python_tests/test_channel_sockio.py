@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from channel_helpers import TEST_LIMITS, TOKENS, echo, echo_server, raw_handshake, raw_socket, wait_for
-from sft_kernels.channel import KIND_USER_MIN, Connection, Limits, Listener, TruncatedFrame, checksum, connect, wire
+from sft_kernels.channel import KIND_USER_MIN, Connection, Limits, Listener, checksum, connect, wire
 
 pytestmark = pytest.mark.skipif(not checksum.SOCKIO, reason="extension built without sockio")
 
@@ -126,18 +126,7 @@ def test_corrupted_tensor_byte_is_a_payload_crc_mismatch(server):
         assert _errors_with(server, "payload CRC mismatch"), server.errors
 
 
-def test_peer_closing_mid_tensor_is_truncated_frame():
-    def half(conn: Connection) -> None:
-        conn.recv()
-        data = wire.encode_frame(K, {"x": torch.randn(1 << 20)}, conn_id=conn.conn_id)
-        conn._sock.sendall(data[: len(data) // 2])
-        conn.close()
-
-    with Listener(TOKENS, limits=LIMITS).start(half) as srv:
-        with connect(*srv.address, "edge", TOKENS["edge"]) as c:
-            with pytest.raises(TruncatedFrame, match="tensor 'x' data"):
-                c.request(K)
-            assert c.closed
+# A peer closing mid-tensor on the fused path: test_channel.py::test_server_closes_mid_frame_client_sees_truncation.
 
 
 def test_server_sees_truncation_mid_tensor(server):

@@ -297,7 +297,6 @@ def test_kill_cloud_mid_run_resume_equals_uninterrupted(tmp_path, train_ds):
     ref_root, run_root = tmp_path / "ref", tmp_path / "run"
     with LocalCloud(tmp_path / "ref-srv", extra=["--any-split", "--checkpoint-dir", str(ref_root),
                                                  "--checkpoint-every", "4"]) as cloud:
-        cloud.token = cloud.token  # (LocalCloud made the token)
         ref = EdgeTrainer(cfg, None, host=cloud.host, port=cloud.port, client_id=cloud.client_id, token=cloud.token,
                           progress=False)
         ref.batch_at = StepBatches(ref.tokenizer, train_ds, cfg.batch_size, cfg.max_length, cfg.seed)

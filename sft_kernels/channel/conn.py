@@ -227,6 +227,15 @@ class _SocketSource:
         return self.recv_into
 
 
+def _shutdown_close(sock: socket.socket) -> None:
+    """Shut a socket down both ways (wakes threads blocked on it), then close it; errors ignored."""
+    for step in (lambda: sock.shutdown(socket.SHUT_RDWR), sock.close):
+        try:
+            step()
+        except OSError:
+            pass
+
+
 class Connection:
     """One authenticated channel endpoint: send and receive frames of named tensors plus JSON meta.
 
@@ -529,14 +538,7 @@ class Connection:
         if self._closed:
             return
         self._closed = True
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        try:
-            self._sock.close()
-        except OSError:
-            pass
+        _shutdown_close(self._sock)
 
     def __enter__(self) -> "Connection":
         return self
@@ -793,14 +795,7 @@ class Listener:
     def shutdown(self, timeout: float = 5.0) -> None:
         """Stop accepting, close every open connection and join the threads (up to ``timeout`` s)."""
         self._stop.set()
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked accept() at once on Linux
-        except OSError:
-            pass
-        try:
-            self._sock.close()
-        except OSError:
-            pass
+        _shutdown_close(self._sock)  # the shutdown wakes a blocked accept() at once on Linux
         if self._serve_thread is not None and self._serve_thread is not threading.current_thread():
             self._serve_thread.join(timeout)
         with self._lock:

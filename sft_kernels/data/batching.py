@@ -10,7 +10,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-__all__ = ["batch_order", "batches", "num_batches"]
+__all__ = ["batch_order", "batches", "num_batches", "subsample", "SUBSAMPLE_SEED"]
 
 
 def num_batches(n: int, batch_size: int) -> int:
@@ -69,3 +69,19 @@ def batches(tokenizer, ds, batch_size: int, *, max_length: int = 128, shuffle: b
         if sort_by_length:
             out["index"] = torch.as_tensor(idx, dtype=torch.long)
         yield out
+
+
+#: Seed of the fixed permutation :func:`subsample` takes the head of (independent of any run seed).
+SUBSAMPLE_SEED = 1234
+
+
+def subsample(ds, n: Optional[int]):
+    """The first ``n`` rows of a fixed permutation (seed :data:`SUBSAMPLE_SEED`) of ``ds`` (all rows for None).
+
+    The same rows for every configuration and seed of a study, so runs compare on equal data.
+    """
+    if n is None or n >= len(ds):
+        return ds
+    if n < 0:
+        raise ValueError(f"n must be >= 0 or None, got {n}")
+    return ds.select(np.random.default_rng(SUBSAMPLE_SEED).permutation(len(ds))[:n].tolist())

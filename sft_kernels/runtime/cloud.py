@@ -139,7 +139,7 @@ class CloudSession(CheckpointedPart):
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         self.step = step + 1
-        self.last_reply = {"step": step, "tensors": {k: v.detach().clone() for k, v in rt.items()}, "meta": reply_meta}
+        self.last_reply = {"step": step, "tensors": rt, "meta": reply_meta}  # fresh encoder outputs: no copy
         if self.step % self.every == 0 or self.step == self.cfg.total_steps:
             self.save()
         return rt, reply_meta

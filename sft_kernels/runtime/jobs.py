@@ -25,7 +25,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..data import batches, compute_metrics, glue_score, load_task, num_batches
+from ..data import batches, compute_metrics, glue_score, load_task, num_batches, subsample
 from .config import RunConfig
 from .edge import EdgeTrainer, TrainSummary
 
@@ -190,13 +190,10 @@ def train_and_evaluate(cfg: RunConfig, train_ds, dev_ds, *, host: str, port: int
 
 
 def load_train_dev(task: str, data_dir=None, max_train: Optional[int] = None, max_eval: Optional[int] = None):
-    """``(TaskSpec, train, dev)``; train subsampled to ``max_train`` with a fixed permutation."""
+    """``(TaskSpec, train, dev)``; train subsampled to ``max_train`` rows (:func:`~sft_kernels.data.subsample`)."""
     spec, train = load_task(task, "train", data_dir)
     _, dev = load_task(task, "dev", data_dir, limit=max_eval)
-    if max_train is not None and max_train < len(train):
-        idx = np.random.default_rng(1234).permutation(len(train))[:max_train]
-        train = train.select(sorted(idx.tolist()))
-    return spec, train, dev
+    return spec, subsample(train, max_train), dev
 
 
 def dumps(obj: Any) -> str:

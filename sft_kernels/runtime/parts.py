@@ -15,7 +15,7 @@ import torch
 from ..split import load_minilm, minilm_classifier, split_model
 from .config import RunConfig
 
-__all__ = ["build_parts", "make_optimizer", "make_scheduler", "EMBEDDED_MODEL"]
+__all__ = ["build_parts", "make_optimizer", "make_scheduler", "linear_warmup", "EMBEDDED_MODEL"]
 
 #: The model name that means the embedded all-MiniLM-L6-v2.
 EMBEDDED_MODEL = "all-MiniLM-L6-v2"
@@ -48,11 +48,11 @@ def make_optimizer(module: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optim
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup over ``warmup_steps``, then linear decay to 0 at ``total_steps``."""
-    warm, total = cfg.warmup_steps, cfg.total_steps
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_warmup(s, cfg.total_steps, cfg.warmup_steps))
 
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return max(0.0, (total - step) / max(1, total - warm))
 
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+def linear_warmup(step: int, total: int, warmup: int) -> float:
+    """LR factor at ``step``: ``(step + 1) / warmup`` during warmup, then linear decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    return max(0.0, (total - step) / max(1, total - warmup))
