@@ -5,6 +5,7 @@ import contextlib
 import socket
 import struct
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -15,7 +16,8 @@ TOKENS = {"edge": b"s3cret-token", "edge2": b"another"}
 
 
 def make_certs(d: Path) -> dict[str, str]:
-    """A CA, a server cert for 127.0.0.1/localhost, a client cert, and an unrelated second CA (EC keys)."""
+    """A CA, a server cert for 127.0.0.1/localhost, a client cert, an unrelated second CA and a client
+    cert it signed ("stranger"; EC keys)."""
     def run(*args: str) -> None:
         subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
 
@@ -24,12 +26,13 @@ def make_certs(d: Path) -> dict[str, str]:
         run("req", "-x509", *ec, "-keyout", f"{ca}.key", "-out", f"{ca}.pem", "-days", "2", "-subj", f"/CN={ca}")
     (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
     (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
-    for who in ("server", "client"):
+    for who, ca, ext in (("server", "ca", "server"), ("client", "ca", "client"), ("stranger", "other_ca", "client")):
         run("req", *ec, "-keyout", f"{who}.key", "-out", f"{who}.csr", "-subj", f"/CN={who}")
-        run("x509", "-req", "-in", f"{who}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", f"{who}.pem", "-days", "2", "-extfile", f"{who}.ext")
+        run("x509", "-req", "-in", f"{who}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
+            "-out", f"{who}.pem", "-days", "2", "-extfile", f"{ext}.ext")
     return {name: str(d / name) for name in
-            ("ca.pem", "other_ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+            ("ca.pem", "other_ca.pem", "server.pem", "server.key", "client.pem", "client.key", "stranger.pem",
+             "stranger.key")}
 
 
 def wait_for(cond, timeout: float = 5.0) -> bool:
@@ -74,14 +77,35 @@ def expect_error(sock: socket.socket) -> str:
             return f.meta["message"]
 
 
-def tensor_entry(name: str, code: int, shape: list[int], nbytes: int, data: bytes = b"") -> bytes:
-    nb = name.encode()
-    return (struct.pack("<H", len(nb)) + nb + struct.pack("<BB", code, len(shape))
-            + b"".join(struct.pack("<q", d) for d in shape) + struct.pack("<Q", nbytes) + data)
+def uvarint(value: int) -> bytes:
+    """Unsigned LEB128 of any ``value >= 0``, with no range check (so tests can encode values the
+    protocol refuses); written independently of ``wire.encode_uvarint`` to cross-check it."""
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
 
 
-def payload(entries: list[bytes], meta: bytes = b"") -> bytes:
-    return struct.pack("<I", len(meta)) + meta + struct.pack("<I", len(entries)) + b"".join(entries)
+def tensor_entry(name: str | bytes, code: int, shape: list[int], data: bytes = b"", *,
+                 dims: bytes | None = None, ndim: int | None = None) -> bytes:
+    """One protocol-v3 tensor descriptor plus ``data``: name length (u8), name, dtype code, ndim, dims.
+
+    ``dims`` replaces the varint encoding of ``shape`` with raw bytes and ``ndim`` overrides the
+    ndim byte, for malformed descriptors.
+    """
+    nb = name.encode() if isinstance(name, str) else name
+    body = b"".join(uvarint(d) for d in shape) if dims is None else dims
+    return bytes([len(nb)]) + nb + bytes([code, len(shape) if ndim is None else ndim]) + body + data
+
+
+def payload(entries: list[bytes], meta: bytes = b"", *, count: int | None = None) -> bytes:
+    """A protocol-v3 payload: meta length and tensor count (varints), meta, the ``entries``."""
+    return uvarint(len(meta)) + meta + uvarint(len(entries) if count is None else count) + b"".join(entries)
 
 
 def frame(body: bytes, *, kind: int = 20, conn_id: int = 0, crc: bool = True, payload_len: int | None = None) -> bytes:
@@ -113,3 +137,42 @@ def echo_server(limits: Limits = TEST_LIMITS):
         yield srv
     finally:
         srv.shutdown()
+
+
+@contextlib.contextmanager
+def raw_server(respond):
+    """A TCP server on 127.0.0.1 that calls ``respond(sock)`` for each connection (one thread each).
+
+    Yields the bound ``(host, port)``; ``respond`` plays a peer that is not (or not quite) an sft
+    server.  Each connection is closed after ``respond`` returns.
+    """
+    ls = socket.create_server(("127.0.0.1", 0))
+    ls.settimeout(0.1)
+    stop = threading.Event()
+
+    def serve_one(s: socket.socket) -> None:
+        with s:
+            s.settimeout(5)
+            try:
+                respond(s)
+            except OSError:
+                pass
+
+    def accept_loop() -> None:
+        while not stop.is_set():
+            try:
+                s, _ = ls.accept()
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                return
+            threading.Thread(target=serve_one, args=(s,), daemon=True).start()
+
+    t = threading.Thread(target=accept_loop, daemon=True)
+    t.start()
+    try:
+        yield ls.getsockname()[:2]
+    finally:
+        stop.set()
+        t.join(2)
+        ls.close()

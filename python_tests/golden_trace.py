@@ -14,11 +14,9 @@ from pathlib import Path
 
 import torch
 
-from sft_kernels import SimulatedSplit
+from runtime_helpers import make_trainer, simulated_run
 from sft_kernels.data import load_task
-from sft_kernels.runtime import CloudServer, EdgeTrainer, RunConfig, StepBatches
-from sft_kernels.runtime.parts import make_optimizer, make_scheduler
-from sft_kernels.split import minilm_classifier
+from sft_kernels.runtime import CloudServer, RunConfig
 
 PATH = Path(__file__).parent / "golden" / "trace.json"
 STEPS = 10
@@ -37,28 +35,13 @@ def train_data():
 
 
 def simulated_losses(cfg: RunConfig, ds) -> list[float]:
-    tok, model = minilm_classifier(cfg.num_labels, seed=cfg.seed)
-    sim = SimulatedSplit(model, at=cfg.at, mode=cfg.mode, rank=cfg.rank, fwd_codec=cfg.fwd_codec,
-                         bwd_codec=cfg.bwd_codec, eliminate_links=cfg.eliminate_links, seed=cfg.seed)
-    opt, batches = make_optimizer(sim, cfg), StepBatches(tok, ds, cfg.batch_size, cfg.max_length, cfg.seed)
-    sched = make_scheduler(opt, cfg)
-    out_losses = []
-    for step in range(cfg.total_steps):
-        out = sim(**batches(step))
-        out.loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        out_losses.append(out.loss.item())
-    return out_losses
+    return simulated_run(cfg, ds, cfg.total_steps)[0]
 
 
 def tcp_losses(cfg: RunConfig, ds) -> list[float]:
     srv = CloudServer({"edge": TOKEN.encode()}).start()
     try:
-        t = EdgeTrainer(cfg, None, host=srv.address[0], port=srv.address[1], client_id="edge", token=TOKEN,
-                        progress=False)
-        t.batch_at = StepBatches(t.tokenizer, ds, cfg.batch_size, cfg.max_length, cfg.seed)
+        t = make_trainer(cfg, ds, *srv.address, token=TOKEN)
         summary = t.train()
         t.finish()
         t.close()

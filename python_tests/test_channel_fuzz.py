@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import re
 import struct
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from channel_helpers import frame, payload, tensor_entry, uvarint
 from sft_kernels.channel import Limits, ProtocolError
 from sft_kernels.channel import wire
 
@@ -31,7 +33,7 @@ metas = st.dictionaries(st.text(max_size=6), json_values, max_size=4)
 @st.composite
 def tensor_dicts(draw):
     n = draw(st.integers(0, 5))
-    names = draw(st.lists(st.text(min_size=1, max_size=12).filter(lambda s: len(s.encode()) <= 256),
+    names = draw(st.lists(st.text(min_size=1, max_size=12).filter(lambda s: len(s.encode()) <= wire.MAX_NAME_BYTES),
                           min_size=n, max_size=n, unique=True))
     out = {}
     for name in names:
@@ -118,15 +120,51 @@ def test_random_bytes_raise_only_protocol_error(raw, plen, crc, valid_header):
 
 
 @SETTINGS
-@given(fields=st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=12), code=st.integers(0, 255),
-       ndim=st.integers(0, 255))
-def test_random_tensor_descriptors_raise_only_protocol_error(fields, code, ndim):
-    """Payloads whose descriptor fields are arbitrary 64-bit values (dims, byte lengths)."""
-    body = struct.pack("<II", 0, 1) + struct.pack("<H", 1) + b"x" + struct.pack("<BB", code, ndim)
-    body += b"".join(struct.pack("<Q", v) for v in fields)
+@given(dims=st.lists(st.integers(0, 2**70), max_size=12), junk=st.binary(max_size=12), code=st.integers(0, 255),
+       ndim=st.integers(0, 255), data_len=st.integers(0, 64))
+def test_random_tensor_descriptors_raise_only_protocol_error(dims, junk, code, ndim, data_len):
+    """Payloads whose descriptor fields are arbitrary: dims up to 2**70 as varints, stray bytes, any ndim."""
+    body = payload([tensor_entry("x", code, [], dims=b"".join(uvarint(d) for d in dims) + junk, ndim=ndim)])
+    body += bytes(data_len)
     data = wire.encode_header(20, 0, 0, 0, 0, len(body)) + body
     _decode_only_protocol_errors(data)
     _decode_only_protocol_errors(data, Limits())
+
+
+@SETTINGS
+@given(raw=st.binary(min_size=1, max_size=16), count=st.integers(1, 3))
+def test_random_varint_bytes_raise_only_protocol_error(raw, count):
+    """Arbitrary bytes where the meta length, the tensor count or the dims are expected."""
+    for body in (raw, uvarint(0) + raw, payload([tensor_entry("x", 6, [], dims=raw, ndim=count)])):
+        _decode_only_protocol_errors(wire.encode_header(20, 0, 0, 0, 0, len(body)) + body)
+
+
+@SETTINGS
+@given(value=st.integers(0, 2**63 - 1))
+def test_varint_encoding_matches_reference(value):
+    """``wire.encode_uvarint`` is the shortest LEB128 (the test helper's independent encoder)."""
+    enc = wire.encode_uvarint(value)
+    assert enc == uvarint(value)
+    assert len(enc) <= 9 and (len(enc) == 1 or enc[-1] != 0)
+    # and it decodes back as a dim (with a zero dim beside it, so no data is needed)
+    f = wire.decode_frame(frame(payload([tensor_entry("t", 6, [0, value])]), crc=False))
+    assert tuple(f.tensors["t"].shape) == (0, value)
+
+
+@pytest.mark.parametrize("raw, needle", [
+    (b"\x80\x00", "overlong"),
+    (b"\x80" * 9 + b"\x01", "above the varint maximum 2**63-1"),  # 2**63
+    (b"\xff" * 9 + b"\x7f", "above the varint maximum 2**63-1"),  # 10 bytes: 2**70 - 1
+    (b"\x80" * 10, "not terminated within 10 bytes"),
+    (b"\x80" * 3, "truncated"),
+])
+def test_varint_edge_cases_in_memory(raw, needle):
+    data = frame(payload([tensor_entry("x", 6, [], dims=raw, ndim=1)]), crc=False)
+    with pytest.raises(ProtocolError, match=re.escape(needle)):
+        wire.decode_frame(data)
+    # a stream that ends inside the varint is a truncated frame
+    with pytest.raises(wire.TruncatedFrame):
+        wire.decode_frame(data[:-1], Limits())
 
 
 def test_empty_stream_is_peer_closed():
@@ -196,9 +234,9 @@ def test_crc32c_op_checks_arguments():
 
 
 def test_payload_crc_is_crc32c():
-    """The trailer of a frame is CRC32C of the payload (protocol version 2)."""
+    """The trailer of a frame is CRC32C of the payload (since protocol version 2)."""
     t = torch.arange(10_000, dtype=torch.float32)
     data = wire.encode_frame(20, {"x": t}, {"a": 1}, crc=True)
     payload = data[wire.HEADER_SIZE:-4]
     assert struct.unpack("<I", data[-4:])[0] == crc32c_reference(payload)
-    assert data[4] == wire.PROTOCOL_VERSION == 2
+    assert data[4] == wire.PROTOCOL_VERSION == 3

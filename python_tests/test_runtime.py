@@ -18,17 +18,15 @@ import time
 import pytest
 import torch
 
-from sft_kernels import SimulatedSplit
 from sft_kernels.channel import Listener, RemoteError
 from sft_kernels.data import load_task
-from sft_kernels.runtime import CloudError, CloudServer, EdgeTrainer, LocalCloud, RunConfig, StepBatches
+from sft_kernels.runtime import CloudError, CloudServer, EdgeTrainer, LocalCloud, SessionLimits, StepBatches
 from sft_kernels.runtime.config import state_hash
 from sft_kernels.runtime.messages import OPEN, REPLY, TRAIN, StepRefused, boundary_to_wire, packet_to_wire
-from sft_kernels.runtime.parts import build_parts, make_optimizer, make_scheduler
-from sft_kernels.split import minilm_classifier
+from sft_kernels.runtime.parts import build_parts
 
-TOKEN = "t0ken-for-tests"
-STEPS = 10
+from runtime_helpers import STEPS, TOKEN, assert_same as _assert_same, make_trainer as _trainer, params as _params
+from runtime_helpers import simulated_run as _simulated_losses, small_cfg as _cfg
 
 
 @pytest.fixture(scope="module")
@@ -36,51 +34,11 @@ def train_ds():
     return load_task("synthetic", "train", limit=96)[1]
 
 
-def _cfg(**kw) -> RunConfig:
-    base = dict(total_steps=STEPS, batch_size=8, max_length=32, run_id="t", warmup_steps=2)
-    base.update(kw)
-    return RunConfig(**base)
-
-
 @pytest.fixture
 def server(tmp_path):
-    srv = CloudServer({"edge": TOKEN.encode()}, checkpoint_dir=tmp_path / "cloud", checkpoint_every=4).start()
+    srv = CloudServer({"edge": TOKEN.encode()}, checkpoint_dir=tmp_path / "cloud").start()
     yield srv
     srv.shutdown()
-
-
-def _trainer(cfg, ds, host, port, **kw) -> EdgeTrainer:
-    kw.setdefault("progress", False)
-    t = EdgeTrainer(cfg, None, host=host, port=port, client_id="edge", token=TOKEN, **kw)
-    t.batch_at = StepBatches(t.tokenizer, ds, cfg.batch_size, cfg.max_length, cfg.seed)
-    return t
-
-
-def _simulated_losses(cfg, ds, steps):
-    tok, model = minilm_classifier(cfg.num_labels, seed=cfg.seed)
-    sim = SimulatedSplit(model, at=cfg.at, mode=cfg.mode, rank=cfg.rank, fwd_codec=cfg.fwd_codec,
-                         bwd_codec=cfg.bwd_codec, eliminate_links=cfg.eliminate_links, seed=cfg.seed)
-    opt, batches = make_optimizer(sim, cfg), StepBatches(tok, ds, cfg.batch_size, cfg.max_length, cfg.seed)
-    sched = make_scheduler(opt, cfg)
-    losses = []
-    for step in range(steps):
-        out = sim(**batches(step))
-        out.loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        losses.append(out.loss.item())
-    return losses, sim
-
-
-def _params(module):
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def _assert_same(a, b, tol=1e-6):
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=tol, rtol=0, msg=lambda m: f"{k}: {m}")
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(eliminate_links=False, fwd_codec="int4", bwd_codec="int4,sr"),
@@ -135,7 +93,7 @@ def _raw_train_frame(cfg, ds, step=0, poison=None):
 
     tensors, meta, _ = boundary_to_wire(b, from_spec(cfg.fwd_codec), 0)
     tensors["labels"] = batch["labels"]
-    return tensors, {"boundary": meta}
+    return tensors, {"b": meta}
 
 
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")])
@@ -163,9 +121,12 @@ def test_malformed_step_refused_server_keeps_serving(server, train_ds):
     cases = [
         ({k: v for k, v in tensors.items() if k != "labels"}, meta, "labels must be"),
         (dict(tensors, lengths=tensors["lengths"] * 100), meta, "every length must be"),
-        (tensors, {"boundary": {"h": dict(meta["boundary"]["h"], spec="int4")}}, "encoded with codec 'int4'"),
-        (tensors, {"boundary": {"h": dict(meta["boundary"]["h"], shape=[3, 3])}}, "hidden shape"),
-        (tensors, {}, "'boundary'"),
+        (tensors, {"b": {"h": [9, *meta["b"]["h"][1:]]}}, "mode must be in 0..4"),
+        (tensors, {"b": {"h": meta["b"]["h"][:3] + [3, 3]}}, r"packet 'h' shape \(3, 3\) must be"),
+        (tensors, {"b": {"h": meta["b"]["h"], "r": meta["b"]["h"]}}, r"session expects \['h'\]"),
+        (dict(tensors, extra=torch.zeros(2)), meta, r"unexpected tensors \['extra'\]"),
+        (dict(tensors, pool_index=torch.zeros(3, 2, dtype=torch.int64)), meta, "takes no 'pool_index'"),
+        (tensors, {}, "'b'"),
     ]
     for bad_tensors, bad_meta, msg in cases:
         with pytest.raises(RemoteError, match=msg):
@@ -195,7 +156,7 @@ def test_non_finite_gradient_refused_on_the_edge(train_ds):
                 from sft_kernels import from_spec
 
                 tt, mm = packet_to_wire(from_spec("none").encode(g), "g.h")
-                conn.send(REPLY, tt, {"loss": 0.5, "step": f.seq, "h": mm}, seq=f.seq)
+                conn.send(REPLY, tt, {"loss": 0.5, "h": mm}, seq=f.seq)
 
     lst = Listener({"edge": TOKEN.encode()}).start(bad_cloud)
     try:
@@ -276,15 +237,17 @@ def test_lost_reply_is_replayed_not_applied_twice(server, train_ds, caplog):
     _assert_same(_params(server.sessions[("edge", "t")].model), _params(sim.cloud))
 
 
-def test_edge_gives_up_after_bounded_retries(train_ds):
-    s = socket.create_server(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()  # nothing listens there now
-    t = _trainer(_cfg(), train_ds, "127.0.0.1", port, retries=2, backoff_s=0.01)
+def test_edge_gives_up_after_bounded_reconnects(server, train_ds):
+    """The server goes away for good mid-run: the edge reconnects ``retries`` times, then LinkLost."""
     from sft_kernels.runtime import LinkLost
 
+    t = _trainer(_cfg(), train_ds, *server.address, retries=2, backoff_s=0.01)
+    t.train(steps=1)
+    server.shutdown()
+    t0 = time.monotonic()
     with pytest.raises(LinkLost, match="2 reconnect"):
         t.train()
+    assert time.monotonic() - t0 < 10
 
 
 def _cloud_params(ckpt_root, step):
@@ -295,21 +258,19 @@ def test_kill_cloud_mid_run_resume_equals_uninterrupted(tmp_path, train_ds):
     """SIGKILL the cloud server process mid-run, restart it from its checkpoint: same result as no crash."""
     cfg = _cfg(total_steps=STEPS)
     ref_root, run_root = tmp_path / "ref", tmp_path / "run"
-    with LocalCloud(tmp_path / "ref-srv", extra=["--any-split", "--checkpoint-dir", str(ref_root),
-                                                 "--checkpoint-every", "4"]) as cloud:
+    with LocalCloud(tmp_path / "ref-srv", extra=["--any-split", "--checkpoint-dir", str(ref_root)]) as cloud:
         ref = EdgeTrainer(cfg, None, host=cloud.host, port=cloud.port, client_id=cloud.client_id, token=cloud.token,
                           progress=False)
         ref.batch_at = StepBatches(ref.tokenizer, train_ds, cfg.batch_size, cfg.max_length, cfg.seed)
         ref_summary = ref.train()
         ref.finish()
         ref.close()
-    with LocalCloud(tmp_path / "srv", extra=["--any-split", "--checkpoint-dir", str(run_root),
-                                             "--checkpoint-every", "4"]) as cloud:
+    with LocalCloud(tmp_path / "srv", extra=["--any-split", "--checkpoint-dir", str(run_root)]) as cloud:
         t = EdgeTrainer(cfg, None, host=cloud.host, port=cloud.port, client_id=cloud.client_id, token=cloud.token,
                         checkpoint_dir=tmp_path / "edge", checkpoint_every=4, progress=False, backoff_s=0.2)
         t.batch_at = StepBatches(t.tokenizer, train_ds, cfg.batch_size, cfg.max_length, cfg.seed)
         t.train(steps=6)
-        cloud.kill()  # the cloud has applied steps 0..5 and checkpointed step 4
+        cloud.kill()  # the cloud has applied steps 0..5 and checkpointed step 4 (the edge asked for it)
         restarter = threading.Timer(0.5, cloud.restart)
         restarter.start()
         summary = t.train()  # link errors, reconnect, the cloud resumes at 4, the edge rolls back to 4
@@ -387,7 +348,7 @@ def test_sft_serve_and_train_over_mutual_tls(tmp_path):
     server = subprocess.Popen([sys.executable, "-m", "sft_kernels", "serve", "--port", "0", "--port-file",
                                str(port_file), "--tokens", str(tmp_path / "tokens"), "--tls-cert",
                                certs["server.pem"], "--tls-key", certs["server.key"], "--tls-ca", certs["ca.pem"],
-                               "--checkpoint-dir", str(tmp_path / "cloud"), "--checkpoint-every", "2", "--quiet"],
+                               "--checkpoint-dir", str(tmp_path / "cloud"), "--quiet"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -400,8 +361,12 @@ def test_sft_serve_and_train_over_mutual_tls(tmp_path):
                  "--task", "synthetic", "--max-train", "12", "--max-eval", "8", "--batch-size", "4",
                  "--max-length", "32", "--checkpoint-dir", str(tmp_path / "edge"), "--checkpoint-every", "2",
                  "--run-id", "tls-run", "--quiet", "--json"]
+        t0 = time.monotonic()
         refused = subprocess.run(train, capture_output=True, text=True, timeout=300)  # no client certificate
         assert refused.returncode != 0
+        # a permanent refusal: no retries, and the cause is named (the CLI's own start-up takes a few seconds)
+        assert time.monotonic() - t0 < 30
+        assert "client certificate" in refused.stderr, refused.stderr[-2000:]
         out = subprocess.run(train + ["--tls-cert", certs["client.pem"], "--tls-key", certs["client.key"]],
                              capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
@@ -415,12 +380,12 @@ def test_sft_serve_and_train_over_mutual_tls(tmp_path):
 
 
 def test_finished_sessions_make_room_unfinished_do_not(train_ds):
-    srv = CloudServer({"edge": TOKEN.encode()}, max_sessions=1).start()
+    srv = CloudServer({"edge": TOKEN.encode()}, sessions=SessionLimits(max_sessions=1)).start()
     try:
         a = _trainer(_cfg(total_steps=1, warmup_steps=0, run_id="first"), train_ds, *srv.address)
         a.train()
-        b = _trainer(_cfg(total_steps=1, warmup_steps=0, run_id="second"), train_ds, *srv.address)
-        with pytest.raises(CloudError, match=r"server is full \(1 unfinished sessions\)"):
+        b = _trainer(_cfg(total_steps=1, warmup_steps=0, run_id="second"), train_ds, *srv.address, retries=0)
+        with pytest.raises(CloudError, match=r"server full \(1 sessions in use\); retry after"):
             b.train()
         a.finish()
         b.train()  # the finished session made room

@@ -40,6 +40,10 @@ def _nonneg_float(name: str):
     return _number(name, float, 0.0, "a finite number >= 0")
 
 
+def _positive_float(name: str):
+    return _number(name, float, 1e-3, "a finite number >= 0.001")
+
+
 def _add_split(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("split (must match between serve and train)")
     g.add_argument("--at", type=_positive_int("--at"), default=DEFAULTS["at"],
@@ -84,14 +88,48 @@ def _add_link(p: argparse.ArgumentParser, server: bool) -> None:
                    help="largest frame accepted, MiB (default 1024)")
 
 
-def _add_run(p: argparse.ArgumentParser) -> None:
+def _add_run(p: argparse.ArgumentParser, server: bool) -> None:
     g = p.add_argument_group("run")
-    g.add_argument("--checkpoint-dir", default=None,
-                   help="checkpoint here every --checkpoint-every steps (atomic write-then-rename); "
-                        "a restarted process resumes from it")
-    g.add_argument("--checkpoint-every", type=_positive_int("--checkpoint-every"), default=50,
-                   help="steps between checkpoints (default 50)")
+    if server:
+        g.add_argument("--checkpoint-dir", default=None,
+                       help="checkpoint each session here at the steps its edge asks for, and before evicting an "
+                            "idle session (atomic write-then-rename); a restarted server resumes from it")
+    else:
+        g.add_argument("--checkpoint-dir", default=None,
+                       help="checkpoint here every --checkpoint-every steps (atomic write-then-rename); the server "
+                            "checkpoints the same steps; a restarted process resumes from it")
+        g.add_argument("--checkpoint-every", type=_positive_int("--checkpoint-every"), default=50,
+                       help="steps between checkpoints, on this edge and on the server (default 50)")
     g.add_argument("--quiet", action="store_true", help="no progress bars or logs, only results/errors")
+
+
+def _add_server_limits(p: argparse.ArgumentParser) -> None:
+    from .runtime.cloud import SessionLimits
+
+    d = SessionLimits()
+    g = p.add_argument_group("limits and fairness (docs/protocol.md, 'Limits and fairness')")
+    g.add_argument("--max-connections", type=_positive_int("--max-connections"), default=64,
+                   help="connection slots; when all are taken, the oldest connection still authenticating is "
+                        "dropped for a new one (default 64)")
+    g.add_argument("--handshake-timeout", type=_positive_float("--handshake-timeout"), default=5.0,
+                   help="seconds a new connection has to finish TLS and authentication (default 5)")
+    g.add_argument("--idle-timeout", type=_nonneg_float("--idle-timeout"), default=300.0,
+                   help="seconds an authenticated connection may stay silent before it is closed (0 = never; "
+                        "default 300)")
+    g.add_argument("--max-sessions", type=_positive_int("--max-sessions"), default=d.max_sessions,
+                   help=f"sessions held in memory at once (default {d.max_sessions})")
+    g.add_argument("--max-sessions-per-client", type=_positive_int("--max-sessions-per-client"),
+                   default=d.max_sessions_per_client,
+                   help=f"sessions one client id may hold (default {d.max_sessions_per_client})")
+    g.add_argument("--session-timeout", type=_positive_float("--session-timeout"), default=d.session_timeout,
+                   help="seconds a session without a connection stays in memory before it may be checkpointed and "
+                        "evicted; without --checkpoint-dir an evicted session is lost, so make it longer than any "
+                        f"pause of an edge (default {d.session_timeout:.0f})")
+    g.add_argument("--max-tokens", type=_positive_int("--max-tokens"), default=d.max_tokens,
+                   help="padded tokens (batch x length) one training or eval request may carry; bounds the "
+                        f"server's activation memory per request (default {d.max_tokens})")
+    g.add_argument("--max-seq-len", type=_positive_int("--max-seq-len"), default=d.max_seq_len,
+                   help=f"longest sequence a session may use (default {d.max_seq_len})")
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
@@ -147,14 +185,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--port-file", default=None, help="write the bound port to this file once listening")
     s.add_argument("--any-split", action="store_true",
                    help="accept whatever split settings an edge proposes instead of the ones given here")
-    s.add_argument("--max-sessions", type=_positive_int("--max-sessions"), default=16, help="default 16")
-    s.add_argument("--handshake-timeout", type=_nonneg_float("--handshake-timeout"), default=10.0,
-                   help="seconds a new connection has to authenticate (default 10)")
-    s.add_argument("--idle-timeout", type=_nonneg_float("--idle-timeout"), default=300.0,
-                   help="seconds a session may stay silent (default 300)")
     _add_split(s)
     _add_link(s, server=True)
-    _add_run(s)
+    _add_server_limits(s)
+    _add_run(s, server=True)
 
     t = sub.add_parser("train", help="run an edge trainer against a server",
                        description="Fine-tune the edge part locally; the cloud part runs on the server at --connect.")
@@ -162,7 +196,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_split(t)
     _add_link(t, server=False)
     _add_train(t)
-    _add_run(t)
+    _add_run(t, server=False)
 
     c = sub.add_parser("codecs", help="encode/decode real MiniLM boundary activations with each codec",
                        description="Embed GLUE SST-2 dev sentences with the first LAYER layers of all-MiniLM-L6-v2, "
@@ -188,8 +222,8 @@ def _channel_kwargs(a: argparse.Namespace, server: bool) -> dict:
         tls = TLSConfig(cert=a.tls_cert, key=a.tls_key, ca=a.tls_ca,
                         server_hostname=None if server else a.server_hostname)
     limits = Limits(max_frame_bytes=a.max_frame_mb << 20,
-                    **(dict(handshake_timeout=a.handshake_timeout or 10.0, idle_timeout=a.idle_timeout or None)
-                       if server else {}))
+                    **(dict(handshake_timeout=a.handshake_timeout, idle_timeout=a.idle_timeout or None,
+                            max_connections=a.max_connections) if server else {}))
     link = LinkLimiter(a.link_mbps or None, a.link_latency_ms) if (a.link_mbps or a.link_latency_ms) else None
     return dict(tls=tls, limits=limits, link=link)
 
@@ -197,11 +231,17 @@ def _channel_kwargs(a: argparse.Namespace, server: bool) -> dict:
 def _serve(a: argparse.Namespace) -> int:
     from .channel import load_tokens
     from .runtime import CloudServer
+    from .runtime.cloud import SessionLimits
 
     split = None if a.any_split else dict(model="all-MiniLM-L6-v2", **_split_kwargs(a))
+    try:
+        sessions = SessionLimits(max_sessions=a.max_sessions, max_sessions_per_client=a.max_sessions_per_client,
+                                 session_timeout=a.session_timeout, max_tokens=a.max_tokens,
+                                 max_seq_len=a.max_seq_len)
+    except ValueError as exc:
+        raise SystemExit(f"sft serve: {exc}") from None
     server = CloudServer(load_tokens(a.tokens), split, a.host, a.port, model_dir=a.model_dir,
-                         checkpoint_dir=a.checkpoint_dir, checkpoint_every=a.checkpoint_every,
-                         max_sessions=a.max_sessions, **_channel_kwargs(a, server=True))
+                         checkpoint_dir=a.checkpoint_dir, sessions=sessions, **_channel_kwargs(a, server=True))
     host, port = server.address
     if a.port_file:
         tmp = a.port_file + ".tmp"

@@ -7,7 +7,8 @@ byte-exact in ``docs/protocol.md``), HMAC-SHA256 client authentication (:mod:`.a
 (:mod:`.limiter`).  It must not import ``split``, ``data``, ``runtime``, ``codecs`` or ``cli``.
 
 Concurrency model: **threads with blocking sockets**, one thread per server connection, bounded
-by ``Limits.max_connections``.  Reasons:
+by ``Limits.max_connections`` (a pool in which a newcomer evicts the oldest connection still in
+its handshake, see :class:`Listener`).  Reasons:
 
 * blocking ``recv_into`` / ``sendall`` on memoryviews of tensor storage are zero-copy, and behave
   the same on ``ssl.SSLSocket`` (asyncio streams would copy into their own buffers);
@@ -25,7 +26,7 @@ Typical use::
 from __future__ import annotations
 
 from .auth import load_tokens
-from .conn import ChannelStats, Connection, Listener, connect
+from .conn import ChannelStats, Connection, HandshakeClosed, LinkRefused, Listener, ServerBusy, connect
 from .limiter import LinkLimiter
 from .tls import TLSConfig
 from .wire import (
@@ -35,6 +36,6 @@ from .wire import (
 
 __all__ = [
     "Limits", "TLSConfig", "LinkLimiter", "Frame", "Connection", "ChannelStats", "ProtocolError", "AuthError",
-    "RemoteError", "PeerClosed", "TruncatedFrame", "connect", "Listener", "load_tokens", "KIND_USER_MIN",
-    "PROTOCOL_VERSION",
+    "RemoteError", "PeerClosed", "TruncatedFrame", "HandshakeClosed", "LinkRefused", "ServerBusy", "connect",
+    "Listener", "load_tokens", "KIND_USER_MIN", "PROTOCOL_VERSION",
 ]

@@ -33,15 +33,14 @@ from . import auth, checksum
 from .limiter import LinkLimiter
 from .tls import TLSConfig
 from .wire import (
-    CHFLAG_PAYLOAD_CRC, COALESCE_BYTES, CRC_SIZE, HANDSHAKE_LIMITS, HEADER_SIZE as _HEADER_SIZE, HEADER_SIZE, KIND_AUTH, KIND_CHALLENGE,
-    BufferedReader, KIND_ERROR, KIND_HELLO, KIND_OK, KIND_PING, KIND_PONG, KIND_USER_MIN, AuthError, Frame, Limits, PeerClosed,
-    ProtocolError, RemoteError, TruncatedFrame, decode_header, frame_pieces, iter_send_chunks, read_payload,
-    recv_exact,
+    CHFLAG_PAYLOAD_CRC, COALESCE_BYTES, CRC_SIZE, HANDSHAKE_LIMITS, HEADER_SIZE as _HEADER_SIZE, HEADER_SIZE, KIND_AUTH,
+    KIND_CHALLENGE, MAGIC, PROTOCOL_VERSION, BufferedReader, KIND_ERROR, KIND_HELLO, KIND_OK, KIND_PING, KIND_PONG,
+    KIND_USER_MIN, AuthError, Frame, Limits, PeerClosed, ProtocolError, RemoteError, TruncatedFrame, decode_header,
+    error_meta, frame_pieces, iter_send_chunks, read_payload,
 )
 
 log = logging.getLogger("sft_kernels.channel")
 
-_MAX_ERROR_CHARS = 4096
 _WAITALL = getattr(socket, "MSG_WAITALL", 0)
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _MORE = getattr(socket, "MSG_MORE", 0)
@@ -50,6 +49,48 @@ _MAX_RECORDED_ERRORS = 1000
 #: Bytes per checksummed send chunk (the receiver checksums in runs of the same size).
 _CRC_CHUNK = 4 << 20
 _TIMEVAL = struct.Struct("@ll")  # struct timeval for SO_RCVTIMEO / SO_SNDTIMEO
+#: Seconds a full server gives the busy reply to a newcomer (TLS handshake, ERROR frame, close).
+_BUSY_REPLY_TIMEOUT = 1.0
+#: The retry_after a full server suggests to a newcomer.
+_BUSY_RETRY_AFTER = 1.0
+#: At most this many busy replies run at once; beyond, newcomers of a full server are closed unanswered.
+_MAX_BUSY_REPLIES = 8
+#: A fatal TLS alert record (TLS 1.2 record version, alert "unexpected_message"): what a TLS
+#: Listener answers a plain sft client with, so that the client can tell it to use TLS.
+_TLS_ALERT_UNEXPECTED_MESSAGE = bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x0A])
+
+
+class LinkRefused(Exception):
+    """The connection cannot work as configured: retrying will not help, a setting must change.
+
+    Raised by :func:`connect` for permanent causes (TLS certificate not accepted, mutual TLS
+    without a valid client certificate, TLS on one side only, not an sft server, another protocol
+    version); the message names the likely cause and the fix.  Deliberately not an ``OSError`` /
+    ``ConnectionError`` / :class:`ProtocolError`: callers retry those.
+    """
+
+
+class ServerBusy(ConnectionError):
+    """The server answered the handshake with a retryable ERROR (e.g. all its connection slots are in use).
+
+    ``retry_after`` is the wait the server suggests in seconds (None if it gave none).
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class HandshakeClosed(PeerClosed):
+    """The server closed the connection during the handshake without a word.
+
+    Stays a retryable :class:`PeerClosed`: a busy or restarting server looks the same as a
+    misconfigured one; the message says what else it may mean.
+    """
+
+
+class _Evicted(Exception):
+    """Ends the thread of a connection that the accept loop evicted (the eviction is recorded there)."""
 
 
 @dataclass
@@ -261,6 +302,9 @@ class Connection:
         self.client_id = ""
         self.stats = ChannelStats()
         self._authenticated = False
+        # The header bytes of the last frame that failed to arrive or decode (what connect()
+        # inspects to explain a failed handshake: a TLS record, another protocol's bytes...).
+        self._failed_head = b""
         self._send_lock = threading.Lock()
         self._send_broken = False
         self._closed = False
@@ -419,9 +463,17 @@ class Connection:
             raise ValueError(f"kind must be in [{KIND_USER_MIN}, 255] (lower kinds are the channel's), got {kind}")
         return self._send_frame(kind, tensors, meta, seq, flags)
 
-    def send_error(self, message: str, seq: int = 0) -> None:
-        """Send an ERROR frame carrying ``message``; the peer's :meth:`recv` raises :class:`RemoteError`."""
-        self._send_frame(KIND_ERROR, None, {"message": str(message)[:_MAX_ERROR_CHARS]}, seq, 0)
+    def send_error(self, message: str, seq: int = 0, *, retryable: bool = False,
+                   retry_after: float | None = None) -> None:
+        """Send an ERROR frame carrying ``message``; the peer's :meth:`recv` raises :class:`RemoteError`.
+
+        ``retryable`` tells the peer whether the same request may succeed later, and
+        ``retry_after`` (finite seconds in [0, 3600], optional) how long it should wait first; both
+        arrive as the attributes of the peer's :class:`RemoteError`.  Raises ``ValueError`` for a
+        ``retry_after`` out of range.
+        """
+        meta = error_meta(message, retryable=retryable, retry_after=retry_after)
+        self._send_frame(KIND_ERROR, None, meta, seq, 0)
 
     # ------------------------------------------------------------------ receiving
     def _recv_any(self, timeout: float | None, limits: Limits, deadline: float | None = None) -> Frame:
@@ -435,22 +487,30 @@ class Connection:
         raw = bytearray(HEADER_SIZE)
         view = memoryview(raw)
         started = False
+        got = 0
         try:
             # The first read may time out without harm: nothing of the frame was consumed yet.
             got = reader.recv_into(view)
             if got == 0:
                 raise PeerClosed("connection closed by peer")
             started = True
-            recv_exact(reader, view[got:], "header")
+            while got < HEADER_SIZE:
+                k = reader.recv_into(view[got:])
+                if k == 0:
+                    raise TruncatedFrame(f"connection closed mid-frame: got {got} of {HEADER_SIZE} bytes of "
+                                         f"the header")
+                got += k
             header = decode_header(raw, limits)
             if self._authenticated and header.conn_id != self.conn_id:
                 raise ProtocolError(f"frame carries connection id {header.conn_id}, this connection is "
                                     f"{self.conn_id}")
             tensors, meta, payload = read_payload(reader, header, limits)
         except PeerClosed:
+            self._failed_head = bytes(raw[:got])
             self.close()
             raise
         except ProtocolError as e:
+            self._failed_head = bytes(raw[:got])
             self._fail(str(e))
             raise
         except (TimeoutError, socket.timeout) as e:
@@ -483,7 +543,8 @@ class Connection:
 
         ``timeout`` (seconds) bounds the wait for a frame to start (``TimeoutError``; the connection
         stays usable); ``None`` uses the connection's default (the server's ``idle_timeout``).
-        Raises :class:`RemoteError` for an ERROR frame, :class:`PeerClosed` when the peer closed,
+        Raises :class:`RemoteError` for an ERROR frame (with the peer's ``retryable`` and
+        ``retry_after``), :class:`PeerClosed` when the peer closed,
         :class:`ProtocolError` for malformed input (the connection is then closed).  PINGs are
         answered transparently.
         """
@@ -494,7 +555,7 @@ class Connection:
             if f.kind >= KIND_USER_MIN:
                 return f
             if f.kind == KIND_ERROR:
-                raise RemoteError(str(f.meta.get("message", "remote error")))
+                raise RemoteError.from_meta(f.meta)
             if f.kind == KIND_PING:
                 self._send_frame(KIND_PONG, None, None, f.seq, 0)
                 continue
@@ -521,7 +582,7 @@ class Connection:
             if f.kind == KIND_PONG:
                 return time.perf_counter() - t0
             if f.kind == KIND_ERROR:
-                raise RemoteError(str(f.meta.get("message", "remote error")))
+                raise RemoteError.from_meta(f.meta)
             if f.kind == KIND_PING:
                 self._send_frame(KIND_PONG, None, None, f.seq, 0)
                 continue
@@ -551,11 +612,19 @@ class Connection:
                 f"crc={self.crc}, closed={self._closed})")
 
     # ------------------------------------------------------------------ handshake
+    @staticmethod
+    def _handshake_refusal(f: Frame) -> Exception:
+        """The exception for an ERROR frame received in the handshake: ServerBusy if retryable, else AuthError."""
+        err = RemoteError.from_meta(f.meta, "authentication failed")
+        if err.retryable:
+            return ServerBusy(str(err), retry_after=err.retry_after)
+        return AuthError(str(err))
+
     def _client_handshake(self, client_id: str, secret: bytes, deadline: float) -> None:
         self._send_frame(KIND_HELLO, None, {"client_id": client_id}, 0, 0)
         f = self._recv_any(None, HANDSHAKE_LIMITS, deadline)
         if f.kind == KIND_ERROR:
-            raise AuthError(str(f.meta.get("message", "authentication failed")))
+            raise self._handshake_refusal(f)
         if f.kind != KIND_CHALLENGE:
             raise ProtocolError(f"expected CHALLENGE (kind {KIND_CHALLENGE}), got kind {f.kind}")
         try:
@@ -570,13 +639,19 @@ class Connection:
         self._send_frame(KIND_AUTH, None, {"mac": mac.hex()}, 0, 0)
         f = self._recv_any(None, HANDSHAKE_LIMITS, deadline)
         if f.kind == KIND_ERROR:
-            raise AuthError(str(f.meta.get("message", "authentication failed")))
+            raise self._handshake_refusal(f)
         if f.kind != KIND_OK:
             raise ProtocolError(f"expected OK (kind {KIND_OK}), got kind {f.kind}")
         self.client_id = client_id
         self._authenticated = True
 
-    def _server_handshake(self, tokens: Mapping[str, bytes], conn_id: int, deadline: float) -> None:
+    def _server_handshake(self, tokens: Mapping[str, bytes], conn_id: int, deadline: float,
+                          admit: Callable[[], bool] | None = None) -> None:
+        """Authenticate the client; ``admit()`` runs once the MAC is verified, just before OK.
+
+        ``admit`` returning False (the Listener evicted this connection meanwhile) closes the
+        connection without OK and raises ``_Evicted``.
+        """
         f = self._recv_any(None, HANDSHAKE_LIMITS, deadline)
         if f.kind != KIND_HELLO:
             self._refuse(f"expected HELLO (kind {KIND_HELLO}) as the first frame, got kind {f.kind}")
@@ -605,6 +680,9 @@ class Connection:
             self._refuse(f"unknown client id {client_id!r}")
         if not ok:
             self._refuse(f"wrong token (bad HMAC) for client id {client_id!r}")
+        if admit is not None and not admit():
+            self.close()
+            raise _Evicted()
         self._send_frame(KIND_OK, None, {"conn_id": conn_id}, 0, 0)
         self.client_id = client_id
         self._authenticated = True
@@ -623,6 +701,69 @@ def _default_crc(tls: TLSConfig | None, crc: bool | None) -> bool:
     return (tls is None) if crc is None else bool(crc)
 
 
+# ---------------------------------------------------------------------------------------- connect
+
+#: OpenSSL reasons (and alert texts) a client sees when a mutual-TLS server refuses it for lacking
+#: a client certificate it accepts: under TLS 1.2 during the TLS handshake, under TLS 1.3 on the
+#: first read after it (the server checks the client's certificate after the client finished).
+_MTLS_REASONS = ("TLSV13_ALERT_CERTIFICATE_REQUIRED", "SSLV3_ALERT_HANDSHAKE_FAILURE", "SSLV3_ALERT_BAD_CERTIFICATE",
+                 "TLSV1_ALERT_UNKNOWN_CA")
+_MTLS_TEXTS = ("certificate required", "handshake failure", "bad certificate", "unknown ca")
+#: OpenSSL reasons when the bytes that came back are not TLS records (a plain server answered).
+_NOT_TLS_REASONS = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST",
+                    "UNKNOWN_PROTOCOL")
+_NOT_TLS_TEXTS = ("wrong version number", "record layer failure", "packet length too long")
+
+
+def _tls_refusal(e: ssl.SSLError, where: str, host: str, tls: TLSConfig) -> LinkRefused | None:
+    """The :class:`LinkRefused` explaining a TLS failure with a permanent cause, or None."""
+    reason = str(getattr(e, "reason", None) or "")
+    text = str(e).lower()
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return LinkRefused(
+            f"the TLS certificate of the server at {where} is not accepted ({e.verify_message}): pass the CA "
+            f"that signed it with --tls-ca, and with --server-hostname the name in the certificate if it is "
+            f"not {tls.server_hostname or host!r}")
+    if reason in _MTLS_REASONS or any(t in text for t in _MTLS_TEXTS):
+        given = ("the client certificate given was not accepted" if tls.cert is not None
+                 else "no client certificate was given")
+        return LinkRefused(
+            f"the server at {where} requires a client certificate (mutual TLS): pass --tls-cert and --tls-key "
+            f"with a certificate signed by a CA the server trusts ({given}; TLS alert: {reason or text})")
+    if reason in _NOT_TLS_REASONS or any(t in text for t in _NOT_TLS_TEXTS):
+        return LinkRefused(
+            f"the server at {where} does not speak TLS (its answer is not a TLS record: {reason or text}): "
+            f"drop --tls-* to connect over plain TCP, or start the server with TLS")
+    return None
+
+
+def _head_refusal(head: bytes, where: str, tls: TLSConfig | None) -> LinkRefused | None:
+    """The :class:`LinkRefused` explaining the first bytes of a handshake reply that is no sft frame, or None."""
+    if tls is None and len(head) >= 2 and head[0] in (0x15, 0x16) and head[1] == 0x03:
+        # TLS record header: content type alert (0x15) or handshake (0x16), version 3.x.
+        return LinkRefused(
+            f"the server at {where} speaks TLS (it answered with a TLS record, bytes {head[:7].hex(' ')}): pass "
+            f"--tls-ca with the CA that signed its certificate (and --server-hostname if its name differs)")
+    n = min(len(head), len(MAGIC))
+    if n and head[:n] != MAGIC[:n]:
+        return LinkRefused(
+            f"the peer at {where} is not an sft server (bad magic {head[:len(MAGIC)]!r}, expected {MAGIC!r}): "
+            f"check the host and port")
+    if len(head) > 4 and head[4] != PROTOCOL_VERSION:
+        return LinkRefused(
+            f"the server at {where} speaks sft protocol version {head[4]}, this client speaks version "
+            f"{PROTOCOL_VERSION}: run the same sft_kernels version on both sides")
+    return None
+
+
+def _closed_hint(where: str, tls: TLSConfig | None, during: str) -> str:
+    """The message of a :class:`HandshakeClosed`: what a silent close during the handshake may mean."""
+    other = ("it may not speak TLS (then drop --tls-*)" if tls is not None
+             else "it may serve TLS only (then pass --tls-ca)")
+    return (f"the server at {where} closed the connection during {during} without a reply: it may be busy or "
+            f"restarting (retrying may help), or {other}")
+
+
 def connect(host: str, port: int, client_id: str, token: bytes | str, *, tls: TLSConfig | None = None,
             limits: Limits = Limits(), link: LinkLimiter | None = None, timeout: float = 30.0,
             crc: bool | None = None) -> Connection:
@@ -632,22 +773,67 @@ def connect(host: str, port: int, client_id: str, token: bytes | str, *, tls: TL
     TLS when ``tls`` is given (the server is verified against ``tls.ca``; hostname
     ``tls.server_hostname`` or ``host``), then the HMAC handshake.  ``crc`` turns the payload
     CRC32 on/off; default: on for plain TCP, off under TLS (TLS already authenticates records).
-    Raises :class:`AuthError` if the server refuses the client id / token.
+
+    Failures, from permanent to transient:
+
+    * :class:`AuthError`: the server refused the client id / token;
+    * :class:`LinkRefused`: the settings cannot work (certificate not accepted, mutual TLS without
+      a valid client certificate, TLS on one side only, not an sft server, another protocol
+      version); the message names the cause and the fix;
+    * :class:`ServerBusy` (a ``ConnectionError``): all the server's connection slots are in use;
+      ``retry_after`` says when to retry;
+    * ``ConnectionRefusedError`` naming ``host:port``: nothing listens there (yet);
+    * :class:`HandshakeClosed` (a :class:`PeerClosed`): the server closed the connection during
+      the handshake without a reply (busy, restarting, or misconfigured; the message says which
+      setting to check);
+    * other ``OSError`` / :class:`ProtocolError` / ``TimeoutError``: network failures.
     """
     auth.check_client_id(client_id)
     secret = auth.as_secret(token)
     if not timeout > 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
     deadline = time.monotonic() + timeout
-    sock = socket.create_connection((host, port), timeout=timeout)
+    where = f"{host}:{port}"
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except ConnectionRefusedError as e:
+        raise ConnectionRefusedError(e.errno, f"nothing listens on {where} (connection refused): is the server "
+                                              f"running, on this host and port?") from None
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = sock.getpeername()
         if tls is not None:
             ctx = tls.client_context()
-            sock = ctx.wrap_socket(sock, server_hostname=tls.server_hostname or host)
+            try:
+                sock = ctx.wrap_socket(sock, server_hostname=tls.server_hostname or host)
+            except ssl.SSLError as e:
+                refusal = _tls_refusal(e, where, host, tls)
+                if refusal is not None:
+                    raise refusal from e
+                if isinstance(e, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+                    raise HandshakeClosed(_closed_hint(where, tls, "the TLS handshake")) from e
+                raise
+            except ConnectionResetError as e:
+                raise HandshakeClosed(_closed_hint(where, tls, "the TLS handshake")) from e
         conn = Connection(sock, peer=peer, limits=limits, link=link, crc=_default_crc(tls, crc))
-        conn._client_handshake(client_id, secret, deadline)
+        try:
+            conn._client_handshake(client_id, secret, deadline)
+        except ssl.SSLError as e:
+            refusal = _tls_refusal(e, where, host, tls) if tls is not None else None
+            if refusal is not None:
+                raise refusal from e
+            if isinstance(e, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+                raise HandshakeClosed(_closed_hint(where, tls, "the handshake")) from e
+            raise
+        except ProtocolError as e:
+            refusal = _head_refusal(conn._failed_head, where, tls)
+            if refusal is not None:
+                raise refusal from e
+            if isinstance(e, PeerClosed) and not conn._failed_head:
+                raise HandshakeClosed(_closed_hint(where, tls, "the handshake")) from e
+            raise
+        except (ConnectionResetError, BrokenPipeError) as e:
+            raise HandshakeClosed(_closed_hint(where, tls, "the handshake")) from e
         sock.settimeout(None)
         return conn
     except BaseException:
@@ -655,14 +841,89 @@ def connect(host: str, port: int, client_id: str, token: bytes | str, *, tls: TL
         raise
 
 
+# ---------------------------------------------------------------------------------------- server
+
+def _linger_close(sock: socket.socket, seconds: float) -> None:
+    """Half-close ``sock``, drop what the peer still sends until it closes too (at most ``seconds``
+    and 64 KiB), then close.
+
+    Closing a TCP socket with unread received bytes makes the kernel answer with a reset, which
+    can destroy the reply just sent before the peer reads it; waiting for the peer's end avoids
+    that.  Errors are ignored.
+    """
+    end = time.monotonic() + seconds
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        drained = 0
+        while drained < 64 * 1024:
+            left = end - time.monotonic()
+            if left <= 0:
+                break
+            sock.settimeout(left)
+            data = sock.recv(4096)
+            if not data:
+                break
+            drained += len(data)
+    except OSError:
+        pass
+    finally:
+        _shutdown_close(sock)
+
+
+def _starts_plain_sft(sock: socket.socket, deadline: float) -> bool:
+    """Whether a client that should start TLS instead sent an sft frame header (peeked, not consumed).
+
+    Waits (until ``deadline``, ``TimeoutError`` after) for the first bytes; False at EOF or as soon
+    as they differ from :data:`MAGIC` (a TLS ClientHello starts with 0x16).
+    """
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("handshake deadline passed")
+        sock.settimeout(left)
+        head = sock.recv(len(MAGIC), socket.MSG_PEEK)
+        if not head or head != MAGIC[:len(head)]:
+            return False
+        if len(head) == len(MAGIC):
+            return True
+        time.sleep(0.01)  # a prefix of the magic so far: wait for the rest
+
+
+@dataclass
+class _Slot:
+    """One place in the Listener's connection pool: the connection's socket and its state.
+
+    ``sock`` is the socket the accept loop shuts down to evict the connection (the TLS socket
+    once it is wrapped); ``authenticated`` turns true when the HMAC handshake succeeded (such a
+    connection is never evicted); ``evicted`` is set by the accept loop when it takes the slot.
+    All fields are read and written under ``Listener._lock``.
+    """
+
+    cid: int
+    addr: tuple
+    sock: socket.socket
+    accepted_at: float
+    authenticated: bool = False
+    evicted: bool = False
+
+
 class Listener:
     """A server socket that authenticates clients and runs ``handler(conn)`` for each, one thread each.
 
     ``tokens`` maps client ids to secrets (see :func:`~.auth.load_tokens`).  ``address`` is the bound
-    ``(host, port)`` (port 0 picks a free one).  At most ``limits.max_connections`` connections are
-    served at once; further ones are closed at once.  Failed handshakes, protocol errors and handler
-    exceptions are logged on logger ``sft_kernels.channel`` and recorded in ``errors`` (most recent
-    1000); they only drop that connection.
+    ``(host, port)`` (port 0 picks a free one).
+
+    The connections share a pool of ``limits.max_connections`` slots.  When the pool is full, a
+    new connection evicts the oldest connection still in its handshake (TLS or HMAC; its socket is
+    shut down, ``evicted`` counts these); if every slot holds an authenticated connection, the
+    newcomer gets a retryable ERROR frame (``retry_after`` 1 s) and is closed, so a flood of idle
+    sockets cannot lock legitimate clients out.  A TLS listener answers a plain sft client with a
+    TLS alert record so that the client can say what is wrong.
+
+    Failed handshakes, evictions, protocol errors and handler exceptions are logged on logger
+    ``sft_kernels.channel`` and recorded in ``errors`` (most recent 1000); they only drop that
+    connection.  ``accepted`` counts admitted connections, ``refused`` failed handshakes and
+    newcomers turned away by a full pool.
     """
 
     def __init__(self, tokens: Mapping[str, bytes], host: str = "127.0.0.1", port: int = 0, *,
@@ -681,11 +942,13 @@ class Listener:
         self.errors: list[str] = []
         self.refused = 0
         self.accepted = 0
+        self.evicted = 0
         self._ids = itertools.count(1)
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(limits.max_connections)
-        self._active: dict[int, socket.socket] = {}
+        # the pool: cid -> slot, in accept order (so the first unauthenticated one is the oldest)
+        self._active: dict[int, _Slot] = {}
+        self._busy_replies = 0
         self._threads: set[threading.Thread] = set()
         self._serve_thread: threading.Thread | None = None
 
@@ -700,9 +963,50 @@ class Listener:
 
     @property
     def active_connections(self) -> int:
-        """Connections currently being served (handshake or handler)."""
+        """Connections currently holding a slot (in their handshake or served by the handler)."""
         with self._lock:
             return len(self._active)
+
+    def _admit(self, slot: _Slot) -> tuple[bool, str | None]:
+        """Give ``slot`` a place in the pool, evicting the oldest unauthenticated connection if full.
+
+        Called with ``_lock`` held.  Returns ``(admitted, eviction message or None)``; not admitted
+        means every slot holds an authenticated connection.
+        """
+        note = None
+        if len(self._active) >= self.limits.max_connections:
+            victim = next((s for s in self._active.values() if not s.authenticated), None)
+            if victim is None:
+                return False, None
+            # Take the slot now; the victim's thread wakes up on the shutdown, sees ``evicted``
+            # and leaves without recording a failure (its cleanup finds the slot already gone).
+            del self._active[victim.cid]
+            victim.evicted = True
+            self.evicted += 1
+            try:
+                victim.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed by its own thread
+            note = (f"evicted connection {victim.cid} from {victim.addr} after "
+                    f"{time.monotonic() - victim.accepted_at:.2f} s in its handshake: all "
+                    f"{self.limits.max_connections} connection slots were in use")
+        self._active[slot.cid] = slot
+        return True, note
+
+    def _mark_authenticated(self, slot: _Slot) -> bool:
+        """Make ``slot`` non-evictable once its client is authenticated; False if it was evicted already."""
+        with self._lock:
+            if slot.evicted:
+                return False
+            slot.authenticated = True
+            return True
+
+    def _set_slot_sock(self, slot: _Slot, sock: socket.socket) -> None:
+        """Point ``slot`` at the wrapped TLS socket; raise ``_Evicted`` if it was evicted meanwhile."""
+        with self._lock:
+            if slot.evicted:
+                raise _Evicted()
+            slot.sock = sock
 
     # ------------------------------------------------------------------ serving
     def serve_forever(self, handler: Callable[[Connection], None]) -> None:
@@ -717,36 +1021,89 @@ class Listener:
                 if self._stop.is_set():
                     break
                 raise
-            if not self._slots.acquire(blocking=False):
-                self._record(f"refused {addr}: max_connections {self.limits.max_connections} reached",
-                             refused=True)
-                csock.close()
-                continue
             cid = next(self._ids) & 0xFFFFFFFF or next(self._ids)
-            t = threading.Thread(target=self._serve_one, args=(csock, addr, cid, handler),
-                                 name=f"sft-channel-{cid}", daemon=True)
+            slot = _Slot(cid, addr, csock, time.monotonic())
+            t = threading.Thread(target=self._serve_one, args=(slot, handler), name=f"sft-channel-{cid}",
+                                 daemon=True)
             with self._lock:
-                self.accepted += 1
-                self._active[cid] = csock
-                self._threads.add(t)
-            t.start()
+                admitted, note = self._admit(slot)
+                if admitted:
+                    self.accepted += 1
+                    self._threads.add(t)
+            if note is not None:
+                self._record(note)
+            if admitted:
+                t.start()
+            else:
+                self._turn_away(csock, addr)
 
-    def _serve_one(self, csock: socket.socket, addr: tuple, cid: int, handler: Callable[[Connection], None]) -> None:
+    def _turn_away(self, csock: socket.socket, addr: tuple) -> None:
+        """Answer a newcomer of a pool full of authenticated connections (in a short-lived thread)."""
+        n = self.limits.max_connections
+        self._record(f"refused {addr}: all {n} connection slots hold authenticated connections "
+                     f"(max_connections {n} reached)", refused=True)
+        t = threading.Thread(target=self._reply_busy, args=(csock, addr), name="sft-channel-busy", daemon=True)
+        with self._lock:
+            answer = self._busy_replies < _MAX_BUSY_REPLIES
+            if answer:
+                self._busy_replies += 1
+                self._threads.add(t)
+        if answer:
+            t.start()
+        else:
+            _shutdown_close(csock)
+
+    def _reply_busy(self, csock: socket.socket, addr: tuple) -> None:
+        """Best effort, within about 2 x ``_BUSY_REPLY_TIMEOUT``: TLS if configured, a retryable ERROR, close."""
+        n = self.limits.max_connections
+        sock = csock
+        try:
+            csock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._ctx is not None:
+                csock.settimeout(_BUSY_REPLY_TIMEOUT)
+                sock = self._ctx.wrap_socket(csock, server_side=True)
+            conn = Connection(sock, peer=addr, limits=HANDSHAKE_LIMITS, link=None, crc=self.crc,
+                              default_timeout=_BUSY_REPLY_TIMEOUT)
+            conn.send_error(f"server busy: all {n} connection slots are in use; retry in "
+                            f"{_BUSY_RETRY_AFTER:g} s", retryable=True, retry_after=_BUSY_RETRY_AFTER)
+            _linger_close(sock, _BUSY_REPLY_TIMEOUT)
+        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+            log.info("busy reply to %s failed: %s: %s", addr, type(e).__name__, e)
+        finally:
+            _shutdown_close(sock)
+            with self._lock:
+                self._busy_replies -= 1
+                self._threads.discard(threading.current_thread())
+
+    def _serve_one(self, slot: _Slot, handler: Callable[[Connection], None]) -> None:
+        cid, addr = slot.cid, slot.addr
+        csock = slot.sock
         conn: Connection | None = None
         sock: socket.socket = csock
         try:
             deadline = time.monotonic() + self.limits.handshake_timeout
-            csock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self._ctx is not None:
-                csock.settimeout(self.limits.handshake_timeout)
-                sock = self._ctx.wrap_socket(csock, server_side=True, do_handshake_on_connect=False)
-                with self._lock:
-                    self._active[cid] = sock
-                sock.do_handshake()
-            conn = Connection(sock, peer=addr, limits=self.limits, link=self.link, crc=self.crc,
-                              default_timeout=self.limits.idle_timeout)
             try:
-                conn._server_handshake(self._tokens, cid, deadline)
+                csock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if self._ctx is not None:
+                    if _starts_plain_sft(csock, deadline):
+                        # A plain client: answer in the only language it cannot mistake for a
+                        # busy server, a TLS alert record where it expects an sft header.
+                        csock.sendall(_TLS_ALERT_UNEXPECTED_MESSAGE)
+                        _linger_close(csock, min(1.0, max(0.0, deadline - time.monotonic())))
+                        raise AuthError("plain (non-TLS) sft client; this server requires TLS")
+                    csock.settimeout(max(0.001, deadline - time.monotonic()))
+                    sock = self._ctx.wrap_socket(csock, server_side=True, do_handshake_on_connect=False)
+                    self._set_slot_sock(slot, sock)
+                    try:
+                        sock.do_handshake()
+                    except ssl.SSLError:
+                        # Let the alert OpenSSL just sent reach the client: closing with its
+                        # unread bytes queued would reset the connection and could destroy it.
+                        _linger_close(sock, min(1.0, max(0.0, deadline - time.monotonic())))
+                        raise
+                conn = Connection(sock, peer=addr, limits=self.limits, link=self.link, crc=self.crc,
+                                  default_timeout=self.limits.idle_timeout)
+                conn._server_handshake(self._tokens, cid, deadline, admit=lambda: self._mark_authenticated(slot))
             except (TimeoutError, socket.timeout):
                 raise AuthError(f"handshake not completed within {self.limits.handshake_timeout} s") from None
             log.info("connection %d from %s authenticated as %r", cid, addr, conn.client_id)
@@ -762,15 +1119,24 @@ class Listener:
                 log.exception("handler failed on connection %d", cid)
                 self._record(f"connection {cid} ({conn.client_id!r}) from {addr}: handler raised "
                              f"{type(e).__name__}: {e}")
+        except _Evicted:
+            pass
         except AuthError as e:
-            self._record(f"refused connection {cid} from {addr}: {e}", refused=True)
+            if not slot.evicted:
+                self._record(f"refused connection {cid} from {addr}: {e}", refused=True)
         except (ProtocolError, ssl.SSLError, OSError) as e:
-            self._record(f"refused connection {cid} from {addr} during handshake: {type(e).__name__}: {e}",
-                         refused=True)
+            if not slot.evicted:  # an evicted connection fails on its shut-down socket: already recorded
+                self._record(f"refused connection {cid} from {addr} during handshake: {type(e).__name__}: {e}",
+                             refused=True)
         except Exception as e:  # noqa: BLE001
             log.exception("unexpected failure on connection %d", cid)
             self._record(f"connection {cid} from {addr}: {type(e).__name__}: {e}", refused=True)
         finally:
+            # Leave the pool before closing: a socket the accept loop may still shut down is open.
+            with self._lock:
+                if self._active.get(cid) is slot:
+                    del self._active[cid]
+                self._threads.discard(threading.current_thread())
             if conn is not None:
                 conn.close()
             else:
@@ -778,10 +1144,6 @@ class Listener:
                     sock.close()
                 except OSError:
                     pass
-            with self._lock:
-                self._active.pop(cid, None)
-                self._threads.discard(threading.current_thread())
-            self._slots.release()
 
     def start(self, handler: Callable[[Connection], None]) -> "Listener":
         """Run :meth:`serve_forever` with ``handler`` in a daemon thread; return ``self``."""
@@ -799,7 +1161,7 @@ class Listener:
         if self._serve_thread is not None and self._serve_thread is not threading.current_thread():
             self._serve_thread.join(timeout)
         with self._lock:
-            socks = list(self._active.values())
+            socks = [s.sock for s in self._active.values()]
             threads = list(self._threads)
         for s in socks:
             try:

@@ -31,8 +31,9 @@ import torch
 from .checksum import crc32c, crc32c_at
 
 MAGIC = b"SFTC"
-#: 2: the payload checksum is CRC32C (version 1 used zlib's CRC32).
-PROTOCOL_VERSION = 2
+#: 3: compact tensor descriptors (varint lengths and dims, u8 name length, no per-tensor byte
+#: length); 2: the payload checksum is CRC32C; 1: zlib's CRC32.
+PROTOCOL_VERSION = 3
 
 # --- message kinds (one byte).  Kinds below KIND_USER_MIN belong to the channel. ---
 KIND_HELLO = 1
@@ -56,15 +57,16 @@ _CRC = struct.Struct("<I")
 HEADER_SIZE = _HEAD.size + _CRC.size  # 36
 CRC_SIZE = _CRC.size
 
-_U32 = struct.Struct("<I")
-_NAME_LEN = struct.Struct("<H")
-_TDESC = struct.Struct("<BB")  # dtype code, ndim
-_I64 = struct.Struct("<q")
-_U64 = struct.Struct("<Q")
-
-MAX_NAME_BYTES = 256
+#: A tensor name's length is one byte on the wire (0 is refused).
+MAX_NAME_BYTES = 255
 U64_MAX = (1 << 64) - 1
 I64_MAX = (1 << 63) - 1
+#: An unsigned LEB128 varint on the wire is at most this many bytes and at most ``I64_MAX``.
+MAX_VARINT_BYTES = 10
+#: ERROR frames carry at most this many characters of message.
+MAX_ERROR_CHARS = 4096
+#: The largest ``retry_after`` (seconds) an ERROR frame may carry.
+MAX_RETRY_AFTER = 3600.0
 
 #: dtype code (one byte) -> torch dtype.  Codes are part of the protocol: never renumber.
 DTYPE_CODES: dict[int, torch.dtype] = {
@@ -103,7 +105,49 @@ class AuthError(Exception):
 
 
 class RemoteError(Exception):
-    """The peer sent an ERROR frame; the message is the peer's text."""
+    """The peer sent an ERROR frame; the message is the peer's text.
+
+    ``retryable`` says whether the peer expects the same request to succeed later (e.g. a full
+    server), and ``retry_after`` (seconds, or None) how long it suggests waiting first.
+    """
+
+    def __init__(self, message: str, *, retryable: bool = False, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.retry_after = retry_after
+
+    @classmethod
+    def from_meta(cls, meta: Mapping, default: str = "remote error") -> "RemoteError":
+        """The error an ERROR frame's ``meta`` describes; malformed optional fields are ignored.
+
+        ``retryable`` counts only when it is the JSON ``true``; ``retry_after`` only when it is a
+        finite number in [0, :data:`MAX_RETRY_AFTER`].  Never raises for any JSON object.
+        """
+        message = meta.get("message", default)
+        return cls(str(message)[:MAX_ERROR_CHARS], retryable=meta.get("retryable") is True,
+                   retry_after=parse_retry_after(meta.get("retry_after")))
+
+
+def parse_retry_after(value: object) -> float | None:
+    """``value`` as seconds if it is a finite number in [0, MAX_RETRY_AFTER] (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    seconds = float(value)
+    return seconds if 0.0 <= seconds <= MAX_RETRY_AFTER else None  # NaN fails both comparisons
+
+
+def error_meta(message: str, *, retryable: bool = False, retry_after: float | None = None) -> dict:
+    """The meta of an ERROR frame: ``message`` (truncated), ``retryable`` and, if given, ``retry_after``.
+
+    Raises ``ValueError`` if ``retry_after`` is not a finite number of seconds in [0, 3600].
+    """
+    meta: dict = {"message": str(message)[:MAX_ERROR_CHARS], "retryable": bool(retryable)}
+    if retry_after is not None:
+        if parse_retry_after(retry_after) is None:
+            raise ValueError(f"retry_after must be a finite number of seconds in [0, {MAX_RETRY_AFTER:g}], "
+                             f"got {retry_after!r}")
+        meta["retry_after"] = float(retry_after)
+    return meta
 
 
 @dataclass(frozen=True)
@@ -113,14 +157,16 @@ class Limits:
     ``max_frame_bytes`` bounds the payload length of one frame (and so every allocation made for
     it); ``max_tensors`` and ``max_ndim`` bound the tensor table; ``handshake_timeout`` is the time
     a new connection has to finish TLS + authentication; ``idle_timeout`` bounds how long a server
-    connection waits for the next frame (``None`` = forever); ``max_connections`` bounds the
-    concurrent server connections (and so the server's threads).
+    connection waits for the next frame (``None`` = forever); ``max_connections`` is the size of
+    the server's connection pool (and so bounds its connection threads).  When the pool is full a
+    new connection evicts the oldest one still in its handshake; if every slot holds an
+    authenticated connection the newcomer gets a retryable ERROR (see ``docs/protocol.md``).
     """
 
     max_frame_bytes: int = 1 << 30
     max_tensors: int = 64
     max_ndim: int = 8
-    handshake_timeout: float = 10.0
+    handshake_timeout: float = 5.0
     idle_timeout: float | None = 300.0
     max_connections: int = 64
 
@@ -284,6 +330,27 @@ def encode_header(kind: int, flags: int, chflags: int, conn_id: int, seq: int, p
     return head + _CRC.pack(zlib.crc32(head))
 
 
+def encode_uvarint(value: int) -> bytes:
+    """``value`` (0 .. 2**63-1) as an unsigned LEB128 varint: 7 bits per byte, low bits first,
+    the top bit of every byte but the last set; 1 byte below 128, at most 9 bytes."""
+    if not 0 <= value <= I64_MAX:
+        raise ValueError(f"varint value must be in [0, 2**63-1], got {value}")
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _append_uvarint(out: bytearray, value: int) -> None:
+    """Append ``value`` (already known to be in range) to ``out`` as a varint; one byte is the common case."""
+    if value < 0x80:
+        out.append(value)
+    else:
+        out += encode_uvarint(value)
+
+
 def _meta_bytes(meta: Mapping | None) -> bytes:
     if not meta:
         return b""
@@ -354,21 +421,24 @@ def frame_pieces(kind: int, tensors: Mapping[str, torch.Tensor] | None, meta: Ma
         raise ValueError(f"{len(tensors)} tensors exceed max_tensors {limits.max_tensors}")
     mb = _meta_bytes(meta)
     payload: list[bytes | memoryview] = []
-    small = bytearray(_U32.pack(len(mb)))
+    small = bytearray()
+    _append_uvarint(small, len(mb))
     small += mb
-    small += _U32.pack(len(tensors))
+    _append_uvarint(small, len(tensors))
     keep: list[torch.Tensor] = []
     data_bytes = 0
     for name, t in tensors.items():
         nb = _check_tensor(name, t, limits)
         tc, view = tensor_bytes_view(t)
         keep.append(tc)
-        small += _NAME_LEN.pack(len(nb))
+        # name length (u8), name, dtype code (u8), ndim (u8), dims (varints); the byte length is
+        # not sent: the receiver derives it as numel x itemsize.
+        small.append(len(nb))
         small += nb
-        small += _TDESC.pack(CODE_OF_DTYPE[tc.dtype], tc.dim())
+        small.append(CODE_OF_DTYPE[tc.dtype])
+        small.append(tc.dim())
         for d in tc.shape:
-            small += _I64.pack(d)
-        small += _U64.pack(len(view))
+            _append_uvarint(small, d)
         data_bytes += len(view)
         if len(view) < COALESCE_BYTES:
             small += view
@@ -477,6 +547,13 @@ def decode_header(raw: bytes | bytearray | memoryview, limits: Limits) -> Header
     return Header(kind, flags, chflags, conn_id, seq, plen)
 
 
+def _field_name(what: str | Callable[[], str], arg: object) -> str:
+    """The field name for an error message (see :meth:`_PayloadReader.small`)."""
+    if callable(what):
+        return what()
+    return what if arg is None else what.format(repr(arg))
+
+
 class _PayloadReader:
     """Reads the payload of one frame, refusing to read past the declared payload length.
 
@@ -511,25 +588,61 @@ class _PayloadReader:
             raise ProtocolError(f"{what} needs {n} bytes but only {self.remaining} remain "
                                 f"in the declared payload length")
 
-    def small(self, n: int, what: str, arg: object = None) -> bytes | bytearray:
+    def small(self, n: int, what: str | Callable[[], str], arg: object = None) -> bytes | bytearray:
         """Read a small field of ``n`` bytes (descriptors, names, meta).
 
         ``what`` names the field in error messages; when ``arg`` is given it is a ``str.format``
-        template filled with ``repr(arg)`` only if an error is raised (no formatting per field).
+        template filled with ``repr(arg)`` only if an error is raised (no formatting per field),
+        and a callable ``what`` is called only then.
         Served straight from a :class:`BufferedReader`'s buffer when it holds the bytes (the
         common case: one frame's descriptors arrive together), else read with :func:`recv_exact`.
         """
         if n > self.remaining:
-            self._check_room(n, what if arg is None else what.format(repr(arg)))
+            self._check_room(n, _field_name(what, arg))
         take = self._take
         b = take(n) if take is not None else None
         if b is None:
             b = bytearray(n)
-            recv_exact(self.reader, memoryview(b), what if arg is None else what.format(repr(arg)))
+            recv_exact(self.reader, memoryview(b), _field_name(what, arg))
         self.remaining -= n
         if self.crc:
             self._pending += b
         return b
+
+    def uvarints(self, count: int, field: Callable[[int], str]) -> list[int]:
+        """Read ``count`` consecutive unsigned LEB128 varints (see :func:`encode_uvarint`).
+
+        ``field(j)`` names the j-th value in error messages (called only to raise).  Every varint
+        must end within :data:`MAX_VARINT_BYTES` bytes, have no redundant trailing zero group
+        (overlong) and be at most ``I64_MAX``; it must also end inside the declared payload.
+        The bytes are read in as few calls as possible without reading past the last varint:
+        each value still unfinished needs at least one more byte.
+        """
+        out: list[int] = []
+        value = shift = used = 0  # the varint being decoded: bits so far, next shift, bytes so far
+        while len(out) < count:
+            n = min(count - len(out), self.remaining)
+            if n == 0:
+                state = f"after {used} of its bytes" if used else "before its first byte"
+                raise ProtocolError(f"{field(len(out))} is truncated: the declared payload length ends "
+                                    f"{state}")
+            for b in self.small(n, lambda: field(len(out))):
+                used += 1
+                value |= (b & 0x7F) << shift
+                if b & 0x80:
+                    if used == MAX_VARINT_BYTES:
+                        raise ProtocolError(f"{field(len(out))} varint is not terminated within "
+                                            f"{MAX_VARINT_BYTES} bytes")
+                    shift += 7
+                    continue
+                if b == 0 and used > 1:
+                    raise ProtocolError(f"{field(len(out))} varint is overlong ({used} bytes ending in a zero "
+                                        f"byte); the shortest encoding is required")
+                if value > I64_MAX:
+                    raise ProtocolError(f"{field(len(out))} is {value}, above the varint maximum 2**63-1")
+                out.append(value)
+                value = shift = used = 0
+        return out
 
     def data(self, buf: torch.Tensor, what: str) -> None:
         """Fill the contiguous uint8 CPU tensor ``buf`` (tensor data) straight from the stream.
@@ -594,51 +707,48 @@ def read_payload(reader: Reader, header: Header, limits: Limits) -> tuple[dict[s
     """
     crc = bool(header.chflags & CHFLAG_PAYLOAD_CRC)
     pr = _PayloadReader(reader, header.payload_len, crc)
-    (meta_len,) = _U32.unpack(pr.small(4, "meta length"))
+    (meta_len,) = pr.uvarints(1, lambda _: "meta length")
     if meta_len > pr.remaining:
         raise ProtocolError(f"meta length {meta_len} exceeds the {pr.remaining} bytes left in the payload")
     meta = _parse_meta(pr.small(meta_len, "meta"))
-    (count,) = _U32.unpack(pr.small(4, "tensor count"))
+    (count,) = pr.uvarints(1, lambda _: "tensor count")
     if count > limits.max_tensors:
         raise ProtocolError(f"tensor count {count} exceeds max_tensors {limits.max_tensors}")
     tensors: dict[str, torch.Tensor] = {}
     data_bytes = 0
     for i in range(count):
-        (name_len,) = _NAME_LEN.unpack(pr.small(2, "tensor {} name length", i))
-        if not 1 <= name_len <= MAX_NAME_BYTES:
-            raise ProtocolError(f"tensor {i} name length {name_len} is outside [1, {MAX_NAME_BYTES}]")
+        name_len = pr.small(1, "tensor {} name length", i)[0]
+        if name_len == 0:
+            raise ProtocolError(f"tensor {i} name length 0 is outside [1, {MAX_NAME_BYTES}]")
         try:
             name = pr.small(name_len, "tensor {} name", i).decode("utf-8")
         except UnicodeDecodeError:
             raise ProtocolError(f"tensor {i} name is not valid UTF-8") from None
         if name in tensors:
             raise ProtocolError(f"tensor name {name!r} appears twice in one frame")
-        code, ndim = _TDESC.unpack(pr.small(2, "tensor {} dtype/ndim", name))
+        code, ndim = pr.small(2, "tensor {} dtype/ndim", name)
         dtype = DTYPE_CODES.get(code)
         if dtype is None:
             raise ProtocolError(f"tensor {name!r} has unknown dtype code {code}; valid codes: "
                                 f"{min(DTYPE_CODES)}..{max(DTYPE_CODES)}")
         if ndim > limits.max_ndim:
             raise ProtocolError(f"tensor {name!r} ndim {ndim} exceeds max_ndim {limits.max_ndim}")
-        raw_shape = pr.small(8 * ndim, "tensor {} shape", name)
-        shape = [_I64.unpack_from(raw_shape, 8 * j)[0] for j in range(ndim)]
+        shape = pr.uvarints(ndim, lambda j: f"tensor {name!r} dim {j}") if ndim else []
         numel = 1
         span = 1  # product of max(dim, 1): the contiguous strides, which must fit int64 even when numel is 0
-        for j, d in enumerate(shape):
-            if d < 0:
-                raise ProtocolError(f"tensor {name!r} dim {j} is {d}; dims must be >= 0")
+        for d in shape:
             numel *= d
             span *= d or 1
-        (nbytes,) = _U64.unpack(pr.small(8, "tensor {} byte length", name))
         itemsize = dtype.itemsize
         if span * itemsize > I64_MAX:
             raise ProtocolError(f"tensor {name!r} shape {shape} x itemsize {itemsize} overflows int64")
-        if numel * itemsize != nbytes:
-            raise ProtocolError(f"tensor {name!r} byte length {nbytes} != numel {numel} x itemsize {itemsize} "
-                                f"for shape {shape} {dtype}")
+        # The data length is implied by the descriptor; bound it by what the payload still holds
+        # before allocating anything.
+        nbytes = numel * itemsize
         if nbytes > pr.remaining:
-            raise ProtocolError(f"tensor {name!r} byte length {nbytes} exceeds the {pr.remaining} bytes left "
-                                f"in the payload")
+            raise ProtocolError(f"tensor {name!r} byte length {nbytes} (numel {numel} x itemsize {itemsize} "
+                                f"for shape {shape} {dtype}) exceeds the {pr.remaining} bytes left in the "
+                                f"payload")
         buf = torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
             pr.data(buf, f"tensor {name!r} data")

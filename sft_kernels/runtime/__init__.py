@@ -5,12 +5,12 @@
 * :class:`RunConfig` -- what both sides agree on;
 * :func:`run_demo` -- ``sft demo`` / ``make demo``; :func:`codec_report` -- ``sft codecs``.
 """
-from .cloud import CloudServer, CloudSession
+from .cloud import CloudServer, CloudSession, SessionLimits
 from .codec_report import DEFAULT_CODECS, CodecReport, codec_report
 from .config import RunConfig
 from .edge import CloudError, EdgeTrainer, LinkLost, TrainSummary
 from .jobs import LocalCloud, StepBatches, run_demo, train_and_evaluate
 
-__all__ = ["CloudServer", "CloudSession", "RunConfig", "EdgeTrainer", "TrainSummary", "CloudError", "LinkLost",
+__all__ = ["CloudServer", "CloudSession", "SessionLimits", "RunConfig", "EdgeTrainer", "TrainSummary", "CloudError", "LinkLost",
            "LocalCloud", "StepBatches", "train_and_evaluate", "run_demo", "DEFAULT_CODECS", "CodecReport",
            "codec_report"]

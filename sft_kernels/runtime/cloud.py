@@ -3,21 +3,36 @@
 One :class:`CloudSession` per (client id, run id): its own cloud part, optimizer,
 scheduler, checkpoints and the reply of its latest step.  The channel gives each
 connection its own thread; a session's lock serialises its steps, so several edges
-train at once while each session stays sequential.
+train at once while each session stays sequential.  Part construction and keyed
+forwards run under the process-wide RNG lock (:func:`sft_kernels.split.seeded`), so
+concurrent sessions never perturb each other: each equals its run alone, bit for bit.
 
 Exactly once: a session knows the next step it expects.  A request for the step it
 has just applied (the edge lost the reply) gets the cached reply back, never a second
-update; a request for an older step means the edge restarted from a checkpoint, and
-the session rolls back to the same checkpoint first (at ``OPEN``).  The cached reply
-is part of every checkpoint, so it survives a crash of the server too.
+update; at ``OPEN`` both sides agree on the newest step both can resume from (the
+edge sends its checkpoint steps), and the session rolls back to it if it must.  The
+cached reply is part of every checkpoint, so it survives a crash of the server too.
+Checkpoints are the edge's choice: a TRAIN frame with ``ckpt`` asks for one after it.
 
-Anything wrong in a request (structure, codec, shapes, NaN/Inf) is refused with an
-error frame before the model is touched; the session and the server keep serving.
+Failures: anything wrong in a request (structure, codec, shapes, sizes, NaN/Inf) is
+refused with an ERROR frame before the model is touched.  Every other failure also
+gets an ERROR frame, marked retryable when a retry can help (a checkpoint that could
+not be written, a full server); the connection and the server keep serving, and a
+failed step leaves no gradients behind.  A step whose checkpoint fails after the
+optimizer step stays applied with its reply cached; the retry writes the checkpoint
+before the reply is replayed.
+
+Limits (:class:`SessionLimits`): sessions in memory, sessions per client, idle expiry
+(checkpoint, then evict), tokens per step and sequence length; see docs/protocol.md,
+"Limits and fairness".
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -32,20 +47,63 @@ from .messages import (EVAL, FINISH, OPEN, REPLY, TRAIN, StepRefused, boundary_f
                        packet_to_wire)
 from .parts import build_parts, make_optimizer, make_scheduler
 
-__all__ = ["CloudServer", "CloudSession"]
+__all__ = ["CloudServer", "CloudSession", "SessionLimits"]
 
 log = logging.getLogger("sft_kernels.runtime")
 
-#: Largest eval batch a session accepts (training batches are bounded by the run's batch size).
-_MAX_EVAL_BATCH = 4096
+#: Most checkpoint steps an edge may list in OPEN (it keeps 3).
+_MAX_EDGE_CKPTS = 64
+#: Fixed allowance of a session's frames besides tensor data (meta JSON, descriptors, config).
+_FRAME_SLACK = 64 << 10
+#: Upper bound of encoded bytes per boundary value for any codec (fp32 raw is 4; block scales add < 1).
+_BYTES_PER_VALUE = 5
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    """What one server lets its edges use.  Defaults fit a 2-core CPU server with a few MiniLM edges.
+
+    Attributes:
+        max_sessions: sessions held in memory at once (about 70 MiB each for MiniLM with AdamW).
+        max_sessions_per_client: sessions one client id may hold at once.
+        session_timeout: seconds a session with no open connection stays in memory; after that it may
+            be checkpointed and evicted, and comes back from its checkpoint when its edge returns.
+            Without a checkpoint directory an evicted session is lost, so the timeout must exceed the
+            longest pause of an edge (its evaluation, its restart).
+        max_tokens: padded tokens (batch x padded length) one TRAIN or EVAL request may carry; the
+            cloud's activation memory grows with it (and attention with the length on top).
+        max_seq_len: longest padded sequence a session may use (its ``max_length`` is checked at OPEN).
+    """
+
+    max_sessions: int = 16
+    max_sessions_per_client: int = 4
+    session_timeout: float = 900.0
+    max_tokens: int = 16384
+    max_seq_len: int = 512
+
+    def __post_init__(self) -> None:
+        checks = [("max_sessions", self.max_sessions >= 1, ">= 1"),
+                  ("max_sessions_per_client", 1 <= self.max_sessions_per_client, ">= 1"),
+                  ("session_timeout", 0 < self.session_timeout < float("inf"), "a finite number of seconds > 0"),
+                  ("max_tokens", 1 <= self.max_tokens <= 1 << 24, "1 .. 2**24"),
+                  ("max_seq_len", 2 <= self.max_seq_len <= 8192, "2 .. 8192")]
+        for name, ok, valid in checks:
+            if not ok:
+                raise ValueError(f"SessionLimits.{name} must be {valid}, got {getattr(self, name)!r}")
 
 
 class CloudSession(CheckpointedPart):
-    """The cloud part of one run and everything needed to step, replay and resume it."""
+    """The cloud part of one run and everything needed to step, replay and resume it.
+
+    Building one restores the newest checkpoint of the run if there is one; the step-0
+    checkpoint is written by :meth:`accept`, once the handshake checks have passed.
+    """
+
+    part = "cloud"
 
     def __init__(self, client_id: str, cfg: RunConfig, model_dir: Union[str, Path, None] = None,
-                 checkpoint_dir: Union[str, Path, None] = None, checkpoint_every: int = 50) -> None:
-        self.client_id, self.cfg = client_id, cfg
+                 checkpoint_dir: Union[str, Path, None] = None, limits: SessionLimits = SessionLimits()) -> None:
+        self.client_id, self.cfg, self.limits = client_id, cfg, limits
         _, edge, cloud = build_parts(cfg, model_dir)
         self.init_hashes = {"edge": state_hash(edge), "cloud": state_hash(cloud)}
         del edge
@@ -55,12 +113,24 @@ class CloudSession(CheckpointedPart):
         self.fwd, self.bwd = from_spec(cfg.fwd_codec), from_spec(cfg.bwd_codec)
         self.step = 0
         self.last_reply: Optional[dict[str, Any]] = None
+        self.save_pending = False  # the step was applied but its requested checkpoint is not written yet
         self.finished = False  # set by FINISH; a finished session is the first to make room for a new one
         self.lock = threading.Lock()
-        self.every = checkpoint_every
+        self.active = 0  # connections attached (guarded by the server's lock)
+        self.last_used = time.monotonic()
         self.store = (CheckpointStore(Path(checkpoint_dir) / client_id / cfg.run_id)
                       if checkpoint_dir is not None else None)
-        self._open_store()
+        self._open_store(save_initial=False)
+
+    def accept(self) -> None:
+        """The handshake passed: make sure a checkpoint of the starting point exists."""
+        if self.store is not None and self.store.latest() is None:
+            self.save()
+
+    def frame_limit(self) -> int:
+        """The largest frame this session can need: a request at the server's token cap, in any codec."""
+        values = self.model.width + (self.model.residual_width or 0)
+        return _BYTES_PER_VALUE * self.limits.max_tokens * values + 16 * self.limits.max_tokens + _FRAME_SLACK
 
     # ---------------------------------------------------------------- state
     def _extra_state(self) -> dict[str, Any]:
@@ -68,28 +138,51 @@ class CloudSession(CheckpointedPart):
 
     def _load_extra(self, state: dict[str, Any]) -> None:
         self.last_reply = state["reply"]
+        self.save_pending = False
         log.info("session %s/%s: restored step %d", self.client_id, self.cfg.run_id, self.step)
 
     def _cannot_restore(self, step: int) -> Exception:
         return StepRefused(f"cannot roll back to step {step}: the server runs without --checkpoint-dir")
 
-    def resume_point(self, edge_step: int) -> int:
-        """Agree on the next step with an edge that is at ``edge_step``; roll this side back if it must."""
+    def resume_point(self, edge_step: int, edge_ckpts: list[int]) -> int:
+        """Agree on the next step with an edge at ``edge_step`` holding checkpoints ``edge_ckpts``.
+
+        The newest step both sides can be at: the current one, a replay of the step just applied,
+        or the newest checkpoint both have.  This side rolls back to it if it must; the edge rolls
+        back when the answer is below its step.
+        """
         c = self.step
         if c == edge_step or (c == edge_step + 1 and self.last_reply and self.last_reply["step"] == edge_step):
             return edge_step
-        if c > edge_step:
-            self.restore(edge_step)
-            return edge_step
-        return c  # the edge is ahead (this side restarted from a checkpoint): the edge rolls back
+        common = (set(self.checkpoint_steps()) | {c}) & (set(edge_ckpts) | {edge_step})
+        if not common:
+            if self.store is None:
+                raise self._cannot_restore(edge_step)
+            raise StepRefused(f"no step to resume from: the cloud is at step {c} with checkpoints "
+                              f"{self.checkpoint_steps()}, the edge at step {edge_step} with checkpoints {edge_ckpts}")
+        target = max(common)
+        if target != c:
+            self.restore(target)
+        return target
+
+    def _save_requested(self) -> None:
+        try:
+            self.save()
+        except OSError as exc:
+            raise StepRefused(f"step {self.step - 1} was applied, but its checkpoint could not be written: {exc}",
+                              retryable=True) from None
+        self.save_pending = False
 
     # ---------------------------------------------------------------- steps
-    def _boundary(self, tensors: Mapping[str, torch.Tensor], meta: Any, max_batch: int) -> BoundaryOutput:
-        if not isinstance(meta, dict) or not isinstance(meta.get("boundary"), dict):
-            raise StepRefused("request meta must hold a 'boundary' object")
-        return boundary_from_wire(tensors, meta["boundary"], self.fwd, width=self.model.width,
-                                  residual=self.cfg.mode == "bottleneck" and not self.cfg.eliminate_links,
-                                  max_length=self.cfg.max_length, max_batch=max_batch)
+    def _boundary(self, tensors: Mapping[str, torch.Tensor], meta: Any, max_batch: int,
+                  extra: tuple[str, ...] = ()) -> BoundaryOutput:
+        if not isinstance(meta, dict) or not isinstance(meta.get("b"), dict):
+            raise StepRefused("request meta must hold a 'b' (boundary packets) object")
+        lim = self.limits
+        return boundary_from_wire(tensors, meta["b"], self.fwd, width=self.model.width,
+                                  residual_width=self.model.residual_width, max_length=self.cfg.max_length,
+                                  max_batch=max_batch, max_tokens=lim.max_tokens,
+                                  pool_index=self.model.takes_pool_index, extra=extra)
 
     def _labels(self, tensors: Mapping[str, torch.Tensor], batch: int) -> torch.Tensor:
         y = tensors.get("labels")
@@ -108,46 +201,54 @@ class CloudSession(CheckpointedPart):
         """Apply training ``step`` once and return its reply; replay the cached reply for a repeated step."""
         if self.last_reply is not None and step == self.last_reply["step"] and step == self.step - 1:
             log.info("session %s/%s: step %d repeated, replaying its reply", self.client_id, self.cfg.run_id, step)
+            if self.save_pending:
+                self._save_requested()
             return self.last_reply["tensors"], self.last_reply["meta"]
         if step != self.step:
             raise StepRefused(f"step {step} out of order: the session expects step {self.step} (reconnect to resync)")
-        b = self._boundary(tensors, meta, self.cfg.batch_size)
+        want_ckpt = meta.get("ckpt", False) if isinstance(meta, dict) else False
+        if not isinstance(want_ckpt, bool):
+            raise StepRefused(f"TRAIN meta 'ckpt' must be a bool, got {want_ckpt!r}")
+        b = self._boundary(tensors, meta, self.cfg.batch_size, extra=("labels",))
         labels = self._labels(tensors, b.batch_size)
+        try:
+            rt, reply_meta = self._forward_backward(step, b, labels)
+            self.opt.step()
+            self.sched.step()
+        finally:
+            self.opt.zero_grad(set_to_none=True)  # a failed step leaves no accumulated gradients behind
+        self.step = step + 1
+        self.last_reply = {"step": step, "tensors": rt, "meta": reply_meta}  # fresh encoder outputs: no copy
+        if want_ckpt or self.step == self.cfg.total_steps:
+            self.save_pending = True
+            self._save_requested()
+        return rt, reply_meta
+
+    def _forward_backward(self, step: int, b: BoundaryOutput, labels: torch.Tensor) -> tuple[dict, dict]:
         h = b.hidden.detach().requires_grad_(True)
         r = b.residual.detach().requires_grad_(True) if b.residual is not None else None
         with part_rng(self.cfg.seed, step, "cloud"):
             out = self.model(BoundaryOutput(h, b.lengths, b.seq_len, r, b.pool_index), labels=labels)
         loss = out.loss
-        try:
-            check_finite(loss.detach(), f"step {step}: the loss")
-            loss.backward()
-            check_finite(h.grad, f"step {step}: the boundary gradient")
-            for name, p in self.model.named_parameters():
-                if p.grad is not None:
-                    check_finite(p.grad, f"step {step}: gradient of {name}")
-        except StepRefused:
-            self.opt.zero_grad(set_to_none=True)
-            raise
+        check_finite(loss.detach(), f"step {step}: the loss")
+        loss.backward()
+        check_finite(h.grad, f"step {step}: the boundary gradient")
+        for name, p in self.model.named_parameters():
+            if p.grad is not None:
+                check_finite(p.grad, f"step {step}: gradient of {name}")
         seed = codec_seed(self.cfg.seed, step) + BWD_SEED_OFFSET
         rt, rm = packet_to_wire(self.bwd.encode(h.grad, seed), "g.h")
-        reply_meta: dict[str, Any] = {"loss": float(loss.detach()), "step": step, "h": rm}
+        reply_meta: dict[str, Any] = {"loss": float(loss.detach()), "h": rm}
         if r is not None:
             t2, m2 = packet_to_wire(self.bwd.encode(r.grad, seed + 1), "g.r")
             rt.update(t2)
             reply_meta["r"] = m2
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.step = step + 1
-        self.last_reply = {"step": step, "tensors": rt, "meta": reply_meta}  # fresh encoder outputs: no copy
-        if self.step % self.every == 0 or self.step == self.cfg.total_steps:
-            self.save()
         return rt, reply_meta
 
     @torch.no_grad()
     def evaluate(self, tensors: Mapping[str, torch.Tensor], meta: Any) -> tuple[dict, dict]:
-        """Forward only: the logits of an eval batch."""
-        b = self._boundary(tensors, meta, _MAX_EVAL_BATCH)
+        """Forward only: the logits of an eval batch (bounded by the server's token cap, like training)."""
+        b = self._boundary(tensors, meta, self.limits.max_tokens)
         was = self.model.training
         self.model.eval()
         try:
@@ -161,9 +262,27 @@ class CloudSession(CheckpointedPart):
         if step != self.step:
             raise StepRefused(f"finish at step {step}, but the session is at step {self.step}")
         if self.store is not None and self.store.latest() != self.step:
-            self.save()
+            self._save_requested()
         self.finished = True
         return {}, {"step": self.step}
+
+
+def _check_open_meta(meta: Any) -> tuple[RunConfig, dict, int, list[int]]:
+    if not isinstance(meta, dict) or set(meta) != {"config", "hashes", "step", "ckpts"}:
+        raise StepRefused("OPEN needs meta with exactly 'config', 'hashes', 'step' and 'ckpts'")
+    cfg = RunConfig.from_dict(meta["config"])
+    hashes = meta["hashes"]
+    if (not isinstance(hashes, dict) or set(hashes) != {"edge", "cloud"}
+            or not all(isinstance(v, str) and len(v) == 64 for v in hashes.values())):
+        raise StepRefused("OPEN 'hashes' must be {'edge': sha256 hex, 'cloud': sha256 hex}")
+    step = meta["step"]
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= cfg.total_steps:
+        raise StepRefused(f"OPEN step must be an int in 0..{cfg.total_steps}, got {step!r}")
+    ckpts = meta["ckpts"]
+    if (not isinstance(ckpts, list) or len(ckpts) > _MAX_EDGE_CKPTS
+            or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= step for c in ckpts)):
+        raise StepRefused(f"OPEN 'ckpts' must be a list of at most {_MAX_EDGE_CKPTS} ints in 0..step")
+    return cfg, hashes, step, ckpts
 
 
 class CloudServer:
@@ -175,30 +294,27 @@ class CloudServer:
             ``None`` accepts whatever the edge proposes.
         host, port: where to listen (127.0.0.1 unless told otherwise; port 0 picks a free one).
         model_dir: local model directory (default: the embedded package).
-        checkpoint_dir, checkpoint_every: where and how often sessions checkpoint (every N steps).
-        tls, limits, link: passed to the channel's :class:`~sft_kernels.channel.Listener`.
-        max_sessions: sessions held in memory at once; when full, the oldest finished one (``FINISH``
-            received) makes room, and an unfinished one never does.
+        checkpoint_dir: where sessions checkpoint (at the steps their edges ask for); None: no checkpoints.
+        tls, limits, link: passed to the channel's :class:`~sft_kernels.channel.Listener` (``limits``
+            holds the connection pool and timeouts).
+        sessions: :class:`SessionLimits` (sessions, per-client quota, idle expiry, tokens per step).
     """
 
     def __init__(self, tokens: Mapping[str, bytes], split: Optional[Mapping[str, Any]] = None,
                  host: str = "127.0.0.1", port: int = 0, *, model_dir: Union[str, Path, None] = None,
-                 checkpoint_dir: Union[str, Path, None] = None, checkpoint_every: int = 50,
-                 tls: Optional[TLSConfig] = None, limits: Optional[Limits] = None, link: Optional[LinkLimiter] = None,
-                 max_sessions: int = 16) -> None:
-        if checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
-        if max_sessions < 1:
-            raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
+                 checkpoint_dir: Union[str, Path, None] = None, tls: Optional[TLSConfig] = None,
+                 limits: Optional[Limits] = None, link: Optional[LinkLimiter] = None,
+                 sessions: SessionLimits = SessionLimits()) -> None:
         if split is not None:
             unknown = sorted(set(split) - set(SPLIT_FIELDS))
             if unknown:
                 raise ValueError(f"split: unknown keys {unknown}; valid: {list(SPLIT_FIELDS)}")
             RunConfig(**dict(split))  # validates the values
         self.split = dict(split) if split is not None else None
-        self.model_dir, self.checkpoint_dir, self.every = model_dir, checkpoint_dir, checkpoint_every
-        self.max_sessions = max_sessions
+        self.model_dir, self.checkpoint_dir = model_dir, checkpoint_dir
+        self.session_limits = sessions
         self.sessions: dict[tuple[str, str], CloudSession] = {}
+        self._building: dict[tuple[str, str], int] = {}  # sessions being built (reserved slots)
         self._lock = threading.Lock()
         self.listener = Listener(tokens, host, port, tls=tls, limits=limits or Limits(), link=link)
 
@@ -221,67 +337,166 @@ class CloudServer:
         self.listener.shutdown()
 
     # ---------------------------------------------------------------- sessions
-    def _open(self, client_id: str, meta: Any) -> tuple[CloudSession, dict]:
-        if not isinstance(meta, dict) or not {"config", "hashes", "step"} <= set(meta):
-            raise StepRefused("OPEN needs meta with 'config', 'hashes' and 'step'")
-        cfg = RunConfig.from_dict(meta["config"])
+    def _check_limits(self, cfg: RunConfig) -> None:
+        lim = self.session_limits
+        if cfg.max_length > lim.max_seq_len:
+            raise StepRefused(f"session refused: max_length {cfg.max_length} exceeds the server's limit of "
+                              f"{lim.max_seq_len} tokens per sequence")
+        if cfg.batch_size * cfg.max_length > lim.max_tokens:
+            raise StepRefused(f"session refused: batch_size {cfg.batch_size} x max_length {cfg.max_length} = "
+                              f"{cfg.batch_size * cfg.max_length} tokens exceeds the server's limit of "
+                              f"{lim.max_tokens} tokens per step")
+
+    def _evict(self, key: tuple[str, str], s: CloudSession) -> None:
+        """Checkpoint ``s`` at its current step and drop it (server lock held; ``s`` is idle or finished)."""
+        with s.lock:
+            if s.store is not None and (s.save_pending or s.store.latest() != s.step):
+                s.save(idle=not s.save_pending)
+        del self.sessions[key]
+        log.info("session %s/%s evicted at step %d (%s)", key[0], key[1], s.step,
+                 "finished" if s.finished else "idle")
+
+    def _make_room(self, client_id: str) -> None:
+        """Expire idle sessions; refuse when the client's quota or the server is full (server lock held)."""
+        lim = self.session_limits
+        now = time.monotonic()
+        for key, s in list(self.sessions.items()):
+            if s.active == 0 and now - s.last_used >= lim.session_timeout:
+                self._evict(key, s)
+        # the oldest finished sessions make room (FINISH wrote their final checkpoint, so even one whose
+        # connection is still open may go); an unfinished one waits for its timeout
+        finished = sorted((kv for kv in self.sessions.items() if kv[1].finished), key=lambda kv: kv[1].last_used)
+        for key, s in finished:
+            if len(self.sessions) + sum(self._building.values()) < lim.max_sessions:
+                break
+            self._evict(key, s)
+        mine = sum(1 for k in self.sessions if k[0] == client_id) + \
+            sum(n for k, n in self._building.items() if k[0] == client_id)
+        if mine >= lim.max_sessions_per_client:
+            raise StepRefused(f"session refused: client {client_id!r} already holds {mine} sessions, its quota is "
+                              f"{lim.max_sessions_per_client} (finish a run, or wait {lim.session_timeout:.0f} s "
+                              "after closing one)")
+        if len(self.sessions) + sum(self._building.values()) >= lim.max_sessions:
+            waits = [lim.session_timeout - (now - s.last_used) for s in self.sessions.values() if s.active == 0]
+            after = min(max(1.0, min(waits)) if waits else 5.0, 3600.0)
+            raise StepRefused(f"server full ({lim.max_sessions} sessions in use); retry after {after:.0f} s",
+                              retryable=True, retry_after=after)
+
+    def _open(self, conn: Connection, meta: Any) -> tuple[CloudSession, dict]:
+        client_id = conn.client_id
+        cfg, hashes, step, ckpts = _check_open_meta(meta)
         if self.split is not None:
             served = RunConfig(**{**cfg.to_dict(), **self.split})
             diff = cfg.split_mismatch(served)
             if diff:
                 raise StepRefused("session refused, split settings differ: " + "; ".join(diff))
-        step = meta["step"]
-        if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= cfg.total_steps:
-            raise StepRefused(f"OPEN step must be an int in 0..{cfg.total_steps}, got {step!r}")
+        self._check_limits(cfg)
         key = (client_id, cfg.run_id)
         with self._lock:
             s = self.sessions.get(key)
             if s is not None and s.cfg != cfg:
                 raise StepRefused(f"run id '{cfg.run_id}' is already open with a different config")
             if s is None:
-                if len(self.sessions) >= self.max_sessions:
-                    done = [k for k, v in self.sessions.items() if v.finished]
-                    if not done:
-                        raise StepRefused(f"server is full ({self.max_sessions} unfinished sessions)")
-                    del self.sessions[done[0]]  # the oldest finished session (its checkpoints stay on disk)
-                s = CloudSession(client_id, cfg, self.model_dir, self.checkpoint_dir, self.every)
-                self.sessions[key] = s
-        if meta["hashes"] != s.init_hashes:
-            raise StepRefused(f"initial parameters differ: edge has {meta['hashes']}, cloud has {s.init_hashes}; "
-                              "both sides must load the same model files with the same seed")
-        with s.lock:
-            resume = s.resume_point(step)
+                self._make_room(client_id)
+                self._building[key] = self._building.get(key, 0) + 1
+            else:
+                s.active += 1  # attached now, so it cannot be evicted while the handshake finishes
+        if s is None:
+            try:
+                # built outside the server lock: other sessions keep stepping meanwhile
+                s = CloudSession(client_id, cfg, self.model_dir, self.checkpoint_dir, self.session_limits)
+                self._check_hashes(s, hashes)
+                with s.lock:
+                    s.accept()
+            finally:
+                with self._lock:
+                    self._building[key] -= 1
+                    if not self._building[key]:
+                        del self._building[key]
+            with self._lock:
+                s = self.sessions.setdefault(key, s)  # a concurrent OPEN of the same run may have won
+                s.active += 1
+        try:
+            self._check_hashes(s, hashes)
+            with s.lock:
+                resume = s.resume_point(step, ckpts)
+                s.last_used = time.monotonic()
+        except BaseException:
+            self._detach(s)
+            raise
+        conn.limits = dataclasses.replace(conn.limits, max_frame_bytes=min(conn.limits.max_frame_bytes,
+                                                                           s.frame_limit()))
         log.info("session %s/%s open: edge at step %d, resume at %d", client_id, cfg.run_id, step, resume)
         return s, {"step": resume, "cloud_step": s.step}
 
+    @staticmethod
+    def _check_hashes(s: CloudSession, hashes: dict) -> None:
+        if hashes != s.init_hashes:
+            raise StepRefused(f"initial parameters differ: edge has {hashes}, cloud has {s.init_hashes}; "
+                              "both sides must load the same model files with the same seed")
+
+    def _detach(self, s: Optional[CloudSession]) -> None:
+        if s is not None:
+            with self._lock:
+                s.active -= 1
+                s.last_used = time.monotonic()
+
+    @staticmethod
+    def _step(session: Optional[CloudSession], frame) -> tuple[dict, dict]:
+        if session is None:
+            raise StepRefused(f"message kind {frame.kind} before OPEN")
+        with session.lock:
+            session.last_used = time.monotonic()
+            try:
+                if frame.kind == TRAIN:
+                    return session.train(frame.seq, frame.tensors, frame.meta)
+                if frame.kind == EVAL:
+                    return session.evaluate(frame.tensors, frame.meta)
+                if frame.kind == FINISH:
+                    return session.finish(frame.seq)
+                raise StepRefused(f"unknown message kind {frame.kind}")
+            finally:
+                session.last_used = time.monotonic()
+
     def handle(self, conn: Connection) -> None:
-        """Serve one authenticated connection until it closes."""
+        """Serve one authenticated connection until it closes; every failed request gets an ERROR frame."""
         session: Optional[CloudSession] = None
-        while True:
-            try:
-                frame = conn.recv()
-            except (ConnectionError, EOFError, OSError, TimeoutError) as exc:
-                log.info("connection %s (%s) closed: %s", conn.conn_id, conn.client_id, exc)
-                return
-            try:
-                if frame.kind == OPEN:
-                    session, meta = self._open(conn.client_id, frame.meta)
-                    tensors: dict = {}
-                elif session is None:
-                    raise StepRefused(f"message kind {frame.kind} before OPEN")
-                elif frame.kind == TRAIN:
-                    with session.lock:
-                        tensors, meta = session.train(frame.seq, frame.tensors, frame.meta)
-                elif frame.kind == EVAL:
-                    with session.lock:
-                        tensors, meta = session.evaluate(frame.tensors, frame.meta)
-                elif frame.kind == FINISH:
-                    with session.lock:
-                        tensors, meta = session.finish(frame.seq)
-                else:
-                    raise StepRefused(f"unknown message kind {frame.kind}")
-            except (StepRefused, ValueError, KeyError) as exc:
-                log.warning("connection %s (%s): refused: %s", conn.conn_id, conn.client_id, exc)
-                conn.send_error(str(exc), seq=frame.seq)
-                continue
-            conn.send(REPLY, tensors, meta, seq=frame.seq)
+        try:
+            while True:
+                try:
+                    frame = conn.recv()
+                except (ConnectionError, EOFError, OSError, TimeoutError) as exc:
+                    log.info("connection %s (%s) closed: %s", conn.conn_id, conn.client_id, exc)
+                    return
+                try:
+                    if frame.kind == OPEN:
+                        old, session = session, None
+                        self._detach(old)
+                        session, meta = self._open(conn, frame.meta)
+                        tensors = {}
+                    else:
+                        tensors, meta = self._step(session, frame)
+                except Exception as exc:  # noqa: BLE001 - every failure is answered, none closes the link
+                    retryable, after, text = _classify(exc)
+                    log.warning("connection %s (%s): %s %d failed%s: %s", conn.conn_id, conn.client_id,
+                                _KIND_NAMES.get(frame.kind, frame.kind), frame.seq,
+                                " (retryable)" if retryable else "", text)
+                    conn.send_error(text, seq=frame.seq, retryable=retryable, retry_after=after)
+                    continue
+                conn.send(REPLY, tensors, meta, seq=frame.seq)
+        finally:
+            self._detach(session)
+
+
+_KIND_NAMES = {OPEN: "OPEN", TRAIN: "TRAIN", EVAL: "EVAL", FINISH: "FINISH"}
+
+
+def _classify(exc: BaseException) -> tuple[bool, Optional[float], str]:
+    """``(retryable, retry_after, message)`` of a failed request."""
+    if isinstance(exc, StepRefused):
+        return exc.retryable, exc.retry_after, str(exc)
+    if isinstance(exc, (ValueError, KeyError, TypeError, IndexError)):
+        return False, None, f"request refused: {type(exc).__name__}: {exc}"
+    if isinstance(exc, (OSError, MemoryError)):
+        return True, None, f"server error (a retry may help): {type(exc).__name__}: {exc}"
+    return False, None, f"server failed on this request: {type(exc).__name__}: {exc}"

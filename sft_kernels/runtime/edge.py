@@ -7,11 +7,30 @@ backward, step.
 
 Faults: a dropped connection is retried with exponential backoff, a bounded number of
 times; each retry authenticates again and re-opens the session, which tells the edge
-where the cloud stands.  The edge then re-sends the step (the cloud replays its cached
+where the cloud stands (the newest step both sides can resume from: the edge sends its
+checkpoint steps).  The edge then re-sends the step (the cloud replays its cached
 reply if it had applied it) or, when the cloud restarted from an older checkpoint,
 rolls back to that checkpoint itself and recomputes from there.  Because dropout and
 codec randomness are keyed by step and the data order by (seed, epoch), recomputed
-steps are the same computation.
+steps are the same computation.  The edge chooses the checkpoint steps (``checkpoint_every``)
+and asks the cloud to checkpoint the same ones, so an edge restart never depends on the
+two sides' intervals.
+
+What is retried and what is not:
+
+* the server *answered* with a retryable ERROR (server full, a checkpoint it could not
+  write): wait (the server's ``retry_after`` if given) and re-send, at most ``retries``
+  times in a row, then :class:`CloudError` with the server's reason;
+* the server answered with a permanent ERROR (bad request, wrong hash, ...): :class:`CloudError` at once;
+* the link broke (server down or restarting): reconnect with backoff, ``retries`` attempts per
+  break and at most ``retries`` breaks while one request is outstanding, then :class:`LinkLost`;
+* the very first connection fails, or TLS, authentication or the peer's protocol is wrong: fail
+  at once (:class:`~sft_kernels.channel.LinkRefused`, :class:`~sft_kernels.channel.AuthError`)
+  naming the likely cause.
+
+Byte counts: ``TrainSummary`` holds payload bytes (encoded tensors) and wire bytes (every byte of
+the TRAIN frames on the socket) of the training steps; :meth:`EdgeTrainer.wire_bytes` counts every
+byte of every connection, handshakes and reconnects included.
 """
 from __future__ import annotations
 
@@ -23,7 +42,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import torch
 
-from ..channel import Connection, Limits, LinkLimiter, ProtocolError, RemoteError, TLSConfig, connect
+from ..channel import (Connection, Limits, LinkLimiter, LinkRefused, ProtocolError, RemoteError,
+                       ServerBusy, TLSConfig, connect)
 from ..codecs import from_spec
 from ..split import codec_seed, part_rng
 from .checkpoint import CheckpointedPart, CheckpointStore
@@ -40,7 +60,15 @@ _LINK_ERRORS = (OSError, ConnectionError, EOFError, ProtocolError, TimeoutError)
 
 
 class CloudError(RuntimeError):
-    """The cloud refused a request (its error message is included)."""
+    """The cloud refused a request, or kept failing it (its error message is included)."""
+
+
+class _Busy(Exception):
+    """The cloud answered OPEN with a retryable refusal (e.g. server full)."""
+
+    def __init__(self, message: str, retry_after: Optional[float]) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class LinkLost(ConnectionError):
@@ -61,7 +89,9 @@ class TrainSummary:
     losses: list = field(default_factory=list)
     payload_up: int = 0          # encoded boundary + aux + labels, edge -> cloud (training steps)
     payload_down: int = 0        # encoded gradients, cloud -> edge
-    step_bytes: list = field(default_factory=list)  # per step: (payload up, payload down, examples)
+    wire_up: int = 0             # every byte of the training steps' TRAIN frames on the socket
+    wire_down: int = 0           # every byte of their replies
+    step_bytes: list = field(default_factory=list)  # per step: (payload up, payload down, examples, wire up, down)
     reconnects: int = 0
     replays_or_rollbacks: int = 0
     seconds: float = 0.0
@@ -70,6 +100,11 @@ class TrainSummary:
         """Payload bytes per training example, (up, down)."""
         n = max(1, self.examples)
         return self.payload_up / n, self.payload_down / n
+
+    def wire_per_example(self) -> tuple[float, float]:
+        """Wire bytes of the training frames per training example, (up, down)."""
+        n = max(1, self.examples)
+        return self.wire_up / n, self.wire_down / n
 
 
 class EdgeTrainer(CheckpointedPart):
@@ -81,7 +116,8 @@ class EdgeTrainer(CheckpointedPart):
             ``labels``); must be deterministic in ``step`` so a rolled-back step is the same batch.
         client_id, token: this edge's credentials (a line of the server's tokens file).
         checkpoint_dir, checkpoint_every: where and how often the edge checkpoints (every N steps).
-        retries, backoff_s: reconnect attempts per link failure and the first backoff (doubles each try).
+        retries, backoff_s: the retry bound (reconnect attempts per link failure, link failures per
+            request, and answered retryable failures in a row) and the first backoff (doubles each try).
         tls, limits, link, timeout: passed to :func:`sft_kernels.channel.connect`.
         model_dir: local model directory (default: the embedded package).
         progress: show a tqdm bar.
@@ -115,6 +151,9 @@ class EdgeTrainer(CheckpointedPart):
         self.summary = TrainSummary()
         self.store = CheckpointStore(checkpoint_dir) if checkpoint_dir is not None else None
         self.conn: Optional[Connection] = None
+        self._connected_once = False
+        self._wire_closed = [0, 0]  # wire bytes (sent, received) of connections already closed
+        self._last_sent_wire = 0
         self._open_store()
 
     # ---------------------------------------------------------------- state
@@ -122,7 +161,8 @@ class EdgeTrainer(CheckpointedPart):
         s = self.summary
         return {"cursor": {"step": self.step},  # batches are keyed by step: the data cursor is the step
                 "summary": {"losses": list(s.losses), "step_bytes": [list(t) for t in s.step_bytes],
-                            "payload_up": s.payload_up, "payload_down": s.payload_down, "examples": s.examples}}
+                            "payload_up": s.payload_up, "payload_down": s.payload_down, "examples": s.examples,
+                            "wire_up": s.wire_up, "wire_down": s.wire_down}}
 
     def _load_extra(self, state: dict[str, Any]) -> None:
         sm = state["summary"]
@@ -130,29 +170,57 @@ class EdgeTrainer(CheckpointedPart):
         self.summary.step_bytes = [tuple(t) for t in sm["step_bytes"]]
         self.summary.payload_up, self.summary.payload_down = sm["payload_up"], sm["payload_down"]
         self.summary.examples = sm["examples"]
+        self.summary.wire_up, self.summary.wire_down = sm["wire_up"], sm["wire_down"]
 
     def _cannot_restore(self, step: int) -> Exception:
         return CloudError(f"the cloud resumes at step {step}, but this edge runs without a checkpoint directory "
                           f"and is at step {self.step}; cannot roll back")
 
     # ---------------------------------------------------------------- link
+    def wire_bytes(self) -> tuple[int, int]:
+        """Every byte this edge put on / took off the socket, (sent, received): all connections, handshakes included."""
+        up, down = self._wire_closed
+        if self.conn is not None:
+            st = self.conn.stats
+            up += st.wire_bytes_sent + st.handshake_wire_bytes_sent
+            down += st.wire_bytes_received + st.handshake_wire_bytes_received
+        return up, down
+
+    def _connect(self) -> Connection:
+        host, port = self._addr
+        try:
+            conn = connect(host, port, *self._cred, **self._conn_kw)
+        except ConnectionRefusedError as exc:
+            if self._connected_once:
+                raise  # the server is restarting: a link fault, retried with backoff
+            raise LinkRefused(f"cannot connect to {host}:{port}: nothing listens there (wrong host or port, or "
+                              f"the server is not running): {exc}") from None
+        except (ConnectionError, ProtocolError, OSError) as exc:
+            if self._connected_once or isinstance(exc, ServerBusy):
+                raise
+            raise LinkRefused(f"cannot connect to {host}:{port}: {type(exc).__name__}: {exc}") from None
+        self._connected_once = True
+        return conn
+
     def open(self) -> None:
         """Connect, authenticate and open the session; roll back if the cloud resumes earlier."""
         self.close()
-        conn = connect(*self._addr, *self._cred, **self._conn_kw)
+        conn = self._connect()
         try:
             reply = conn.request(OPEN, {}, {"config": self.cfg.to_dict(), "hashes": self.init_hashes,
-                                            "step": self.step})
+                                            "step": self.step, "ckpts": self.checkpoint_steps()})
         except RemoteError as exc:
-            conn.close()
+            self._close_conn(conn)
+            if exc.retryable:
+                raise _Busy(f"the cloud cannot open the session now: {exc}", exc.retry_after) from None
             raise CloudError(f"the cloud refused the session: {exc}") from None
         except BaseException:
-            conn.close()
+            self._close_conn(conn)
             raise
         self.conn = conn
         resume = reply.meta.get("step")
         if not isinstance(resume, int) or not 0 <= resume <= self.step:
-            conn.close()
+            self.close()
             raise CloudError(f"the cloud proposed resume step {resume!r}; the edge is at step {self.step}")
         if resume < self.step:
             log.warning("cloud resumes at step %d, edge was at %d: rolling back", resume, self.step)
@@ -160,18 +228,27 @@ class EdgeTrainer(CheckpointedPart):
             self.summary.replays_or_rollbacks += 1
             raise _Rewind(resume)
 
+    def _close_conn(self, conn: Connection) -> None:
+        st = conn.stats
+        self._wire_closed[0] += st.wire_bytes_sent + st.handshake_wire_bytes_sent
+        self._wire_closed[1] += st.wire_bytes_received + st.handshake_wire_bytes_received
+        conn.close()
+
     def close(self) -> None:
         """Close the connection (the session stays on the server)."""
         if self.conn is not None:
-            self.conn.close()
+            self._close_conn(self.conn)
             self.conn = None
+
+    def _sleep(self, delay: float) -> float:
+        time.sleep(delay)
+        return min(delay * 2, 10.0)
 
     def _reopen(self) -> None:
         delay = self.backoff_s
         last: Optional[BaseException] = None
         for attempt in range(1, self.retries + 1):
-            time.sleep(delay)
-            delay = min(delay * 2, 10.0)
+            delay = self._sleep(delay)
             try:
                 self.open()
                 self.summary.reconnects += 1
@@ -182,18 +259,41 @@ class EdgeTrainer(CheckpointedPart):
             except _LINK_ERRORS as exc:
                 last = exc
                 log.warning("reconnect %d/%d failed: %s", attempt, self.retries, exc)
-        raise LinkLost(f"link to {self._addr[0]}:{self._addr[1]} lost; {self.retries} reconnect(s) failed: {last}")
+        raise LinkLost(f"link to {self._addr[0]}:{self._addr[1]} lost; {self.retries} reconnect(s) failed; "
+                       f"last error: {type(last).__name__}: {last}")
 
     def _request(self, kind: int, tensors: dict, meta: dict, seq: int):
+        """Send one request until it is answered; retries bounded as the module docstring says."""
+        what = f"{('TRAIN', 'EVAL', 'FINISH')[kind - TRAIN]} {seq}"
+        answered, breaks = 0, 0
+        delay = self.backoff_s
         while True:
             try:
                 if self.conn is None:
                     self.open()
-                return self.conn.request(kind, tensors, meta, seq=seq)
-            except RemoteError as exc:
-                raise CloudError(f"the cloud refused {('TRAIN', 'EVAL', 'FINISH')[kind - TRAIN]} {seq}: {exc}") from None
+                before = self.conn.stats.wire_bytes_sent
+                reply = self.conn.request(kind, tensors, meta, seq=seq)
+                self._last_sent_wire = self.conn.stats.wire_bytes_sent - before
+                return reply
+            except (RemoteError, _Busy) as exc:
+                retry = exc.retryable if isinstance(exc, RemoteError) else True
+                if not retry:
+                    raise CloudError(f"the cloud refused {what}: {exc}") from None
+                answered += 1
+                if answered > self.retries:
+                    raise CloudError(f"the cloud failed {what} {answered} times in a row; giving up. "
+                                     f"Its last answer: {exc}") from None
+                wait = exc.retry_after if exc.retry_after is not None else delay
+                log.warning("the cloud answered %s with a retryable failure (%d/%d), retrying in %.1f s: %s",
+                            what, answered, self.retries, min(wait, 30.0), exc)
+                delay = self._sleep(min(wait, 30.0))
             except _LINK_ERRORS as exc:
-                log.warning("link error at step %d: %s; reconnecting", self.step, exc)
+                breaks += 1
+                if breaks > self.retries:
+                    raise LinkLost(f"the link to {self._addr[0]}:{self._addr[1]} broke {breaks} times while "
+                                   f"{what} was outstanding; giving up. Last error: {type(exc).__name__}: {exc}") \
+                        from None
+                log.warning("link error at %s: %s; reconnecting", what, exc)
                 self.close()
                 self._reopen()
 
@@ -212,7 +312,11 @@ class EdgeTrainer(CheckpointedPart):
         labels = labels.float() if self.cfg.num_labels == 1 else labels.long()
         tensors["labels"] = labels
         up = nbytes + labels.numel() * labels.element_size()
-        reply = self._request(TRAIN, tensors, {"boundary": bmeta}, seq=step)
+        meta = {"b": bmeta}
+        if self.store is not None and self._checkpoint_due(step + 1):
+            meta["ckpt"] = True  # the cloud checkpoints the same steps as this edge
+        reply = self._request(TRAIN, tensors, meta, seq=step)
+        wire_up, wire_down = self._last_sent_wire, reply.wire_bytes
         if reply.seq != step:
             raise CloudError(f"reply for step {reply.seq}, expected {step}")
         grads, outs = [], []
@@ -236,12 +340,17 @@ class EdgeTrainer(CheckpointedPart):
         down = sum(v.numel() * v.element_size() for v in reply.tensors.values())
         s.payload_up += up
         s.payload_down += down
+        s.wire_up += wire_up
+        s.wire_down += wire_down
         s.examples += int(labels.shape[0])
-        s.step_bytes.append((up, down, int(labels.shape[0])))
+        s.step_bytes.append((up, down, int(labels.shape[0]), wire_up, wire_down))
         self.step = step + 1
-        if self.step % self.every == 0 or self.step == self.cfg.total_steps:
+        if self._checkpoint_due(self.step):
             self.save()
         return loss
+
+    def _checkpoint_due(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.cfg.total_steps
 
     def train(self, steps: Optional[int] = None) -> TrainSummary:
         """Train until ``steps`` (default ``cfg.total_steps``); resumes from wherever the edge is."""
@@ -287,7 +396,7 @@ class EdgeTrainer(CheckpointedPart):
                 tensors, meta, _ = boundary_to_wire(b, self.fwd, codec_seed(self.cfg.seed, self.step + start + i))
                 while True:
                     try:
-                        reply = self._request(EVAL, tensors, {"boundary": meta}, seq=i)
+                        reply = self._request(EVAL, tensors, {"b": meta}, seq=i)
                         break
                     except _Rewind:
                         raise CloudError("the cloud rolled back during evaluation; re-run training first") from None

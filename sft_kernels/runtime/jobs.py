@@ -143,15 +143,19 @@ class EdgeRun:
     metrics: dict
     score: Optional[float]
     eval_examples: int
-    wire_up: int
+    wire_up: int    # every byte sent on every connection of the run (handshakes, eval, reconnects included)
     wire_down: int
 
     def to_json(self) -> dict:
-        """Machine-readable form (``--json``)."""
+        """Machine-readable form (``--json``): payload and wire bytes side by side."""
         up, down = self.summary.per_example()
+        wup, wdown = self.summary.wire_per_example()
         return {"config": self.config.to_dict(), "steps": self.summary.steps, "examples": self.summary.examples,
                 "losses": self.summary.losses, "metrics": self.metrics, "score": self.score,
                 "eval_examples": self.eval_examples, "bytes_up_per_example": up, "bytes_down_per_example": down,
+                "wire_bytes_up_per_example": wup, "wire_bytes_down_per_example": wdown,
+                "train_payload_bytes_up": self.summary.payload_up, "train_payload_bytes_down": self.summary.payload_down,
+                "train_wire_bytes_up": self.summary.wire_up, "train_wire_bytes_down": self.summary.wire_down,
                 "wire_bytes_up": self.wire_up, "wire_bytes_down": self.wire_down,
                 "reconnects": self.summary.reconnects, "seconds": self.summary.seconds}
 
@@ -182,9 +186,8 @@ def train_and_evaluate(cfg: RunConfig, train_ds, dev_ds, *, host: str, port: int
             metrics = compute_metrics(cfg.task, preds, np.asarray(dev_ds["label"]))
             score = glue_score(cfg.task, metrics)
         trainer.finish()
-        stats = trainer.conn.stats if trainer.conn is not None else None
-        return EdgeRun(cfg, summary, metrics, score, len(dev_ds) if dev_ds is not None else 0,
-                       stats.wire_bytes_sent if stats else 0, stats.wire_bytes_received if stats else 0)
+        wire_up, wire_down = trainer.wire_bytes()
+        return EdgeRun(cfg, summary, metrics, score, len(dev_ds) if dev_ds is not None else 0, wire_up, wire_down)
     finally:
         trainer.close()
 
@@ -220,17 +223,21 @@ def _task_label(task: str) -> str:
 def print_run(run: EdgeRun) -> str:
     """Human-readable summary of one edge run."""
     up, down = run.summary.per_example()
+    wup, wdown = run.summary.wire_per_example()
     metric = ", ".join(f"{k} {v:.4f}" for k, v in run.metrics.items()) or "not evaluated"
     return (f"task: {_task_label(run.config.task)}\nsteps: {run.summary.steps} ({run.summary.examples} examples), "
             f"final loss {run.summary.losses[-1]:.4f}\ndev ({run.eval_examples} examples): {metric}\n"
-            f"payload bytes per example: up {up:.1f}, down {down:.1f}; wire bytes: up {run.wire_up}, "
+            f"training bytes per example: payload up {up:.1f}, down {down:.1f}; on the wire up {wup:.1f}, "
+            f"down {wdown:.1f}\nall wire bytes of the run (handshakes, eval, reconnects): up {run.wire_up}, "
             f"down {run.wire_down}\nreconnects: {run.summary.reconnects}; wall time {run.summary.seconds:.1f} s")
 
 
-def _first_steps_bytes(s: TrainSummary, k: int) -> tuple[float, float]:
+def _first_steps_bytes(s: TrainSummary, k: int, wire: bool = False) -> tuple[float, float]:
+    """Payload (or ``wire``) bytes per example over the first ``k`` steps, (up, down)."""
     rows = s.step_bytes[:k]
     n = max(1, sum(r[2] for r in rows))
-    return sum(r[0] for r in rows) / n, sum(r[1] for r in rows) / n
+    i = 3 if wire else 0
+    return sum(r[i] for r in rows) / n, sum(r[i + 1] for r in rows) / n
 
 
 def run_demo(steps: int = 60, baseline_steps: int = 3, task: str = "auto", data_dir=None,
@@ -262,18 +269,25 @@ def run_demo(steps: int = 60, baseline_steps: int = 3, task: str = "auto", data_
     k = min(baseline_steps, steps)
     m_up, m_down = _first_steps_bytes(run.summary, k)
     b_up, b_down = _first_steps_bytes(base.summary, k)
+    mw_up, mw_down = _first_steps_bytes(run.summary, k, wire=True)
+    bw_up, bw_down = _first_steps_bytes(base.summary, k, wire=True)
     up, down = run.summary.per_example()
+    wup, wdown = run.summary.wire_per_example()
     metric_name = "/".join(spec.metric_names)
     rows = {
         "task": task, "synthetic": task == "synthetic", "metric_name": metric_name, "metrics": run.metrics,
         "score": run.score, "steps": run.summary.steps, "train_examples": run.summary.examples,
         "eval_examples": run.eval_examples,
         "bottleneck_r4_int8": {"bytes_up_per_example": up, "bytes_down_per_example": down,
+                               "wire_bytes_up_per_example": wup, "wire_bytes_down_per_example": wdown,
                                "first_steps_up": m_up, "first_steps_down": m_down,
+                               "first_steps_wire_up": mw_up, "first_steps_wire_down": mw_down,
                                "seconds": run.summary.seconds, "wire_up": run.wire_up, "wire_down": run.wire_down},
         "layer_none": {"steps": base.summary.steps, "bytes_up_per_example": b_up, "bytes_down_per_example": b_down,
+                       "wire_bytes_up_per_example": bw_up, "wire_bytes_down_per_example": bw_down,
                        "seconds": base.summary.seconds},
         "reduction_up": b_up / m_up, "reduction_down": b_down / m_down,
+        "wire_reduction_up": bw_up / mw_up, "wire_reduction_down": bw_down / mw_down,
         "wall_seconds": time.perf_counter() - t0,
     }
     _print_demo(rows, spec.metric_names, emit=progress)
@@ -288,12 +302,17 @@ def _print_demo(r: dict, metric_names: Sequence[str], emit: bool) -> None:
     label = _task_label(r["task"])
     print()
     print(f"sft demo -- {label}, MiniLM split after layer 3 of 6; dev metric on {r['eval_examples']} examples")
-    print(f"{'setting':44s} {'steps':>6s} {'/'.join(metric_names):>12s} {'B/ex up':>10s} {'B/ex down':>10s} {'s':>7s}")
-    print(f"{'bottleneck r=4, int8 up, int8+SR down':44s} {r['steps']:6d} {metric:>12s} "
-          f"{m['bytes_up_per_example']:10.1f} {m['bytes_down_per_example']:10.1f} {m['seconds']:7.1f}")
-    print(f"{'layer split, uncompressed fp32 (measured)':44s} {b['steps']:6d} {'-':>12s} "
-          f"{b['bytes_up_per_example']:10.1f} {b['bytes_down_per_example']:10.1f} {b['seconds']:7.1f}")
+    print("bytes per training example: payload = encoded tensors; wire = every byte of the TRAIN frames and "
+          "their replies on the TCP socket")
+    print(f"{'setting':42s} {'steps':>5s} {'/'.join(metric_names):>12s} {'payload up':>10s} {'down':>8s} "
+          f"{'wire up':>9s} {'down':>8s} {'s':>6s}")
+    print(f"{'bottleneck r=4, int8 up, int8+SR down':42s} {r['steps']:5d} {metric:>12s} "
+          f"{m['bytes_up_per_example']:10.1f} {m['bytes_down_per_example']:8.1f} "
+          f"{m['wire_bytes_up_per_example']:9.1f} {m['wire_bytes_down_per_example']:8.1f} {m['seconds']:6.1f}")
+    print(f"{'layer split, uncompressed fp32 (measured)':42s} {b['steps']:5d} {'-':>12s} "
+          f"{b['bytes_up_per_example']:10.1f} {b['bytes_down_per_example']:8.1f} "
+          f"{b['wire_bytes_up_per_example']:9.1f} {b['wire_bytes_down_per_example']:8.1f} {b['seconds']:6.1f}")
     k = b["steps"]
-    print(f"{f'reduction on the same first {k} batches':44s} {'':6s} {'':>12s} {r['reduction_up']:9.1f}x "
-          f"{r['reduction_down']:9.1f}x")
+    print(f"{f'reduction on the same first {k} batches':42s} {'':5s} {'':>12s} {r['reduction_up']:9.1f}x "
+          f"{r['reduction_down']:7.1f}x {r['wire_reduction_up']:8.1f}x {r['wire_reduction_down']:7.1f}x")
     print(f"wall time (both processes, model loading included): {r['wall_seconds']:.1f} s")

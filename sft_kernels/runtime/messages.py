@@ -2,15 +2,20 @@
 
 A training step's request carries the encoded boundary tensor (``h.*`` tensors),
 the encoded residual when links are kept (``r.*``), the auxiliary tensors of
-:class:`~sft_kernels.split.BoundaryOutput` and the labels; the packet metadata
-(codec spec, shape, dtype, mode) goes in the frame's JSON ``meta``.  Everything read
-from the peer is validated here before a model sees it.
+:class:`~sft_kernels.split.BoundaryOutput` and the labels.  The frame's JSON ``meta`` holds
+only what OPEN did not already pin: per packet a compact list ``[mode, transposed, dtype,
+*shape]`` (indices into :data:`PACKET_MODES` and :data:`PACKET_DTYPES`); the codec spec is the
+session's.  Each frame is still self-contained given the session, so a cached reply can be
+replayed on a new connection.  Everything read from the peer is validated here before a model
+sees it, and sizes are checked before anything is decoded.
 
 =========  ======  ================================  =======================================
 kind       value   edge -> cloud                     cloud -> edge
 =========  ======  ================================  =======================================
-OPEN       16      run config, hashes, edge step     cloud step (the agreed resume point)
-TRAIN      17      step ``seq``: packets, aux, y     gradient packets, loss
+OPEN       16      run config, hashes, edge step,    cloud step (the agreed resume point)
+                   edge checkpoint steps
+TRAIN      17      step ``seq``: packets, aux, y,    gradient packets, loss
+                   ``ckpt``: checkpoint after it
 EVAL       18      packets, aux                      logits
 FINISH     19      final step                        cloud checkpoint written
 REPLY      20      --                                reply to any of the above
@@ -27,44 +32,61 @@ from ..codecs import Codec, Packet
 from ..split import BoundaryOutput
 
 __all__ = ["OPEN", "TRAIN", "EVAL", "FINISH", "REPLY", "packet_to_wire", "packet_from_wire", "boundary_to_wire",
-           "boundary_from_wire", "StepRefused", "check_finite"]
+           "boundary_from_wire", "StepRefused", "check_finite", "PACKET_MODES", "PACKET_DTYPES"]
 
 OPEN, TRAIN, EVAL, FINISH, REPLY = 16, 17, 18, 19, 20
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_MODES = ("raw", "cast", "quant", "lowrank", "dense")
+#: Packet modes and boundary dtypes by their index in a packet's wire meta (never renumber).
+PACKET_MODES = ("raw", "cast", "quant", "lowrank", "dense")
+PACKET_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _AUX = ("lengths", "seq_len", "pool_index")
+_MAX_PACKET_NDIM = 8
 
 
 class StepRefused(ValueError):
-    """A peer's message was refused (bad structure, wrong codec, non-finite values); no state was touched."""
+    """A request was refused or failed; the peer's ERROR frame carries the message and whether to retry.
+
+    ``retryable``: a retry of the same request can succeed (a full server, a checkpoint that could
+    not be written); ``retry_after``: seconds the peer should wait first, if known.  A refusal for
+    bad structure, codec, sizes or non-finite values is not retryable and touched no state.
+    """
+
+    def __init__(self, message: str, *, retryable: bool = False, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retryable, self.retry_after = retryable, retry_after
 
 
-def packet_to_wire(packet: Packet, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``(tensors, meta)`` of a packet; tensor names get ``prefix + "."``."""
-    meta = {"spec": packet.spec, "shape": list(packet.shape), "dtype": str(packet.dtype).removeprefix("torch."),
-            "mode": packet.mode, "transposed": bool(packet.transposed)}
+def packet_to_wire(packet: Packet, prefix: str) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """``(tensors, meta)`` of a packet: tensor names get ``prefix + "."``; meta is ``[mode, transposed, dtype, *shape]``.
+
+    The codec spec is not sent: both sides use the session's.
+    """
+    if packet.dtype not in PACKET_DTYPES:
+        raise ValueError(f"packet '{prefix}': dtype {packet.dtype} cannot cross; valid: {list(PACKET_DTYPES)}")
+    meta = [PACKET_MODES.index(packet.mode), int(bool(packet.transposed)), PACKET_DTYPES.index(packet.dtype),
+            *(int(d) for d in packet.shape)]
     return {f"{prefix}.{k}": v for k, v in packet.tensors.items()}, meta
+
+
+def _small_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def packet_from_wire(tensors: Mapping[str, torch.Tensor], meta: Any, prefix: str, codec: Codec,
                      max_numel: int) -> Packet:
     """Validate and rebuild a packet sent for ``codec``; :class:`StepRefused` names what is wrong."""
-    if not isinstance(meta, dict) or set(meta) != {"spec", "shape", "dtype", "mode", "transposed"}:
-        raise StepRefused(f"packet '{prefix}': metadata must have keys spec, shape, dtype, mode, transposed")
-    if meta["spec"] != str(codec):
-        raise StepRefused(f"packet '{prefix}': encoded with codec '{meta['spec']}', the session uses '{codec}'")
-    shape = meta["shape"]
-    if (not isinstance(shape, list) or len(shape) > 8
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-        raise StepRefused(f"packet '{prefix}': shape must be a list of at most 8 ints >= 0, got {shape!r}")
+    if (not isinstance(meta, list) or not 3 <= len(meta) <= 3 + _MAX_PACKET_NDIM
+            or not all(_small_int(v) and v >= 0 for v in meta)):
+        raise StepRefused(f"packet '{prefix}': metadata must be [mode, transposed, dtype, *shape] with at most "
+                          f"{_MAX_PACKET_NDIM} dims, all ints >= 0; got {str(meta)[:200]}")
+    mode, transposed, dtype, shape = meta[0], meta[1], meta[2], meta[3:]
+    if mode >= len(PACKET_MODES) or transposed > 1 or dtype >= len(PACKET_DTYPES):
+        raise StepRefused(f"packet '{prefix}': mode must be in 0..{len(PACKET_MODES) - 1}, transposed 0 or 1, "
+                          f"dtype in 0..{len(PACKET_DTYPES) - 1}; got {mode}, {transposed}, {dtype}")
     if math.prod(shape) > max_numel:
         raise StepRefused(f"packet '{prefix}': shape {shape} has more than {max_numel} elements")
-    if meta["dtype"] not in _DTYPES or meta["mode"] not in _MODES or not isinstance(meta["transposed"], bool):
-        raise StepRefused(f"packet '{prefix}': dtype must be one of {sorted(_DTYPES)} and mode one of {_MODES}, "
-                          f"got {meta['dtype']!r}, {meta['mode']!r}")
     mine = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-    return Packet(meta["spec"], tuple(shape), _DTYPES[meta["dtype"]], meta["mode"], mine, meta["transposed"])
+    return Packet(str(codec), tuple(shape), PACKET_DTYPES[dtype], PACKET_MODES[mode], mine, bool(transposed))
 
 
 def decode_packet(codec: Codec, packet: Packet, name: str) -> torch.Tensor:
@@ -99,8 +121,18 @@ def boundary_to_wire(b: BoundaryOutput, fwd: Codec, seed: int) -> tuple[dict, di
 
 
 def boundary_from_wire(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], fwd: Codec, *, width: int,
-                       residual: bool, max_length: int, max_batch: int) -> BoundaryOutput:
-    """Validate and decode a boundary sent by an edge; :class:`StepRefused` says what is wrong."""
+                       residual_width: int | None, max_length: int, max_batch: int, max_tokens: int,
+                       pool_index: bool, extra: tuple[str, ...] = ()) -> BoundaryOutput:
+    """Validate and decode a boundary sent by an edge; :class:`StepRefused` says what is wrong.
+
+    Sizes are checked before anything is decoded: at most ``max_batch`` sequences, a padded length
+    of at most ``max_length``, and at most ``max_tokens`` padded tokens (batch x padded length, the
+    quantity the cloud's activation memory grows with).  ``residual_width``: the residual's width
+    when the session keeps the link (None: no residual may be sent).  ``pool_index``: whether the
+    session's head pools from per-sequence positions (decoders) -- then it must be sent, int32
+    ``(batch,)`` inside each sequence, else it must be absent.  ``extra``: other tensor names the
+    caller reads itself (the labels); any other tensor is refused.
+    """
     for k in _AUX[:2]:
         if k not in tensors:
             raise StepRefused(f"boundary: missing tensor '{k}'")
@@ -108,22 +140,39 @@ def boundary_from_wire(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, A
     if lengths.dtype != torch.int32 or lengths.dim() != 1 or not 1 <= lengths.numel() <= max_batch:
         raise StepRefused(f"boundary: lengths must be int32 of shape (batch,) with 1 <= batch <= {max_batch}, "
                           f"got {lengths.dtype} {tuple(lengths.shape)}")
-    if seq_len.dtype != torch.int32 or seq_len.numel() != 1 or not 1 <= int(seq_len.reshape(())) <= max_length:
+    if (seq_len.dtype != torch.int32 or seq_len.numel() != 1
+            or not 1 <= int(seq_len.reshape(())) <= max_length):
         raise StepRefused(f"boundary: seq_len must be one int32 in 1..{max_length}")
     s = int(seq_len.reshape(()))
+    batch = lengths.numel()
+    if batch * s > max_tokens:
+        raise StepRefused(f"boundary: batch {batch} x padded length {s} = {batch * s} tokens exceeds the "
+                          f"server's limit of {max_tokens} tokens per step")
     if bool(((lengths < 1) | (lengths > s)).any()):
         raise StepRefused(f"boundary: every length must be in 1..seq_len={s}")
     tokens = int(lengths.sum())
-    want = {"h"} | ({"r"} if residual else set())
-    if set(meta) != want:
-        raise StepRefused(f"boundary: packets {sorted(meta)} sent, the session expects {sorted(want)}")
+    want = {"h"} | ({"r"} if residual_width is not None else set())
+    if not isinstance(meta, Mapping) or set(meta) != want:
+        raise StepRefused(f"boundary: packets {sorted(meta) if isinstance(meta, Mapping) else meta!r} sent, "
+                          f"the session expects {sorted(want)}")
+    pool = tensors.get("pool_index")
+    if pool_index != (pool is not None):
+        raise StepRefused("boundary: this session's head " + ("needs" if pool_index else "takes no")
+                          + " 'pool_index'")
+    if pool is not None and (pool.dtype != torch.int32 or tuple(pool.shape) != (batch,)
+                             or bool(((pool < 0) | (pool >= lengths)).any())):
+        raise StepRefused(f"boundary: pool_index must be int32 of shape ({batch},) with 0 <= pool_index < lengths, "
+                          f"got {pool.dtype} {tuple(pool.shape)}")
+    known = set(_AUX) | set(extra)
+    stray = sorted(k for k in tensors if k not in known and k.split(".", 1)[0] not in want)
+    if stray:
+        raise StepRefused(f"boundary: unexpected tensors {stray[:8]}")
     out = {}
     for prefix in sorted(want):
-        p = packet_from_wire(tensors, meta[prefix], prefix, fwd, max_numel=tokens * 8192)
-        if prefix == "h" and tuple(p.shape) != (tokens, width):
-            raise StepRefused(f"boundary: hidden shape {p.shape} must be (total tokens {tokens}, width {width})")
+        w = width if prefix == "h" else residual_width
+        p = packet_from_wire(tensors, meta[prefix], prefix, fwd, max_numel=tokens * w)
+        if tuple(p.shape) != (tokens, w):
+            raise StepRefused(f"boundary: packet '{prefix}' shape {p.shape} must be (total tokens {tokens}, "
+                              f"width {w})")
         out[prefix] = decode_packet(fwd, p, "received activation" if prefix == "h" else "received residual")
-    if "r" in out and out["r"].shape[0] != tokens:
-        raise StepRefused(f"boundary: residual has {out['r'].shape[0]} rows, expected {tokens}")
-    pool = tensors.get("pool_index")
     return BoundaryOutput(out["h"], lengths, s, out.get("r"), pool)

@@ -2,7 +2,8 @@
 
 Both sides call :func:`build_parts` with the same config and get bit-identical
 initial parts (the head and the bottleneck factors are seeded), which the session
-handshake checks by hash.  Each side then keeps only its own part.
+handshake checks by hash.  Construction runs under :func:`~sft_kernels.split.seeded`, so it is
+a pure function of the config even while other sessions train in other threads.  Each side then keeps only its own part.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Optional, Union
 
 import torch
 
-from ..split import load_minilm, minilm_classifier, split_model
+from ..split import load_minilm, minilm_classifier, seeded, split_model
 from .config import RunConfig
 
 __all__ = ["build_parts", "make_optimizer", "make_scheduler", "linear_warmup", "EMBEDDED_MODEL"]
@@ -33,10 +34,11 @@ def build_parts(cfg: RunConfig, model_dir: Union[str, Path, None] = None):
     """
     if cfg.model != EMBEDDED_MODEL:
         raise ValueError(f"model must be '{EMBEDDED_MODEL}' (the embedded model), got '{cfg.model}'")
-    tok, model = minilm_classifier(cfg.num_labels, minilm=_minilm(str(model_dir) if model_dir else None),
-                                   seed=cfg.seed)
-    edge, cloud = split_model(model, at=cfg.at, mode=cfg.mode, rank=cfg.rank, eliminate_links=cfg.eliminate_links,
-                              seed=cfg.seed)
+    minilm = _minilm(str(model_dir) if model_dir else None)
+    with seeded(cfg.seed):  # a pure function of the config: no other thread's draws, no global state left changed
+        tok, model = minilm_classifier(cfg.num_labels, minilm=minilm, seed=cfg.seed)
+        edge, cloud = split_model(model, at=cfg.at, mode=cfg.mode, rank=cfg.rank,
+                                  eliminate_links=cfg.eliminate_links, seed=cfg.seed)
     return tok, edge.train(), cloud.train()
 
 

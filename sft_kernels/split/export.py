@@ -125,8 +125,9 @@ def load_split_model(path: Union[str, Path]) -> nn.Module:
     rows, d = weight.shape
     if not 1 <= rank <= min(rows, d):
         raise ValueError(f"{src / SPLIT_FILE}: rank={rank} is not in [1, {min(rows, d)}]")
-    edge_factor = nn.Linear(d, rank, bias=False, dtype=weight.dtype)
-    cloud_factor = nn.Linear(rank, rows, bias=meta["factor_bias"], dtype=weight.dtype)
+    # skip_init: the saved weights overwrite every value, so draw nothing from the global RNG
+    edge_factor = nn.utils.skip_init(nn.Linear, d, rank, bias=False, dtype=weight.dtype)
+    cloud_factor = nn.utils.skip_init(nn.Linear, rank, rows, bias=meta["factor_bias"], dtype=weight.dtype)
     replace_module(base, layer, adapter.install_bottleneck(layer, edge_factor, cloud_factor,
                                                            not meta["eliminate_links"]))
     state: dict[str, torch.Tensor] = load_file(str(src / WEIGHTS_FILE))

@@ -11,6 +11,8 @@ from typing import Sequence, Union
 
 import torch
 
+from .rng import seeded
+
 
 def minilm_path(path: Union[str, Path, None] = None) -> Path:
     """Directory holding the MiniLM config, weights and tokenizer.
@@ -78,7 +80,8 @@ def minilm_classifier(num_labels: int = 2, minilm=None, seed: int = 0):
     The model is a ``BertForSequenceClassification``.
 
     ``minilm`` is an optional ``(tokenizer, model)`` pair from :func:`load_minilm`; the head is
-    initialised from ``torch.manual_seed(seed)``.  The model is in train mode.
+    initialised from a generator seeded with ``seed`` (the global RNG state is left as it was, so
+    building a model never perturbs another thread's or the caller's stream).  The model is in train mode.
     """
     import copy
 
@@ -89,7 +92,7 @@ def minilm_classifier(num_labels: int = 2, minilm=None, seed: int = 0):
     tok, enc = minilm or load_minilm()
     cfg = copy.deepcopy(enc.config)
     cfg.num_labels = num_labels
-    torch.manual_seed(seed)
-    model = BertForSequenceClassification(cfg)
+    with seeded(seed):
+        model = BertForSequenceClassification(cfg)
     model.bert.load_state_dict(enc.state_dict())
     return tok, model.train()

@@ -11,16 +11,27 @@ Each part of a split model draws its dropout masks from a generator seeded from
 
 The global RNG state is saved and restored around the block, so code outside it
 sees no change.
+
+Why a lock: ``F.dropout`` and SDPA take no generator, so the keyed stream has to be the
+process-global one (CPU, and CUDA for the devices named).  Two threads seeding it at once (two
+cloud sessions, or a session being built while another steps) would reseed each other's
+stream mid-forward.  :func:`seeded` therefore holds one process-wide re-entrant lock for the
+whole block: keyed forwards and seeded construction of different sessions serialise, and each
+sees exactly the stream it would see alone.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import threading
 from typing import Iterator, Optional, Sequence
 
 import torch
 
-__all__ = ["part_seed", "part_rng", "PARTS"]
+__all__ = ["part_seed", "part_rng", "seeded", "PARTS"]
+
+#: Held while any block runs on a seeded global stream (re-entrant: seeded construction nests).
+_GLOBAL_RNG_LOCK = threading.RLock()
 
 #: The parts a split model has.
 PARTS = ("edge", "cloud")
@@ -42,8 +53,18 @@ def part_rng(seed: int, step: int, part: str, devices: Optional[Sequence[torch.d
 
     ``devices``: accelerator devices whose generators to fork too (default: none, i.e. CPU only).
     """
-    s = part_seed(seed, step, part)
+    with seeded(part_seed(seed, step, part), devices):
+        yield
+
+
+@contextlib.contextmanager
+def seeded(seed: int, devices: Optional[Sequence[torch.device]] = None) -> Iterator[None]:
+    """Run the block on torch's global generators seeded with ``seed``, under the process-wide RNG lock.
+
+    The generators' previous states come back afterwards, so the caller's stream is untouched;
+    ``devices``: CUDA devices whose generators to fork and seed too (CPU's always is).
+    """
     cuda = [torch.device(d).index or 0 for d in (devices or []) if torch.device(d).type == "cuda"]
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(s)
+    with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
         yield

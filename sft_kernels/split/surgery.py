@@ -144,6 +144,16 @@ class CloudModel(nn.Module):
         """Values per token of ``BoundaryOutput.hidden``."""
         return self.factor.in_features if self.factor is not None else self.config.hidden_size
 
+    @property
+    def residual_width(self) -> Optional[int]:
+        """Values per token of ``BoundaryOutput.residual`` when the split keeps the link, else None."""
+        return self.config.hidden_size if self.factor is not None and not self.eliminate_links else None
+
+    @property
+    def takes_pool_index(self) -> bool:
+        """Whether this part's head pools from ``BoundaryOutput.pool_index`` (decoder classification heads)."""
+        return bool(self.adapter.sends_pool_index and self.head is not None)
+
     def _check(self, b: BoundaryOutput) -> None:
         if not isinstance(b, BoundaryOutput):
             raise TypeError(f"cloud expects a BoundaryOutput, got {type(b).__name__}")
@@ -153,8 +163,7 @@ class CloudModel(nn.Module):
                              f"shape {tuple(b.lengths.shape)}")
         n = int(b.lengths.sum())
         checks = [("hidden", b.hidden, self.width)]
-        want_res = self.factor is not None and not self.eliminate_links
-        if want_res:
+        if self.residual_width is not None:
             if b.residual is None:
                 raise ValueError("boundary residual: expected the residual stream (eliminate_links=False), "
                                  "arrived None")
@@ -166,7 +175,7 @@ class CloudModel(nn.Module):
                 t = t if isinstance(t, torch.Tensor) else torch.empty(0)
                 raise ValueError(f"boundary {name}: expected shape ({n}, {w}) {dtype} (sum(lengths)={n} tokens "
                                  f"x {w}), arrived {tuple(t.shape)} {t.dtype}")
-        if self.adapter.sends_pool_index and self.head is not None and (
+        if self.takes_pool_index and (
                 b.pool_index is None or tuple(b.pool_index.shape) != tuple(b.lengths.shape)):
             got = None if b.pool_index is None else tuple(b.pool_index.shape)
             raise ValueError(f"boundary pool_index: expected shape {tuple(b.lengths.shape)} (one per sequence), "
@@ -209,8 +218,10 @@ def _factors(weight: torch.Tensor, bias: Optional[torch.Tensor], rank: int, seed
     rows, d = weight.shape
     w = weight.detach().float()
     u, s, v = ops.randomized_svd(w, rank, _OVERSAMPLE, power_iters, seed)
-    edge = nn.Linear(d, rank, bias=False, device=weight.device, dtype=weight.dtype)
-    cloud = nn.Linear(rank, rows, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    # skip_init: the factors overwrite every weight, so draw nothing from the global RNG
+    edge = nn.utils.skip_init(nn.Linear, d, rank, bias=False, device=weight.device, dtype=weight.dtype)
+    cloud = nn.utils.skip_init(nn.Linear, rank, rows, bias=bias is not None, device=weight.device,
+                               dtype=weight.dtype)
     with torch.no_grad():
         edge.weight.copy_(s[:, None] * v.t())
         cloud.weight.copy_(u)
