@@ -547,6 +547,50 @@ def _keep_findings(path: Path) -> str:
     return placeholder
 
 
+WIRE_JSON = REPO / "bench" / "results" / "wire.json"
+
+
+def _wire_section(path: Path) -> list[str]:
+    """RESULTS.md's "payload vs wire" table from ``bench/wire_bytes.py``'s measurement (none if not run)."""
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    rows = data["rows"]
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    cell = {(r["task"], r["config"]): r for r in rows}
+    L = ["", "## Payload vs wire bytes per training example (measured over TCP)", "",
+         f"The table above counts payload. On the wire (every byte of the TRAIN frames and their replies on the TCP "
+         f"socket: frame headers, JSON metadata, tensor descriptors, CRC) each step costs more. Measured by "
+         f"`{data['command']}` on {data['machine']}: the first {rows[0]['steps']} training steps of each task "
+         f"(batch {data['batch_size']}, max length {data['max_length']}, seed 0, the study's data order), over "
+         "loopback TCP. Cells: payload up / wire up, payload down / wire down, bytes per example; the overhead "
+         "columns are wire / payload - 1 over all tasks; the reduction is vs (b) on the wire.", "",
+         "| config | " + " | ".join(tasks) + " | wire overhead up | down | wire reduction up vs (b) | down |",
+         "|---|" + "---|" * (len(tasks) + 4)]
+    for c in configs:
+        cols, ru, rd = [], [], []
+        for t in tasks:
+            r = cell.get((t, c))
+            if r is None:
+                cols.append("")
+                continue
+            n = r["examples"]
+            cols.append(f"{_fmt_bytes(r['payload_up'] / n)} / {_fmt_bytes(r['wire_up'] / n)}, "
+                        f"{_fmt_bytes(r['payload_down'] / n)} / {_fmt_bytes(r['wire_down'] / n)}")
+            b = cell.get((t, "b"))
+            if b is not None:
+                ru.append(b["wire_up"] / r["wire_up"])
+                rd.append(b["wire_down"] / r["wire_down"])
+        mine = [cell[(t, c)] for t in tasks if (t, c) in cell]
+        over_up = sum(r["wire_up"] for r in mine) / sum(r["payload_up"] for r in mine) - 1
+        over_down = sum(r["wire_down"] for r in mine) / sum(r["payload_down"] for r in mine) - 1
+        red = (f"{np.mean(ru):.1f}x | {np.mean(rd):.1f}x" if ru and c != "b" else "- | -")
+        L.append(f"| {CONFIGS[c].label} | " + " | ".join(cols) + f" | {100 * over_up:+.1f}% | {100 * over_down:+.1f}% | "
+                 + red + " |")
+    return L
+
+
 def render_report(csv_path: Path, md_path: Path, plot_dir: Path, data_dir=None) -> str:
     """Write RESULTS.md and the plots from the CSV; returns the markdown."""
     rows = read_rows(csv_path)
@@ -658,6 +702,7 @@ def render_report(csv_path: Path, md_path: Path, plot_dir: Path, data_dir=None) 
         else:
             L.append("**Best setting within 1 point of (a) on the average:** none of the split configs is within "
                      "1 point of (a).")
+    L += _wire_section(WIRE_JSON)
     L += ["", "## Plots", ""]
     L += [f"- [{p.stem}]({rel(p)})" for p in plots]
     L += ["", "## Findings", "", FINDINGS_START, _keep_findings(md_path), FINDINGS_END, ""]

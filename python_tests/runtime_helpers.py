@@ -1,6 +1,9 @@
 """Helpers shared by the runtime tests: small run configs, trainers, the simulated reference run."""
 from __future__ import annotations
 
+import socket
+import threading
+
 import torch
 
 from sft_kernels import SimulatedSplit
@@ -53,3 +56,64 @@ def assert_same(a, b, tol=1e-6):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=tol, rtol=0, msg=lambda m: f"{k}: {m}")
+
+
+#: A training reply's JSON meta holds the loss.
+REPLY_MARK = b'"loss"'
+
+
+class ReplyDroppingProxy:
+    """A TCP proxy (a flaky network) that drops the connection once, instead of forwarding the ``drop_at``-th
+    training reply (the edge must re-send that step), and counts the bytes it forwards each way (``up``,
+    ``down``: what a byte-counting middlebox sees)."""
+
+    def __init__(self, target, drop_at):
+        self.target, self.drop_at, self.replies = target, drop_at, 0
+        self.up = self.down = 0
+        self.lock = threading.Lock()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.address = self.sock.getsockname()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            s = socket.create_connection(self.target)
+            threading.Thread(target=self._pipe, args=(c, s, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(s, c, True), daemon=True).start()
+
+    def _pipe(self, src, dst, from_server):
+        try:
+            while True:
+                data = src.recv(1 << 16)
+                if not data:
+                    break
+                if from_server and REPLY_MARK in data:
+                    with self.lock:
+                        self.replies += data.count(REPLY_MARK)
+                        drop = self.replies == self.drop_at
+                    if drop:
+                        for sock in (src, dst):
+                            sock.shutdown(socket.SHUT_RDWR)
+                            sock.close()
+                        return
+                dst.sendall(data)
+                with self.lock:
+                    if from_server:
+                        self.down += len(data)
+                    else:
+                        self.up += len(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+            except OSError:
+                pass
+
+    def close(self):
+        self.sock.close()

@@ -9,7 +9,6 @@ keyed dropout) exactly; resumed runs must equal uninterrupted ones to 1e-6.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -25,7 +24,7 @@ from sft_kernels.runtime.config import state_hash
 from sft_kernels.runtime.messages import OPEN, REPLY, TRAIN, StepRefused, boundary_to_wire, packet_to_wire
 from sft_kernels.runtime.parts import build_parts
 
-from runtime_helpers import STEPS, TOKEN, assert_same as _assert_same, make_trainer as _trainer, params as _params
+from runtime_helpers import STEPS, TOKEN, ReplyDroppingProxy, assert_same as _assert_same, make_trainer as _trainer, params as _params
 from runtime_helpers import simulated_run as _simulated_losses, small_cfg as _cfg
 
 
@@ -169,59 +168,9 @@ def test_non_finite_gradient_refused_on_the_edge(train_ds):
         lst.shutdown()
 
 
-class _DroppingProxy:
-    """A TCP proxy (a flaky network) that, once, forwards a request but drops the connection instead of the reply."""
-
-    def __init__(self, target, drop_reply_number):
-        self.target, self.drop_at, self.replies = target, drop_reply_number, 0
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.address = self.sock.getsockname()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            s = socket.create_connection(self.target)
-            threading.Thread(target=self._pipe, args=(c, s, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(s, c, True), daemon=True).start()
-
-    def _pipe(self, src, dst, from_server):
-        # frames from the server: count REPLY headers crudely by bursts; drop the connection at the chosen one
-        try:
-            while True:
-                data = src.recv(1 << 16)
-                if not data:
-                    break
-                if from_server and REPLY_MARK in data:
-                    self.replies += data.count(REPLY_MARK)
-                    if self.replies == self.drop_at:
-                        for sock in (src, dst):  # shutdown wakes the other pipe thread blocked in recv
-                            sock.shutdown(socket.SHUT_RDWR)
-                            sock.close()
-                        return
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-                s.close()
-            except OSError:
-                pass
-
-    def close(self):
-        self.sock.close()
-
-
-REPLY_MARK = b'"loss"'  # a training reply's JSON meta holds the loss
-
-
 def test_lost_reply_is_replayed_not_applied_twice(server, train_ds, caplog):
     cfg = _cfg(total_steps=6)
-    proxy = _DroppingProxy(server.address, drop_reply_number=3)  # the reply of step 2 never arrives
+    proxy = ReplyDroppingProxy(server.address, drop_at=3)  # the reply of step 2 never arrives
     try:
         t = _trainer(cfg, train_ds, *proxy.address, backoff_s=0.05)
         with caplog.at_level("INFO", logger="sft_kernels.runtime"):
@@ -284,19 +233,28 @@ def test_kill_cloud_mid_run_resume_equals_uninterrupted(tmp_path, train_ds):
     _assert_same(_cloud_params(run_root, STEPS), _cloud_params(ref_root, STEPS))
 
 
-def test_edge_restart_rolls_the_cloud_back(server, tmp_path, train_ds):
-    """The edge crashes after its checkpoint at 4 while the cloud is at 7: the cloud rolls back to 4."""
+@pytest.mark.parametrize("every,crash_after,resume_at", [(4, 7, 4), (3, 8, 6)],
+                         ids=["interval-4", "interval-3-mismatched-before"])
+def test_edge_restart_rolls_the_cloud_back(server, tmp_path, train_ds, every, crash_after, resume_at):
+    """The edge crashes after its checkpoint at ``resume_at`` while the cloud is further on: the cloud rolls back.
+
+    The second case is the one that used to fail: a server with its own interval (50) had no
+    checkpoint of step 6 ("FileNotFoundError: no checkpoint for step 6"); now the edge's interval
+    drives both sides' checkpoints.
+    """
     cfg = _cfg(total_steps=STEPS)
-    t = _trainer(cfg, train_ds, *server.address, checkpoint_dir=tmp_path / "edge", checkpoint_every=4)
-    t.train(steps=7)
+    t = _trainer(cfg, train_ds, *server.address, checkpoint_dir=tmp_path / "edge", checkpoint_every=every)
+    t.train(steps=crash_after)
     t.close()
     del t
-    t2 = _trainer(cfg, train_ds, *server.address, checkpoint_dir=tmp_path / "edge", checkpoint_every=4)
-    assert t2.step == 4
+    t2 = _trainer(cfg, train_ds, *server.address, checkpoint_dir=tmp_path / "edge", checkpoint_every=every)
+    assert t2.step == resume_at
     summary = t2.train()
     t2.close()
     sim_losses, sim = _simulated_losses(cfg, train_ds, STEPS)
-    assert summary.losses == pytest.approx(sim_losses, abs=1e-6)
+    assert summary.losses == sim_losses
+    steps = [s for s in range(STEPS + 1) if s % every == 0 or s == STEPS]
+    assert server.sessions[("edge", "t")].store.regular_steps() == steps[-3:]
     _assert_same(_params(t2.model), _params(sim.edge))
     _assert_same(_params(server.sessions[("edge", "t")].model), _params(sim.cloud))
 

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from runtime_helpers import TOKEN, make_trainer, params, simulated_run, small_cfg
+from runtime_helpers import TOKEN, ReplyDroppingProxy, make_trainer, params, simulated_run, small_cfg
 from sft_kernels.channel import Limits, LinkRefused, ProtocolError, RemoteError
 from sft_kernels.data import load_task
 from sft_kernels.runtime import CloudError, CloudServer, SessionLimits, StepBatches
@@ -349,29 +349,25 @@ def test_oversized_requests_refused_before_decoding(ds):
         srv.shutdown()
 
 
-# ------------------------------------------------------------------------------------------ resume
+# ------------------------------------------------------------------------------------------ fail fast
 
-def test_mismatched_checkpoint_intervals_resume(tmp_path, ds):
-    """The edge checkpoints every 3 steps, is killed after step 8 and restarted: the cloud (which used to
-    keep its own interval and had no checkpoint of step 6) resumes with it from step 6."""
-    srv = _server(tmp_path)
+def test_server_side_cause_reaches_the_edge(tmp_path, ds):
+    """The edge restarts from its checkpoint, but the server (without --checkpoint-dir) cannot roll back: the
+    edge is told that cause at once, not a LinkLost after minutes of retries."""
+    srv = _server()
     try:
         cfg = small_cfg()
-        t = make_trainer(cfg, ds, *srv.address, checkpoint_dir=tmp_path / "edge", checkpoint_every=3)
-        t.train(steps=8)
+        t = make_trainer(cfg, ds, *srv.address, checkpoint_dir=tmp_path / "edge", checkpoint_every=4)
+        t.train(steps=6)
         t.close()
-        del t
-        t2 = make_trainer(cfg, ds, *srv.address, checkpoint_dir=tmp_path / "edge", checkpoint_every=3)
-        assert t2.step == 6
-        summary = t2.train()
-        t2.close()
-        assert summary.losses == simulated_run(cfg, ds, cfg.total_steps)[0]
-        assert srv.sessions[("edge", "t")].store.regular_steps() == [6, 9, 10]
+        t2 = make_trainer(cfg, ds, *srv.address, checkpoint_dir=tmp_path / "edge", checkpoint_every=4)
+        t0 = time.monotonic()
+        with pytest.raises(CloudError, match="cannot roll back to step 4: the server runs without --checkpoint-dir"):
+            t2.train()
+        assert time.monotonic() - t0 < 5
     finally:
         srv.shutdown()
 
-
-# ------------------------------------------------------------------------------------------ fail fast
 
 def test_wrong_port_fails_at_once(ds):
     s = socket.create_server(("127.0.0.1", 0))
@@ -411,67 +407,11 @@ def test_not_an_sft_server_fails_at_once(ds):
 
 # ------------------------------------------------------------------------------------------ bytes
 
-class _CountingProxy:
-    """A TCP proxy that counts the bytes it forwards each way (what a byte-counting middlebox sees) and
-    drops the connection once, instead of forwarding the ``drop_at``-th training reply."""
-
-    def __init__(self, target, drop_at):
-        self.target, self.drop_at, self.replies = target, drop_at, 0
-        self.up = self.down = 0
-        self.lock = threading.Lock()
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.address = self.sock.getsockname()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            s = socket.create_connection(self.target)
-            threading.Thread(target=self._pipe, args=(c, s, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(s, c, True), daemon=True).start()
-
-    def _pipe(self, src, dst, from_server):
-        try:
-            while True:
-                data = src.recv(1 << 16)
-                if not data:
-                    break
-                if from_server and b'"loss"' in data:
-                    with self.lock:
-                        self.replies += data.count(b'"loss"')
-                        drop = self.replies == self.drop_at
-                    if drop:
-                        for sock in (src, dst):
-                            sock.shutdown(socket.SHUT_RDWR)
-                            sock.close()
-                        return
-                dst.sendall(data)
-                with self.lock:
-                    if from_server:
-                        self.down += len(data)
-                    else:
-                        self.up += len(data)
-        except OSError:
-            pass
-        for sock in (src, dst):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-                sock.close()
-            except OSError:
-                pass
-
-    def close(self):
-        self.sock.close()
-
-
 def test_wire_byte_counts_cover_every_connection(ds):
     """A reply is lost and the edge reconnects: the edge's wire counts still equal the bytes a counting
     proxy forwarded each way, over both connections, handshakes included."""
     srv = _server()
-    proxy = _CountingProxy(srv.address, drop_at=3)
+    proxy = ReplyDroppingProxy(srv.address, drop_at=3)
     try:
         cfg = small_cfg(total_steps=5)
         t = make_trainer(cfg, ds, *proxy.address, backoff_s=0.05)

@@ -36,6 +36,10 @@ def _positive_int(name: str):
     return _number(name, int, 1, "an integer >= 1")
 
 
+def _nonneg_int(name: str):
+    return _number(name, int, 0, "an integer >= 0")
+
+
 def _nonneg_float(name: str):
     return _number(name, float, 0.0, "a finite number >= 0")
 
@@ -153,7 +157,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
                    help="fraction of steps of linear warmup (default 0.1)")
     g.add_argument("--seed", type=int, default=0, help="seeds head init, factors, data order, dropout (default 0)")
     g.add_argument("--run-id", default="run", help="names this run on the server (with the client id) (default run)")
-    g.add_argument("--retries", type=int, default=8, help="reconnect attempts after a dropped link (default 8)")
+    g.add_argument("--retries", type=_nonneg_int("--retries"), default=8,
+                   help="the retry bound: reconnect attempts per dropped link, link drops per step, and retryable "
+                        "server errors (e.g. server full) in a row (default 8)")
     g.add_argument("--json", action="store_true", help="print the results as JSON")
 
 

@@ -10,6 +10,7 @@ are serialised by a lock, so another thread may send concurrently.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hmac
 import itertools
@@ -764,6 +765,21 @@ def _closed_hint(where: str, tls: TLSConfig | None, during: str) -> str:
             f"restarting (retrying may help), or {other}")
 
 
+@contextlib.contextmanager
+def _ssl_errors(where: str, host: str, tls: TLSConfig | None, phase: str) -> Iterator[None]:
+    """Turn an SSL error during ``phase`` of ``connect`` into what it means: a permanent refusal
+    (:class:`LinkRefused`), a silent close (:class:`HandshakeClosed`), or the error itself."""
+    try:
+        yield
+    except ssl.SSLError as e:
+        refusal = _tls_refusal(e, where, host, tls) if tls is not None else None
+        if refusal is not None:
+            raise refusal from e
+        if isinstance(e, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+            raise HandshakeClosed(_closed_hint(where, tls, phase)) from e
+        raise
+
+
 def connect(host: str, port: int, client_id: str, token: bytes | str, *, tls: TLSConfig | None = None,
             limits: Limits = Limits(), link: LinkLimiter | None = None, timeout: float = 30.0,
             crc: bool | None = None) -> Connection:
@@ -805,26 +821,14 @@ def connect(host: str, port: int, client_id: str, token: bytes | str, *, tls: TL
         if tls is not None:
             ctx = tls.client_context()
             try:
-                sock = ctx.wrap_socket(sock, server_hostname=tls.server_hostname or host)
-            except ssl.SSLError as e:
-                refusal = _tls_refusal(e, where, host, tls)
-                if refusal is not None:
-                    raise refusal from e
-                if isinstance(e, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
-                    raise HandshakeClosed(_closed_hint(where, tls, "the TLS handshake")) from e
-                raise
+                with _ssl_errors(where, host, tls, "the TLS handshake"):
+                    sock = ctx.wrap_socket(sock, server_hostname=tls.server_hostname or host)
             except ConnectionResetError as e:
                 raise HandshakeClosed(_closed_hint(where, tls, "the TLS handshake")) from e
         conn = Connection(sock, peer=peer, limits=limits, link=link, crc=_default_crc(tls, crc))
         try:
-            conn._client_handshake(client_id, secret, deadline)
-        except ssl.SSLError as e:
-            refusal = _tls_refusal(e, where, host, tls) if tls is not None else None
-            if refusal is not None:
-                raise refusal from e
-            if isinstance(e, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
-                raise HandshakeClosed(_closed_hint(where, tls, "the handshake")) from e
-            raise
+            with _ssl_errors(where, host, tls, "the handshake"):
+                conn._client_handshake(client_id, secret, deadline)
         except ProtocolError as e:
             refusal = _head_refusal(conn._failed_head, where, tls)
             if refusal is not None:

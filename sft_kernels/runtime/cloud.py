@@ -497,6 +497,8 @@ def _classify(exc: BaseException) -> tuple[bool, Optional[float], str]:
         return exc.retryable, exc.retry_after, str(exc)
     if isinstance(exc, (ValueError, KeyError, TypeError, IndexError)):
         return False, None, f"request refused: {type(exc).__name__}: {exc}"
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        return False, None, f"server error: {type(exc).__name__}: {exc}"
     if isinstance(exc, (OSError, MemoryError)):
         return True, None, f"server error (a retry may help): {type(exc).__name__}: {exc}"
     return False, None, f"server failed on this request: {type(exc).__name__}: {exc}"
