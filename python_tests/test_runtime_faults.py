@@ -281,13 +281,16 @@ def test_session_quota_per_client_and_refused_sessions_keep_no_slot(ds):
         second.open()
         third = make_trainer(small_cfg(run_id="r3"), ds, *srv.address, retries=3, backoff_s=0.01)
         t0 = time.monotonic()
-        with pytest.raises(CloudError, match=r"client 'edge' already holds 2 sessions, its quota is 2"):
+        with pytest.raises(CloudError, match=r"client 'edge' already holds 2 unfinished sessions, its quota is 2"):
             third.train()
         assert time.monotonic() - t0 < 5  # a quota refusal is permanent: no retries
         other = make_trainer(small_cfg(run_id="r1"), ds, *srv.address, client_id="other", token="other-token")
         other.train(steps=1)  # another client is not affected
         assert sorted(srv.sessions) == [("edge", "r1"), ("edge", "r2"), ("other", "r1")]
-        for t in (first, second, other):
+        first.finish()  # a finished run frees its place in the quota
+        third.open()
+        assert sorted(srv.sessions) == [("edge", "r2"), ("edge", "r3"), ("other", "r1")]
+        for t in (first, second, third, other):
             t.close()
     finally:
         srv.shutdown()

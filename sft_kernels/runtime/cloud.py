@@ -357,26 +357,40 @@ class CloudServer:
                  "finished" if s.finished else "idle")
 
     def _make_room(self, client_id: str) -> None:
-        """Expire idle sessions; refuse when the client's quota or the server is full (server lock held)."""
+        """Expire idle sessions; refuse when the client's quota or the server is full (server lock held).
+
+        Sessions without a connection idle for ``session_timeout`` are checkpointed and evicted; then the
+        oldest finished sessions make room (FINISH wrote their final checkpoint, so even one whose connection
+        is still open may go): first the client's own when its quota is reached, then anyone's when the
+        server is full.  An unfinished session with a connection is never evicted.
+        """
         lim = self.session_limits
         now = time.monotonic()
         for key, s in list(self.sessions.items()):
             if s.active == 0 and now - s.last_used >= lim.session_timeout:
                 self._evict(key, s)
-        # the oldest finished sessions make room (FINISH wrote their final checkpoint, so even one whose
-        # connection is still open may go); an unfinished one waits for its timeout
+
+        def held() -> int:
+            return sum(1 for k in self.sessions if k[0] == client_id) + \
+                sum(n for k, n in self._building.items() if k[0] == client_id)
+
+        def used() -> int:
+            return len(self.sessions) + sum(self._building.values())
+
         finished = sorted((kv for kv in self.sessions.items() if kv[1].finished), key=lambda kv: kv[1].last_used)
         for key, s in finished:
-            if len(self.sessions) + sum(self._building.values()) < lim.max_sessions:
+            if key[0] == client_id and held() >= lim.max_sessions_per_client:
+                self._evict(key, s)
+        if held() >= lim.max_sessions_per_client:
+            raise StepRefused(f"session refused: client {client_id!r} already holds {held()} unfinished sessions, "
+                              f"its quota is {lim.max_sessions_per_client} (finish a run, or wait "
+                              f"{lim.session_timeout:.0f} s after closing one)")
+        for key, s in finished:
+            if used() < lim.max_sessions:
                 break
-            self._evict(key, s)
-        mine = sum(1 for k in self.sessions if k[0] == client_id) + \
-            sum(n for k, n in self._building.items() if k[0] == client_id)
-        if mine >= lim.max_sessions_per_client:
-            raise StepRefused(f"session refused: client {client_id!r} already holds {mine} sessions, its quota is "
-                              f"{lim.max_sessions_per_client} (finish a run, or wait {lim.session_timeout:.0f} s "
-                              "after closing one)")
-        if len(self.sessions) + sum(self._building.values()) >= lim.max_sessions:
+            if key in self.sessions:
+                self._evict(key, s)
+        if used() >= lim.max_sessions:
             waits = [lim.session_timeout - (now - s.last_used) for s in self.sessions.values() if s.active == 0]
             after = min(max(1.0, min(waits)) if waits else 5.0, 3600.0)
             raise StepRefused(f"server full ({lim.max_sessions} sessions in use); retry after {after:.0f} s",

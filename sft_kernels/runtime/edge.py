@@ -42,8 +42,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import torch
 
-from ..channel import (Connection, Limits, LinkLimiter, LinkRefused, ProtocolError, RemoteError,
-                       ServerBusy, TLSConfig, connect)
+from ..channel import (Connection, Limits, LinkLimiter, LinkRefused, ProtocolError, RemoteError, TLSConfig,
+                       connect)
 from ..codecs import from_spec
 from ..split import codec_seed, part_rng
 from .checkpoint import CheckpointedPart, CheckpointStore
@@ -195,10 +195,8 @@ class EdgeTrainer(CheckpointedPart):
                 raise  # the server is restarting: a link fault, retried with backoff
             raise LinkRefused(f"cannot connect to {host}:{port}: nothing listens there (wrong host or port, or "
                               f"the server is not running): {exc}") from None
-        except (ConnectionError, ProtocolError, OSError) as exc:
-            if self._connected_once or isinstance(exc, ServerBusy):
-                raise
-            raise LinkRefused(f"cannot connect to {host}:{port}: {type(exc).__name__}: {exc}") from None
+        # anything else (a close during the handshake: a busy server evicting, a restart; ServerBusy) is a
+        # link fault, retried with backoff by the caller
         self._connected_once = True
         return conn
 
