@@ -445,3 +445,43 @@ def test_training_frames_within_ten_percent_of_payload_on_sst2():
             assert wire_down <= 1.10 * down, (wire_down, down)
     finally:
         srv.shutdown()
+
+
+# ------------------------------------------------------------------------------------------ limits and stores
+
+@pytest.mark.parametrize("field,value,valid", [
+    ("max_sessions", 0, ">= 1"), ("max_sessions_per_client", 0, ">= 1"),
+    ("session_timeout", 0.0, "seconds > 0"), ("session_timeout", float("inf"), "finite"),
+    ("max_tokens", 0, "1 .. 2\\*\\*24"), ("max_seq_len", 1, "2 .. 8192")])
+def test_session_limits_refuse_bad_values(field, value, valid):
+    with pytest.raises(ValueError, match=f"SessionLimits.{field} must be .*{valid}"):
+        SessionLimits(**{field: value})
+
+
+@pytest.mark.parametrize("flag,value,msg", [("--max-tokens", "0", "--max-tokens must be an integer >= 1"),
+                                            ("--max-connections", "-1", "--max-connections must be an integer >= 1"),
+                                            ("--session-timeout", "0", "--session-timeout must be a finite number")])
+def test_serve_limit_flags_refuse_bad_values(flag, value, msg, capsys):
+    from sft_kernels.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--tokens", "/dev/null", flag, value])
+    assert msg in capsys.readouterr().err
+
+
+def test_idle_checkpoints_never_push_out_a_regular_one(tmp_path):
+    """The store keeps the newest 3 regular checkpoints, only the newest idle one, and none older than the
+    newest regular one, so an eviction can never cost the step an edge resumes from."""
+    from sft_kernels.runtime.checkpoint import CheckpointStore
+
+    store = CheckpointStore(tmp_path)
+    for step, idle in [(0, False), (3, False), (4, True), (5, True), (6, False), (9, False), (11, True)]:
+        store.save(step, {"step": step}, idle=idle)
+    assert store.regular_steps() == [3, 6, 9]
+    assert store.steps() == [3, 6, 9, 11]
+    assert store.load(11)["step"] == 11 and not store.path(5, idle=True).exists()
+    store.save(12, {"step": 12})  # a newer regular one makes the idle one obsolete
+    assert store.steps() == [6, 9, 12]
+    with pytest.raises(Exception):  # a write that fails half-way (here: state that cannot be serialised)
+        store.save(13, {"step": lambda: 13})
+    assert store.steps() == [6, 9, 12] and not list(tmp_path.glob("*.tmp"))
