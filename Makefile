@@ -4,7 +4,7 @@ PIP ?= $(PYTHON) -m pip
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-cpp cuda-check bench glue clean
+.PHONY: install demo test test-cpp cuda-check gpu-check bench glue clean
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==$(TORCH_VERSION)
@@ -30,7 +30,11 @@ test-cpp:
 # CPU-only machine still checks they build (no GPU or CUDA torch needed), and
 # enforce the layout rule of csrc/cuda/README.md: *_kernels.cu and kernels.h
 # include only CUDA toolkit headers, <stdint.h>, common/*.h and cuda/kernels.h.
-# The nvcc step is skipped without nvcc or kernel files.
+# Then compile every *_glue.cpp with -fsyntax-only against the installed
+# torch's headers (the CPU wheel ships ATen/cuda and c10/cuda, but not the
+# generated c10/cuda/impl/cuda_cmake_macros.h, hence
+# C10_CUDA_NO_CMAKE_CONFIGURE_FILE) and the toolkit's include dir (CUDA_HOME,
+# else the one nvcc reports). Both steps are skipped without nvcc.
 CUDA_ARCHS ?= 80 90
 CUDA_INCLUDE_OK = \#[[:space:]]*include[[:space:]]*(<(cuda_runtime|cuda_fp16|cuda_bf16|stdint)\.h>|"(common/[A-Za-z0-9_]+|cuda/kernels)\.h")
 cuda-check:
@@ -47,6 +51,22 @@ cuda-check:
 	      -c $$f -o build/cuda-check/$$(basename $$f .cu).o || exit 1; \
 	  done; \
 	else echo "cuda-check: skipped (no nvcc or no csrc/cuda/*_kernels.cu)"; fi
+	@if command -v nvcc >/dev/null 2>&1 && ls csrc/cuda/*_glue.cpp >/dev/null 2>&1; then \
+	  cuda_inc="$${CUDA_HOME:-$$(nvcc --dryrun -E -x cu /dev/null 2>&1 | sed -n 's/^#\$$ TOP=//p')}/include"; \
+	  torch_inc=$$($(PYTHON) -c 'from torch.utils.cpp_extension import include_paths; print(" ".join("-isystem" + p for p in include_paths()))'); \
+	  for f in csrc/cuda/*_glue.cpp; do \
+	    echo "c++ -fsyntax-only $$f (torch headers, $$cuda_inc)"; \
+	    $(CXX) -std=c++20 -fsyntax-only -Wall -Wextra -DSFT_WITH_CUDA -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE \
+	      -Icsrc $$torch_inc -isystem "$$cuda_inc" $$f || exit 1; \
+	  done; \
+	else echo "cuda-check: glue check skipped (no nvcc or no csrc/cuda/*_glue.cpp)"; fi
+
+# On a machine with a GPU: build with CUDA, run the CUDA tests with the fused
+# kernels switched on, compute-sanitizer and the CUDA benchmark; logs and a
+# SUMMARY in $$OUT (if set) or build/gpu-check. See csrc/cuda/README.md.
+# PYTHON falls back to python3 where `python` does not exist (the GPU machines).
+gpu-check:
+	PYTHON="$$(command -v $(PYTHON) || command -v python3)" bash bench/gpu_check.sh
 
 bench: install
 	$(PYTHON) bench/kernels.py

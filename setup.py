@@ -2,7 +2,8 @@
 
 CPU sources are always built.  CUDA sources (csrc/cuda/*.cu plus their torch
 glue csrc/cuda/*.cpp) are built only when torch was built with CUDA *and* nvcc
-is found; one line says which was built.  ``SFT_NATIVE=1`` adds
+is found; one line says which was built.  They are built for
+``TORCH_CUDA_ARCH_LIST`` if set, else ``8.0;9.0`` (sm_80 and sm_90).  ``SFT_NATIVE=1`` adds
 ``-march=native``; the default ISA is the compiler's portable baseline (hot
 loops use target_clones for AVX2/AVX-512 where the compiler supports it).
 """

@@ -109,3 +109,19 @@ def fmt_row(row: dict, cols: Sequence[str]) -> str:
 def fmt_table(rows: Sequence[dict], cols: Sequence[str]) -> str:
     head = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     return "\n".join(head + [fmt_row(r, cols) for r in rows])
+
+
+def cuda_interleaved_ms(fns: Sequence[Callable[[], object]], repeat: int, warmup: int = 2) -> list[float]:
+    """Median GPU time (ms, CUDA events) of each function, called in turn for ``repeat`` rounds."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    events = [[(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeat)]
+              for _ in fns]
+    for r in range(repeat):
+        for fn, evs in zip(fns, events):
+            evs[r][0].record()
+            fn()
+            evs[r][1].record()
+    torch.cuda.synchronize()
+    return [statistics.median(a.elapsed_time(b) for a, b in evs) for evs in events]

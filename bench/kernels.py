@@ -20,11 +20,18 @@ Columns
 Baselines (see ``common.py``): quantize -> per-row absmax int8 in PyTorch;
 lowrank_quantize -> ``torch.svd_lowrank(x.float(), q=rank, niter=2)`` + that
 quantize of ``U*S`` and ``V``.
+
+``--device cuda`` times quantize / dequantize on the GPU with CUDA events
+(fp32 and bf16 at 1, 16 and 256 MB, rows of 4096): ``bw/clone`` as above, and
+``x ref``, the time of the PyTorch composite of the same format
+(``sft_kernels.reference``) over ours. Which CUDA kernels serve the ops (fused
+or the reference) follows ``SFT_CUDA_FUSED``, and is printed.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -32,6 +39,7 @@ import torch
 
 import sft_kernels  # noqa: F401
 from sft_kernels import ops
+from sft_kernels import reference as R
 from sft_kernels.codecs import DEFAULT_BLOCK, LowRankCodec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,6 +48,7 @@ from common import (  # noqa: E402
     baseline_lowrank_encode,
     composite_dequantize,
     composite_quantize,
+    cuda_interleaved_ms,
     decaying,
     fmt_row,
     fmt_table,
@@ -51,6 +60,8 @@ from common import (  # noqa: E402
 
 QUANT_COLS = ["op", "dtype", "shape", "MB", "clone_ms", "copy_ms", "quant_ms", "bw/clone", "bw/copy",
               "x base", "dequant_ms", "dq bw/clone", "dq x base", "err"]
+CUDA_COLS = ["op", "dtype", "shape", "MB", "clone_ms", "quant_ms", "bw/clone", "ref_ms", "x ref", "dequant_ms",
+             "dq bw/clone", "dq x ref"]
 LOWRANK_COLS = ["op", "dtype", "shape", "clone_ms", "ours_ms", "bw/clone", "err", "base_ms", "base_err", "x base",
                 "decode_ms"]
 
@@ -87,6 +98,67 @@ def bench_quantize(x: torch.Tensor, bits: int, sr: bool, repeat: int) -> dict:
         "dq x base": cd_ms / d_ms,
         "err": rel_err(ops.dequantize(codes, scales, bits, block, cols, x.dtype), x),
     }
+
+
+def bench_quantize_cuda(x: torch.Tensor, bits: int, sr: bool, repeat: int) -> dict:
+    """One CUDA quantize + dequantize row: our op, x.clone() and the reference composite, interleaved."""
+    block = DEFAULT_BLOCK[bits]
+    cols = x.shape[-1]
+    codes, scales = ops.quantize(x, bits, block, sr, 0)
+    clone_ms, q_ms, ref_ms, d_ms, dref_ms = cuda_interleaved_ms([
+        x.clone,
+        lambda: ops.quantize(x, bits, block, sr, 0),
+        lambda: R.quantize(x, bits, block, sr, 0),
+        lambda: ops.dequantize(codes, scales, bits, block, cols, x.dtype),
+        lambda: R.dequantize(codes, scales, bits, block, cols, x.dtype),
+    ], repeat)
+    io = x.nbytes + nbytes(codes, scales)
+    clone_bw = 2 * x.nbytes / clone_ms
+    return {
+        "op": f"quantize int{bits}{',sr' if sr else ''}",
+        "dtype": str(x.dtype).replace("torch.", ""),
+        "shape": "x".join(map(str, x.shape)),
+        "MB": round(x.nbytes / 2**20, 1),
+        "clone_ms": clone_ms,
+        "quant_ms": q_ms,
+        "bw/clone": (io / q_ms) / clone_bw,
+        "ref_ms": ref_ms,
+        "x ref": ref_ms / q_ms,
+        "dequant_ms": d_ms,
+        "dq bw/clone": (io / d_ms) / clone_bw,
+        "dq x ref": dref_ms / d_ms,
+    }
+
+
+def run_cuda(repeat: int, quick: bool, json_path: Path) -> int:
+    """The CUDA table: fp32 and bf16 at 1, 16 and 256 MB (1 and 16 with --quick)."""
+    if not torch.cuda.is_available():
+        print("bench/kernels.py --device cuda: no CUDA device visible to torch", file=sys.stderr)
+        return 2
+    dev = torch.cuda.get_device_name()
+    fused = os.environ.get("SFT_CUDA_FUSED") == "1"
+    print(f"# device: {dev}; torch {torch.__version__}; kernels: {'fused (SFT_CUDA_FUSED=1)' if fused else 'reference'}",
+          flush=True)
+    print("| " + " | ".join(CUDA_COLS) + " |")
+    rows = []
+    cols = 4096
+    for mb in ([1, 16] if quick else [1, 16, 256]):
+        for dtype in (torch.float32, torch.bfloat16):
+            n = mb * 2**20 // (cols * torch.finfo(dtype).bits // 8)
+            x = torch.randn(n, cols, device="cuda").to(dtype)
+            for bits, sr in [(8, False), (4, False), (8, True)]:
+                row = bench_quantize_cuda(x, bits, sr, repeat)
+                rows.append(row)
+                print(fmt_row(row, CUDA_COLS), flush=True)
+            del x
+            torch.cuda.empty_cache()
+    print()
+    print(fmt_table(rows, CUDA_COLS))
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps({"device": dev, "fused": fused, "torch": torch.__version__, "quantize": rows},
+                                    indent=1))
+    print(f"\nrows written to {json_path}")
+    return 0
 
 
 def bench_lowrank(x: torch.Tensor, rank: int, oversample: int, iters: int, repeat: int, label: str = "") -> dict:
@@ -131,10 +203,17 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=15, help="interleaved timing rounds; medians are reported")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--only", choices=["quantize", "lowrank"], default=None, help="run one group")
-    p.add_argument("--json", type=Path, default=Path("bench/results/kernels.json"), help="where to write all rows")
+    p.add_argument("--json", type=Path, default=None,
+                   help="where to write all rows (default bench/results/kernels.json, kernels_cuda.json for cuda)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: the quantize table on the GPU (ignores --only and --threads)")
     args = p.parse_args(argv)
     if args.repeat < 1:
         p.error(f"--repeat must be >= 1, got {args.repeat}")
+    if args.device == "cuda":
+        return run_cuda(3 if args.quick else args.repeat, args.quick,
+                        args.json or Path("bench/results/kernels_cuda.json"))
+    args.json = args.json or Path("bench/results/kernels.json")
     if args.threads:
         torch.set_num_threads(args.threads)
     codec = LowRankCodec()

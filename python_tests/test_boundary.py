@@ -1,4 +1,7 @@
-"""``sft_kernels.boundary``: forward/backward codecs, straight-through gradients, autocast, accumulation, compile."""
+"""``sft_kernels.boundary``: forward/backward codecs, straight-through gradients, autocast, accumulation, compile.
+
+Tests taking ``device`` also run on CUDA when present.
+"""
 from __future__ import annotations
 
 import pytest
@@ -17,35 +20,35 @@ def _round_trip(spec, x, seed):
 
 @pytest.mark.parametrize("fwd,bwd", [("none", "none"), ("int8", "int8,sr"), ("lowrank:r=8+int8", "int4,sr"),
                                      ("lowrank:r=4", "lowrank:r=4+int8")])
-def test_forward_and_backward_apply_their_codecs(fwd, bwd):
-    x = torch.randn(96, 128, requires_grad=True)
-    g = torch.randn(96, 128)
+def test_forward_and_backward_apply_their_codecs(fwd, bwd, device):
+    x = torch.randn(96, 128).to(device).requires_grad_()
+    g = torch.randn(96, 128).to(device)
     y = boundary(x, fwd=fwd, bwd=bwd, seed=7)
     torch.testing.assert_close(y.detach(), _round_trip(fwd, x.detach(), 7), rtol=0, atol=0)
     y.backward(g)
     torch.testing.assert_close(x.grad, _round_trip(bwd, g, 7 + BWD_SEED_OFFSET), rtol=0, atol=0)
 
 
-def test_identity_boundary_is_exact_and_not_an_alias():
-    x = torch.randn(8, 16, requires_grad=True)
+def test_identity_boundary_is_exact_and_not_an_alias(device):
+    x = torch.randn(8, 16).to(device).requires_grad_()
     y = boundary(x)
     assert torch.equal(y, x) and y.data_ptr() != x.data_ptr()
     y.sum().backward()
     assert torch.equal(x.grad, torch.ones_like(x))
 
 
-def test_gradient_reaches_edge_parameters():
-    edge, cloud = torch.nn.Linear(32, 64), torch.nn.Linear(64, 2)
-    x, target = torch.randn(128, 32), torch.randint(0, 2, (128,))
+def test_gradient_reaches_edge_parameters(device):
+    edge, cloud = torch.nn.Linear(32, 64).to(device), torch.nn.Linear(64, 2).to(device)
+    x, target = torch.randn(128, 32).to(device), torch.randint(0, 2, (128,)).to(device)
     h = boundary(edge(x), fwd="lowrank:r=8+int8", bwd="int8,sr", seed=1)
     torch.nn.functional.cross_entropy(cloud(h), target).backward()
     assert edge.weight.grad is not None and edge.weight.grad.abs().sum() > 0
     assert torch.isfinite(edge.weight.grad).all()
 
 
-def test_gradient_accumulation_sums_micro_batches():
-    w = torch.randn(64, 64, requires_grad=True)
-    xs = [torch.randn(32, 64) for _ in range(3)]
+def test_gradient_accumulation_sums_micro_batches(device):
+    w = torch.randn(64, 64).to(device).requires_grad_()
+    xs = [torch.randn(32, 64).to(device) for _ in range(3)]
     for i, x in enumerate(xs):
         boundary(x @ w, fwd="int8", bwd="int8", seed=i).square().sum().backward()
     acc = w.grad.clone()
@@ -58,18 +61,18 @@ def test_gradient_accumulation_sums_micro_batches():
     torch.testing.assert_close(acc, want)
 
 
-def test_straight_through_gradient_is_close_to_exact():
-    x = torch.randn(256, 384, requires_grad=True)
+def test_straight_through_gradient_is_close_to_exact(device):
+    x = torch.randn(256, 384).to(device).requires_grad_()
     y = boundary(x, fwd="int8", bwd="int8,sr", seed=3)
     g = torch.randn_like(x)
     y.backward(g)
     assert torch.linalg.norm(x.grad - g) / torch.linalg.norm(g) < 0.02
 
 
-def test_autocast_bf16():
-    lin, head = torch.nn.Linear(64, 128), torch.nn.Linear(128, 3)
-    x = torch.randn(48, 64)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+def test_autocast_bf16(device):
+    lin, head = torch.nn.Linear(64, 128).to(device), torch.nn.Linear(128, 3).to(device)
+    x = torch.randn(48, 64).to(device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         h = lin(x)
         assert h.dtype == torch.bfloat16
         y = boundary(h, fwd="lowrank:r=8+int8", bwd="int8,sr", seed=2)
@@ -121,14 +124,14 @@ def test_package_exports_boundary():
     assert sft_kernels.boundary is boundary
 
 
-def test_on_packet_sees_the_packets_sent_each_way():
-    x = torch.randn(40, 96, requires_grad=True)
+def test_on_packet_sees_the_packets_sent_each_way(device):
+    x = torch.randn(40, 96).to(device).requires_grad_()
     seen = []
     y = boundary(x, fwd="int8", bwd="int4,sr", seed=7, on_packet=lambda d, p: seen.append((d, p)))
     assert [d for d, _ in seen] == ["fwd"]
     assert seen[0][1].nbytes == from_spec("int8").encode(x.detach(), 7).nbytes
     torch.testing.assert_close(y, from_spec("int8").decode(seen[0][1]), atol=0, rtol=0)
-    g = torch.randn(40, 96)
+    g = torch.randn(40, 96).to(device)
     y.backward(g)
     assert [d for d, _ in seen] == ["fwd", "bwd"]
     bwd = from_spec("int4,sr")

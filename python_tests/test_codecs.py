@@ -1,4 +1,9 @@
-"""Codecs: spec grammar, encode/decode against the reference, byte accounting, fallbacks, torch.compile."""
+"""Codecs: spec grammar, encode/decode against the reference, byte accounting, fallbacks, torch.compile.
+
+Tests taking ``device`` also run on CUDA when present: a codec keeps every packet
+tensor and its output on the input's device, and quantizing codecs produce the
+same packets there as on the CPU.
+"""
 from __future__ import annotations
 
 import pytest
@@ -81,8 +86,8 @@ ALL_SPECS = [c for _, c in ROUND_TRIP_SPECS]
 
 @pytest.mark.parametrize("spec", ALL_SPECS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_encode_decode_shape_dtype_and_nbytes(spec, dtype):
-    x = torch.randn(4, 40, 96).to(dtype)
+def test_encode_decode_shape_dtype_and_nbytes(spec, dtype, device):
+    x = torch.randn(4, 40, 96).to(device, dtype)
     codec = from_spec(spec)
     packet = codec.encode(x, seed=5)
     assert isinstance(packet, Packet)
@@ -91,12 +96,13 @@ def test_encode_decode_shape_dtype_and_nbytes(spec, dtype):
     y = codec.decode(packet)
     assert y.shape == x.shape and y.dtype == x.dtype
     assert torch.isfinite(y).all()
+    assert y.device == x.device and all(t.device == x.device for t in packet.tensors.values())
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("sr", [False, True])
-def test_quant_codec_matches_reference_bit_exactly(bits, sr):
-    x = torch.randn(33, 384)
+def test_quant_codec_matches_reference_bit_exactly(bits, sr, device):
+    x = torch.randn(33, 384).to(device)
     codec = QuantCodec(bits, sr=sr)
     packet = codec.encode(x, seed=11)
     codes, scales = R.quantize(x, bits, codec.block_size, sr, 11)
@@ -104,17 +110,20 @@ def test_quant_codec_matches_reference_bit_exactly(bits, sr):
     assert torch.equal(packet.tensors["scales"], scales)
     want = R.dequantize(codes, scales, bits, codec.block_size, 384, torch.float32)
     assert torch.equal(codec.decode(packet), want)
+    if device != "cpu":
+        on_cpu = codec.encode(x.cpu(), seed=11)
+        assert all(torch.equal(packet.tensors[k].cpu(), on_cpu.tensors[k]) for k in ("codes", "scales"))
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_default_blocks_keep_scales_within_one_sixteenth_of_codes(bits):
-    x = torch.randn(256, 4096)
+def test_default_blocks_keep_scales_within_one_sixteenth_of_codes(bits, device):
+    x = torch.randn(256, 4096).to(device)
     p = QuantCodec(bits).encode(x)
     assert p.tensors["scales"].nbytes * 16 <= p.tensors["codes"].nbytes
 
 
-def test_short_last_dim_is_quantized_along_tokens():
-    z = torch.randn(1024, 4)  # a rank-4 bottleneck: 4 values per token
+def test_short_last_dim_is_quantized_along_tokens(device):
+    z = torch.randn(1024, 4).to(device)  # a rank-4 bottleneck: 4 values per token
     codec = from_spec("int8")
     p = codec.encode(z)
     assert p.transposed
@@ -126,22 +135,22 @@ def test_short_last_dim_is_quantized_along_tokens():
     assert (y - z).abs().max() <= z.abs().max() / 127 / 2 * (1 + 1e-6)
 
 
-def test_int8_relative_error_is_small():
-    x = torch.randn(512, 384)
+def test_int8_relative_error_is_small(device):
+    x = torch.randn(512, 384).to(device)
     y = from_spec("int8").decode(from_spec("int8").encode(x))
     assert torch.linalg.norm(y - x) / torch.linalg.norm(x) < 0.01
 
 
-def test_lowrank_codec_recovers_a_low_rank_matrix():
-    x = torch.randn(300, 8) @ torch.randn(8, 200)
+def test_lowrank_codec_recovers_a_low_rank_matrix(device):
+    x = (torch.randn(300, 8) @ torch.randn(8, 200)).to(device)
     for spec, tol in [("lowrank:r=8", 1e-4), ("lowrank:r=8+fp16", 2e-3), ("lowrank:r=8+int8", 2e-2)]:
         c = from_spec(spec)
         y = c.decode(c.encode(x, seed=3))
         assert torch.linalg.norm(y - x) / torch.linalg.norm(x) < tol, spec
 
 
-def test_lowrank_int8_matches_reference_reconstruction():
-    x = torch.randn(256, 16) @ torch.randn(16, 384) + 0.01 * torch.randn(256, 384)
+def test_lowrank_int8_matches_reference_reconstruction(device):
+    x = (torch.randn(256, 16) @ torch.randn(16, 384) + 0.01 * torch.randn(256, 384)).to(device)
     c = LowRankCodec(8, stage=QuantCodec(8))
     y = c.decode(c.encode(x, seed=4))
     ref = R.lowrank_dequantize(*R.lowrank_quantize(x, 8, c.oversample, c.iters, 8, 64, False, 4), 256, 384, 8, 8, 64,
@@ -149,8 +158,8 @@ def test_lowrank_int8_matches_reference_reconstruction():
     assert torch.linalg.norm(y - ref) / torch.linalg.norm(ref) < 0.02
 
 
-def test_lowrank_sends_fewer_bytes_than_int8():
-    x = torch.randn(4096, 384)
+def test_lowrank_sends_fewer_bytes_than_int8(device):
+    x = torch.randn(4096, 384).to(device)
     n_lr = from_spec("lowrank:r=8+int8").encode(x).nbytes
     n_q = from_spec("int8").encode(x).nbytes
     assert n_lr * 10 < n_q
@@ -159,8 +168,8 @@ def test_lowrank_sends_fewer_bytes_than_int8():
 
 
 @pytest.mark.parametrize("shape", [(1, 384), (3, 384), (384, 2), (8, 8), (0, 384)])
-def test_lowrank_falls_back_to_its_stage_when_it_cannot_help(shape):
-    x = torch.randn(*shape)
+def test_lowrank_falls_back_to_its_stage_when_it_cannot_help(shape, device):
+    x = torch.randn(*shape).to(device)
     c = from_spec("lowrank:r=8+int8")
     p = c.encode(x, seed=1)
     assert p.mode == "dense"
@@ -171,8 +180,8 @@ def test_lowrank_falls_back_to_its_stage_when_it_cannot_help(shape):
         assert torch.linalg.norm(y - x) / torch.linalg.norm(x) < 0.02
 
 
-def test_lowrank_without_stage_falls_back_to_raw():
-    x = torch.randn(1, 384)
+def test_lowrank_without_stage_falls_back_to_raw(device):
+    x = torch.randn(1, 384).to(device)
     c = from_spec("lowrank:r=8")
     p = c.encode(x)
     assert p.mode == "dense" and p.nbytes == x.nbytes
@@ -186,8 +195,8 @@ def test_decode_with_another_codec_raises():
 
 
 @pytest.mark.parametrize("spec", ["int8", "lowrank:r=4+int8", "lowrank:r=4"])
-def test_non_finite_input_raises(spec):
-    x = torch.randn(64, 128)
+def test_non_finite_input_raises(spec, device):
+    x = torch.randn(64, 128).to(device)
     x[3, 5] = float("nan")
     x[7, 1] = float("inf")
     with pytest.raises(RuntimeError, match="2 non-finite"):
@@ -205,8 +214,8 @@ def test_seed_out_of_range_raises(seed):
         from_spec("int8,sr").encode(torch.randn(4, 64), seed=seed)
 
 
-def test_same_seed_same_packet_other_seed_differs():
-    x = torch.randn(64, 256)
+def test_same_seed_same_packet_other_seed_differs(device):
+    x = torch.randn(64, 256).to(device)
     c = from_spec("int4,sr")
     a, b, d = c.encode(x, seed=1), c.encode(x, seed=1), c.encode(x, seed=2)
     assert torch.equal(a.tensors["codes"], b.tensors["codes"])
@@ -214,7 +223,7 @@ def test_same_seed_same_packet_other_seed_differs():
 
 
 @pytest.mark.parametrize("spec", ["int8,sr", "lowrank:r=8+int8", "lowrank:r=8+int4,sr", "fp16"])
-def test_compiled_round_trip_does_not_recompile_per_seed(spec):
+def test_compiled_round_trip_does_not_recompile_per_seed(spec, device):
     torch._dynamo.reset()
     codec = from_spec(spec)
     counter = CompileCounter()
@@ -223,7 +232,7 @@ def test_compiled_round_trip_does_not_recompile_per_seed(spec):
     def round_trip(x, seed):
         return codec.decode(codec.encode(x, seed))
 
-    x = torch.randn(256, 128)
+    x = torch.randn(256, 128).to(device)
     for seed in range(20):
         y = round_trip(x, seed)
         eager = codec.decode(codec.encode(x, seed))

@@ -1,4 +1,4 @@
-"""CPU kernels of the randomized low-rank ops against ``sft_kernels.reference``.
+"""CPU and CUDA kernels of the randomized low-rank ops against ``sft_kernels.reference``.
 
 Randomized factors are unique only up to sign/rotation, so outputs are compared
 through the reconstruction ``P @ Q.T`` (relative Frobenius distance), plus the
@@ -6,6 +6,9 @@ structural properties the spec promises (orthonormal Q, U, V; descending S).
 Tolerances: the kernels and the reference run the same algorithm with the same
 Philox sketch, so the difference is float rounding amplified by the spectral
 gap at the truncation rank; fp16/bf16 outputs add one rounding of P and Q.
+Tests taking ``device`` also run on CUDA when present, where cuBLAS/cuSOLVER
+replace the CPU BLAS/LAPACK: the op is held to the same tolerances against the
+reference on the same device and against the CPU kernel.
 """
 from __future__ import annotations
 
@@ -46,20 +49,25 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def ortho_err(q: torch.Tensor) -> float:
     q = q.double()
-    return (q.T @ q - torch.eye(q.shape[1], dtype=torch.float64)).abs().max().item()
+    return (q.T @ q - torch.eye(q.shape[1], dtype=torch.float64, device=q.device)).abs().max().item()
 
 
-# (name, builder, rank): inputs covering odd sizes, leading dims and strides
+def on_cpu(op, *args):
+    """``op`` on the CPU for the same arguments (tensors copied there), to compare a CUDA result with."""
+    return op(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args])
+
+
+# (name, builder(dtype, device), rank): inputs covering odd sizes, leading dims and strides
 CASES = {
-    "contig": (lambda dt: decaying(96, 48, 1, dtype=dt), 6),
-    "transposed": (lambda dt: decaying(48, 96, 2, dtype=dt).T, 6),  # non-contiguous (96, 48)
-    "strided": (lambda dt: decaying(96, 100, 3, dtype=dt)[:, ::2], 5),  # non-contiguous (96, 50)
-    "n1_h7": (lambda dt: torch.randn(1, 7).to(dt), 1),
-    "3d": (lambda dt: decaying(60, 40, 4, dtype=dt).reshape(3, 20, 40), 4),
-    "1d": (lambda dt: torch.randn(9).to(dt), 1),
-    "0d": (lambda dt: torch.tensor(2.5).to(dt), 1),
-    "tall_odd": (lambda dt: decaying(1003, 37, 5, dtype=dt), 8),  # several fused-kernel chunks, ragged tile
-    "wide_k": (lambda dt: decaying(300, 200, 6, decay="exp", dtype=dt), 60),  # k = 70 > 64: MKL path
+    "contig": (lambda dt, dev: decaying(96, 48, 1, dtype=dt).to(dev), 6),
+    "transposed": (lambda dt, dev: decaying(48, 96, 2, dtype=dt).to(dev).T, 6),  # non-contiguous (96, 48)
+    "strided": (lambda dt, dev: decaying(96, 100, 3, dtype=dt).to(dev)[:, ::2], 5),  # non-contiguous (96, 50)
+    "n1_h7": (lambda dt, dev: torch.randn(1, 7).to(dev, dt), 1),
+    "3d": (lambda dt, dev: decaying(60, 40, 4, dtype=dt).reshape(3, 20, 40).to(dev), 4),
+    "1d": (lambda dt, dev: torch.randn(9).to(dev, dt), 1),
+    "0d": (lambda dt, dev: torch.tensor(2.5).to(dev, dt), 1),
+    "tall_odd": (lambda dt, dev: decaying(1003, 37, 5, dtype=dt).to(dev), 8),  # several fused-kernel chunks, ragged tile
+    "wide_k": (lambda dt, dev: decaying(300, 200, 6, decay="exp", dtype=dt).to(dev), 60),  # k = 70 > 64: MKL path
 }
 
 
@@ -69,9 +77,9 @@ CASES = {
 @pytest.mark.parametrize("power_iters", POWER_ITERS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_lowrank_matches_reference(case, dtype, power_iters):
+def test_lowrank_matches_reference(case, dtype, power_iters, device):
     build, rank = CASES[case]
-    x = build(dtype)
+    x = build(dtype, device)
     p, q = torch.ops.sft.lowrank(x, rank, 10, power_iters, 7)
     pr, qr = ref.lowrank(x, rank, 10, power_iters, 7)
     n = x.numel() // x.shape[-1] if x.dim() else 1
@@ -82,13 +90,16 @@ def test_lowrank_matches_reference(case, dtype, power_iters):
     recon, recon_ref = p.float() @ q.float().T, pr.float() @ qr.float().T
     assert rel(recon, recon_ref) <= RECON_TOL[dtype]
     assert ortho_err(q) <= ORTHO_TOL[dtype]
+    if device != "cpu":
+        pc, qc = on_cpu(torch.ops.sft.lowrank, x, rank, 10, power_iters, 7)
+        assert p.device == x.device and rel(recon.cpu(), pc.float() @ qc.float().T) <= RECON_TOL[dtype]
 
 
 @pytest.mark.parametrize("transposed", (False, True), ids=("contig", "transposed"))
 @pytest.mark.parametrize("power_iters", POWER_ITERS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_randomized_svd_matches_reference(dtype, power_iters, transposed):
-    w = decaying(120, 70, 11, decay="exp", dtype=dtype)
+def test_randomized_svd_matches_reference(dtype, power_iters, transposed, device):
+    w = decaying(120, 70, 11, decay="exp", dtype=dtype).to(device)
     if transposed:  # same values, column-major (as for a weight passed as lin.weight.T)
         w = w.T.contiguous().T
     u, s, v = torch.ops.sft.randomized_svd(w, 8, 8, power_iters, 3)
@@ -102,16 +113,20 @@ def test_randomized_svd_matches_reference(dtype, power_iters, transposed):
     assert rel(sf, sr.float()) <= RECON_TOL[dtype]
     recon = (u.float() * sf) @ v.float().T
     assert rel(recon, (ur.float() * sr.float()) @ vr.float().T) <= RECON_TOL[dtype]
+    if device != "cpu":
+        uc, sc, vc = on_cpu(torch.ops.sft.randomized_svd, w, 8, 8, power_iters, 3)
+        assert rel(sf.cpu(), sc.float()) <= RECON_TOL[dtype]
+        assert rel(recon.cpu(), (uc.float() * sc.float()) @ vc.float().T) <= RECON_TOL[dtype]
 
 
 @pytest.mark.parametrize("shape", ((200, 72, 6), (1, 16, 1), (12, 1, 1), (3, 5, 33, 4)), ids=str)
 @pytest.mark.parametrize("power_iters", POWER_ITERS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("bits", (2, 4, 8))
-def test_lowrank_quantize_matches_reference(bits, dtype, power_iters, shape):
+def test_lowrank_quantize_matches_reference(bits, dtype, power_iters, shape, device):
     *lead, cols, rank = shape
     rows, block = math.prod(lead), 32
-    x = decaying(rows, cols, 21, dtype=dtype).reshape(*lead, cols)
+    x = decaying(rows, cols, 21, dtype=dtype).reshape(*lead, cols).to(device)
     got = torch.ops.sft.lowrank_quantize(x, rank, 8, power_iters, bits, block, False, 5)
     want = ref.lowrank_quantize(x, rank, 8, power_iters, bits, block, False, 5)
     for g, w in zip(got, want):
@@ -125,11 +140,15 @@ def test_lowrank_quantize_matches_reference(bits, dtype, power_iters, shape):
     # and the reconstruction is as good as the reference's
     x2 = x.reshape(rows, cols)
     assert rel(rec, x2) <= rel(rec_ref, x2) * 1.01 + 1e-4
+    if device != "cpu":
+        codes_cpu = on_cpu(torch.ops.sft.lowrank_quantize, x, rank, 8, power_iters, bits, block, False, 5)
+        rec_cpu = torch.ops.sft.lowrank_dequantize(*codes_cpu, rows, cols, rank, bits, block, torch.float32)
+        assert rel(rec.cpu(), rec_cpu) <= max(RECON_TOL[dtype], 0.05 * step)
 
 
-def test_lowrank_quantize_is_lowrank_then_quantize():
+def test_lowrank_quantize_is_lowrank_then_quantize(device):
     """The fused op quantizes exactly the factors `lowrank` returns (P with seed, Q with seed + 1)."""
-    x = decaying(150, 64, 8)
+    x = decaying(150, 64, 8).to(device)
     for stochastic, seed in ((False, 0), (True, 12345), (True, -1)):  # -1: seed + 1 wraps to 0
         p, q = torch.ops.sft.lowrank(x, 5, 6, 1, seed)
         pc, ps, qc, qs = torch.ops.sft.lowrank_quantize(x, 5, 6, 1, 4, 16, stochastic, seed)
@@ -141,13 +160,16 @@ def test_lowrank_quantize_is_lowrank_then_quantize():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("bits", (2, 4, 8))
-def test_lowrank_dequantize_matches_reference(bits, dtype):
-    x = decaying(130, 50, 31)
+def test_lowrank_dequantize_matches_reference(bits, dtype, device):
+    x = decaying(130, 50, 31).to(device)
     codes = ref.lowrank_quantize(x, 4, 4, 1, bits, 16, True, 9)
     got = torch.ops.sft.lowrank_dequantize(*codes, 130, 50, 4, bits, 16, dtype)
     want = ref.lowrank_dequantize(*codes, 130, 50, 4, bits, 16, dtype)
     assert got.shape == (130, 50) and got.dtype == dtype and got.is_contiguous()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    if device != "cpu":
+        torch.testing.assert_close(got.cpu(), on_cpu(torch.ops.sft.lowrank_dequantize, *codes, 130, 50, 4, bits, 16,
+                                                     dtype), rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- accuracy
@@ -155,13 +177,13 @@ def test_lowrank_dequantize_matches_reference(bits, dtype):
 
 @pytest.mark.parametrize("decay", ("poly", "exp"))
 @pytest.mark.parametrize("power_iters", (0, 1, 2))
-def test_accuracy_vs_torch_svd_lowrank(decay, power_iters):
+def test_accuracy_vs_torch_svd_lowrank(decay, power_iters, device):
     """Mean relative error over 5 seeds <= 1.05 x torch.svd_lowrank (same k, niter), truncated to rank."""
     rank, oversample = 8, 8
     k = rank + oversample
     ours, theirs = [], []
     for seed in range(5):
-        x = decaying(512, 256, 100 + seed, decay=decay)
+        x = decaying(512, 256, 100 + seed, decay=decay).to(device)
         p, q = ops.lowrank(x, rank, oversample, power_iters, seed)
         ours.append(rel(p @ q.T, x))
         torch.manual_seed(seed)
@@ -171,9 +193,9 @@ def test_accuracy_vs_torch_svd_lowrank(decay, power_iters):
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
-def test_half_input_is_as_accurate_as_fp32(dtype):
+def test_half_input_is_as_accurate_as_fp32(dtype, device):
     """fp16/bf16 input (fp32 Gram) loses nothing beyond its own rounding: the later CholeskyQR passes don't shrink Q."""
-    x = decaying(4096, 768, 11)
+    x = decaying(4096, 768, 11).to(device)
     e32 = rel(torch.matmul(*_pq(ops.lowrank(x, 8, 8, 1, 0))), x)
     e16 = rel(torch.matmul(*_pq(ops.lowrank(x.to(dtype), 8, 8, 1, 0))), x)
     assert e16 <= 1.01 * e32, (e16, e32)
@@ -184,9 +206,9 @@ def _pq(pq):
     return p.float(), q.float().T
 
 
-def test_single_pass_error_is_bounded():
+def test_single_pass_error_is_bounded(device):
     """The single-pass sketch is less accurate than two passes, but still a useful approximation."""
-    x = decaying(512, 256, 7, decay="exp")
+    x = decaying(512, 256, 7, decay="exp").to(device)
     best = torch.linalg.svdvals(x)[8:].norm() / x.norm()
     p, q = ops.lowrank(x, 8, 16, -1, 0)
     assert rel(p @ q.T, x) <= 1.5 * best.item()
@@ -196,8 +218,8 @@ def test_single_pass_error_is_bounded():
 
 
 @pytest.mark.parametrize("power_iters", POWER_ITERS)
-def test_same_seed_same_output(power_iters):
-    x = decaying(300, 64, 1)
+def test_same_seed_same_output(power_iters, device):
+    x = decaying(300, 64, 1).to(device)
     a = torch.ops.sft.lowrank(x, 8, 8, power_iters, 42)
     b = torch.ops.sft.lowrank(x, 8, 8, power_iters, 42)
     c = torch.ops.sft.lowrank(x, 8, 8, power_iters, 43)
@@ -206,12 +228,12 @@ def test_same_seed_same_output(power_iters):
 
 
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
-def test_autocast_does_not_change_the_computation(dtype):
+def test_autocast_does_not_change_the_computation(dtype, device):
     """An enclosing autocast must not turn the kernels' internal fp32 GEMMs into half-precision ones."""
-    x = decaying(120, 64, 2)
+    x = decaying(120, 64, 2).to(device)
     want = [torch.ops.sft.lowrank(x, 6, 6, 1, 0), torch.ops.sft.randomized_svd(x, 6, 6, 1, 0),
             torch.ops.sft.lowrank_quantize(x, 6, 6, 1, 8, 32, False, 0)]
-    with torch.autocast("cpu", dtype=dtype):
+    with torch.autocast(device, dtype=dtype):
         got = [torch.ops.sft.lowrank(x, 6, 6, 1, 0), torch.ops.sft.randomized_svd(x, 6, 6, 1, 0),
                torch.ops.sft.lowrank_quantize(x, 6, 6, 1, 8, 32, False, 0)]
         rec = torch.ops.sft.lowrank_dequantize(*got[2], 120, 64, 6, 8, 32, torch.float32)
@@ -220,18 +242,19 @@ def test_autocast_does_not_change_the_computation(dtype):
     assert rec.dtype == torch.float32
 
 
-def test_outputs_do_not_alias_input():
-    x = torch.randn(1, 4)
+def test_outputs_do_not_alias_input(device):
+    x = torch.randn(1, 4).to(device)
     p, q = torch.ops.sft.lowrank(x, 1, 0, 0, 0)
     for t in (p, q):
         assert t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
 
 
-def test_empty_input():
-    x = torch.randn(0, 16)
+def test_empty_input(device):
+    x = torch.randn(0, 16, device=device)
     p, q = torch.ops.sft.lowrank(x, 4, 8, 1, 0)
     assert p.shape == (0, 4) and q.shape == (16, 4) and not q.any()
-    p, q = ops.lowrank(torch.randn(0, 3, 16, dtype=torch.bfloat16), 4)
+    assert p.device == q.device == x.device
+    p, q = ops.lowrank(torch.randn(0, 3, 16, dtype=torch.bfloat16, device=device), 4)
     assert p.shape == (0, 4) and q.shape == (16, 4) and q.dtype == torch.bfloat16
     u, s, v = torch.ops.sft.randomized_svd(x, 4, 8, 1, 0)
     assert u.shape == (0, 4) and s.shape == (4,) and v.shape == (16, 4)
@@ -242,8 +265,8 @@ def test_empty_input():
 
 
 @pytest.mark.parametrize("power_iters", POWER_ITERS)
-def test_rank_deficient_input(power_iters):
-    a, b = torch.randn(200, 1), torch.randn(1, 50)
+def test_rank_deficient_input(power_iters, device):
+    a, b = torch.randn(200, 1).to(device), torch.randn(1, 50).to(device)
     x = a @ b  # rank 1
     for xi in (x, b.expand(200, 50)):  # the second has row stride 0 and is read in place
         p, q = ops.lowrank(xi, 6, 8, power_iters)
@@ -257,7 +280,7 @@ def test_rank_deficient_input(power_iters):
     # orthonormal directions out of an exactly rank-deficient sketch; U S V^T is still exact.)
     assert rel((u * s) @ v.T, x) <= 1e-5
 
-    z = torch.zeros(200, 50)
+    z = torch.zeros(200, 50, device=device)
     p, q = ops.lowrank(z, 6, 8, power_iters)
     assert torch.isfinite(q).all() and not p.any()
     codes = ops.lowrank_quantize(z, 6, 8, power_iters, bits=4, block=16)
@@ -267,8 +290,8 @@ def test_rank_deficient_input(power_iters):
 # ----------------------------------------------------------------------------- opcheck
 
 
-def _opcheck_samples():
-    x = decaying(40, 24, 3)
+def _opcheck_samples(device):
+    x = decaying(40, 24, 3).to(device)
     codes = ref.lowrank_quantize(x, 4, 4, 1, 4, 8, False, 0)
     return [
         (torch.ops.sft.lowrank.default, (x, 4, 4, 1, 0)),
@@ -280,8 +303,8 @@ def _opcheck_samples():
 
 
 @pytest.mark.parametrize("i", range(5))
-def test_opcheck(i):
-    op, args = _opcheck_samples()[i]
+def test_opcheck(i, device):
+    op, args = _opcheck_samples(device)[i]
     torch.library.opcheck(op, args)
 
 
@@ -310,49 +333,49 @@ def _svd(path, w, rank=2):
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_bad_rank_zero(path):
+def test_bad_rank_zero(path, device):
     with pytest.raises(ValueError, match="rank"):
-        _lowrank(path, torch.randn(8, 6), rank=0)
+        _lowrank(path, torch.randn(8, 6, device=device), rank=0)
     with pytest.raises(ValueError, match="rank"):
-        _svd(path, torch.randn(8, 6), rank=0)
+        _svd(path, torch.randn(8, 6, device=device), rank=0)
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_bad_rank_too_large(path):
+def test_bad_rank_too_large(path, device):
     with pytest.raises(ValueError, match=r"rank must be <= min\(N, H\)"):
-        _lowrank(path, torch.randn(8, 6), rank=7)
+        _lowrank(path, torch.randn(8, 6, device=device), rank=7)
     with pytest.raises(ValueError, match=r"rank must be <= min\(N, H\)"):
-        _lowrank_quantize(path, torch.randn(3, 6), rank=4)
+        _lowrank_quantize(path, torch.randn(3, 6, device=device), rank=4)
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_bad_oversample(path):
+def test_bad_oversample(path, device):
     with pytest.raises(ValueError, match="oversample"):
-        _lowrank(path, torch.randn(8, 6), oversample=-1)
+        _lowrank(path, torch.randn(8, 6, device=device), oversample=-1)
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_bad_power_iters(path):
+def test_bad_power_iters(path, device):
     with pytest.raises(ValueError, match="power_iters"):
-        _lowrank(path, torch.randn(8, 6), power_iters=-2)
+        _lowrank(path, torch.randn(8, 6, device=device), power_iters=-2)
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_bad_bits(path):
+def test_bad_bits(path, device):
     with pytest.raises(ValueError, match="bits"):
-        _lowrank_quantize(path, torch.randn(8, 6), bits=3)
+        _lowrank_quantize(path, torch.randn(8, 6, device=device), bits=3)
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_bad_block(path):
+def test_bad_block(path, device):
     with pytest.raises(ValueError, match="block"):
-        _lowrank_quantize(path, torch.randn(8, 6), block=0)
+        _lowrank_quantize(path, torch.randn(8, 6, device=device), block=0)
 
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", (torch.int32, torch.float64), ids=str)
-def test_bad_dtype(path, dtype):
-    x = torch.ones(8, 6, dtype=dtype)
+def test_bad_dtype(path, dtype, device):
+    x = torch.ones(8, 6, dtype=dtype, device=device)
     with pytest.raises(ValueError, match="x must be float32, float16 or bfloat16"):
         _lowrank(path, x)
     with pytest.raises(ValueError, match="x must be float32, float16 or bfloat16"):
@@ -364,8 +387,8 @@ def test_bad_dtype(path, dtype):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("bad", (float("nan"), float("inf"), -float("inf")))
 @pytest.mark.parametrize("power_iters", (-1, 1))
-def test_non_finite_input(path, bad, power_iters):
-    x = torch.randn(40, 6)
+def test_non_finite_input(path, bad, power_iters, device):
+    x = torch.randn(40, 6, device=device)
     x[3, 2] = bad
     x[17, 0] = bad
     with pytest.raises(RuntimeError, match="x has 2 non-finite value"):
@@ -377,16 +400,16 @@ def test_non_finite_input(path, bad, power_iters):
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_bad_w_not_2d(path):
+def test_bad_w_not_2d(path, device):
     with pytest.raises(ValueError, match="w must be 2-D"):
-        _svd(path, torch.randn(2, 8, 6))
+        _svd(path, torch.randn(2, 8, 6, device=device))
 
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("what", ("rows", "cols", "rank", "bits", "block", "p_scales", "q_codes_1d"))
-def test_bad_lowrank_dequantize_shapes(path, what):
+def test_bad_lowrank_dequantize_shapes(path, what, device):
     rows, cols, rank, bits, block = 40, 24, 4, 4, 8
-    pc, ps, qc, qs = ref.lowrank_quantize(decaying(rows, cols, 0), rank, 4, 1, bits, block, False, 0)
+    pc, ps, qc, qs = ref.lowrank_quantize(decaying(rows, cols, 0).to(device), rank, 4, 1, bits, block, False, 0)
     args = dict(rows=rows, cols=cols, rank=rank, bits=bits, block=block)
     if what in ("rows", "cols", "rank"):
         args[what] += 1

@@ -2,7 +2,10 @@
 
 Importing the package loads the compiled ``sft_kernels._C`` extension, which
 registers the ``torch.ops.sft.*`` custom ops, then their Python wrappers, fake
-kernels and autograd registrations (:mod:`sft_kernels.ops`), then the codecs.
+kernels and autograd registrations (:mod:`sft_kernels.ops`), then their CUDA
+kernels (:mod:`sft_kernels._cuda`: the pure-PyTorch reference, which warns once
+with :class:`SlowPathWarning`, unless ``SFT_CUDA_FUSED=1`` enables the fused
+quantize/dequantize; :func:`cuda_backend` says which is active), then the codecs.
 
 Example::
 
@@ -24,6 +27,7 @@ except ImportError as exc:  # pragma: no cover - only without a build
     ) from exc
 
 from . import ops  # noqa: E402
+from ._cuda import SlowPathWarning, cuda_backend  # noqa: E402  (registers the CUDA kernels)
 from . import codecs  # noqa: E402
 from .codecs import Codec, Packet, boundary, from_spec  # noqa: E402
 from .split import (BoundaryOutput, SimulatedSplit, load_split_model, merge, save_split_model,  # noqa: E402
@@ -32,5 +36,5 @@ from .split import (BoundaryOutput, SimulatedSplit, load_split_model, merge, sav
 __version__ = "0.1.0"
 __all__ = [
     "ops", "codecs", "Codec", "Packet", "boundary", "from_spec", "BoundaryOutput", "SimulatedSplit", "split_model",
-    "merge", "save_split_model", "load_split_model",
+    "merge", "save_split_model", "load_split_model", "SlowPathWarning", "cuda_backend",
 ]

@@ -7,6 +7,21 @@ a silent runtime fallback: production code calls ``torch.ops.sft.*``.
 This module must not import anything from the rest of the package except the
 argument checks in :mod:`sft_kernels._checks`.
 
+Every function works on any device: each tensor it creates (index ranges,
+Philox counters, sketches, identity matrices) lives on its input's device, so
+the same code is the CUDA path where no fused kernel is registered
+(:mod:`sft_kernels._cuda`).  Quantization uses only exactly rounded fp32
+operations, so it is bit-identical on every device; the low-rank ops run
+through the device's BLAS and LAPACK and agree within rounding.  Constants are
+device tensors, not CPU scalars: CUDA divides by a CPU scalar as a multiply by
+its reciprocal, which is not IEEE division.
+
+Non-finite input: on CPU every op raises ``RuntimeError`` with the count.  On
+other devices :func:`quantize` does not check (raising would need a host
+sync); non-finite input gives non-finite scales there, which the codecs
+report.  The low-rank ops check on every device: their LAPACK calls
+synchronise anyway.
+
 Quantization format (bit-exact contract)
 ----------------------------------------
 * Symmetric absmax in blocks of ``block`` consecutive elements of the last dim.
@@ -65,6 +80,7 @@ from ._checks import (
     check_bits_block,
     check_float_input,
     check_lowrank_args,
+    check_out_dtype,
     check_packed_shapes,
     lowrank_k,
 )
@@ -127,18 +143,45 @@ def _philox_words(index: torch.Tensor, seed: int, stream: int) -> torch.Tensor:
     return torch.gather(words, -1, (index % 4).unsqueeze(-1)).squeeze(-1)
 
 
-def philox_uniform(numel: int, seed: int, stream: int = STREAM_ROUNDING) -> torch.Tensor:
-    """Uniforms ``u = (r >> 8) * 2**-24`` in [0, 1), fp32, for element indices 0..numel-1."""
-    idx = torch.arange(numel, dtype=torch.int64)
+def philox_uniform(
+    numel: int, seed: int, stream: int = STREAM_ROUNDING, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Uniforms ``u = (r >> 8) * 2**-24`` in [0, 1), fp32 on ``device``, for element indices 0..numel-1."""
+    idx = torch.arange(numel, dtype=torch.int64, device=device)
     r = _philox_words(idx, seed, stream)
     return (r >> 8).to(torch.float32) * (2.0**-24)
 
 
-def rademacher(rows: int, cols: int, seed: int, stream: int = STREAM_SKETCH) -> torch.Tensor:
-    """The ``rows x cols`` +-1 fp32 test matrix: entry (i, j) uses index i*cols + j."""
-    idx = torch.arange(rows * cols, dtype=torch.int64)
+def rademacher(
+    rows: int, cols: int, seed: int, stream: int = STREAM_SKETCH, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """The ``rows x cols`` +-1 fp32 test matrix on ``device``: entry (i, j) uses index i*cols + j."""
+    idx = torch.arange(rows * cols, dtype=torch.int64, device=device)
     r = _philox_words(idx, seed, stream)
     return torch.where((r >> 31) == 0, 1.0, -1.0).to(torch.float32).reshape(rows, cols)
+
+
+# Python indexing (``t[:, :n]``) and ``Tensor.contiguous()`` take a device guard, which a
+# CPU-only build of torch lacks for CUDA; the two helpers below avoid them so that this
+# module also runs on fake CUDA tensors, which is how CPU CI checks it creates nothing
+# on the wrong device.
+
+
+def _first(t: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` entries of ``t`` along its last dim, as a view (``t[..., :n]``)."""
+    return t.narrow(-1, 0, n)
+
+
+def _contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t.contiguous()``."""
+    return t if t.is_contiguous() else t.clone(memory_format=torch.contiguous_format)
+
+
+def _check_finite(x: torch.Tensor, op: str, name: str, hint: str = "") -> None:
+    """Raise ``RuntimeError`` with the count of non-finite values of ``x`` (a host sync off the CPU)."""
+    if x.numel() and not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).sum())
+        raise RuntimeError(f"{op}: {name} has {bad} non-finite value(s){hint}")
 
 
 # ----------------------------------------------------------------------------- quantization
@@ -155,30 +198,29 @@ def quantize(
     rows = xf.shape[0]
     nblk = -(-cols // block)
     nbytes = -(-cols * bits // 8)
-    if xf.numel() and not torch.isfinite(xf).all():
-        bad = int((~torch.isfinite(xf)).sum())
-        raise RuntimeError(f"sft::quantize: x has {bad} non-finite value(s); only finite input can be quantized")
+    if x.device.type == "cpu":
+        _check_finite(xf, "sft::quantize", "x", "; only finite input can be quantized")
     qmax = 2 ** (bits - 1) - 1
     pad = nblk * block - cols
     xp = torch.nn.functional.pad(xf, (0, pad)).reshape(rows, nblk, block)
-    absmax = xp.abs().amax(dim=-1) if rows else torch.zeros(rows, nblk)
-    scales = absmax / torch.tensor(qmax, dtype=torch.float32)
+    absmax = xp.abs().amax(dim=-1) if rows else xf.new_zeros(rows, nblk)
+    scales = absmax / xf.new_full((), float(qmax))  # a device tensor: a true fp32 division on every device
     safe = torch.where(scales == 0, torch.ones_like(scales), scales)
-    t = (xp / safe.unsqueeze(-1)).reshape(rows, nblk * block)[:, :cols]
+    t = _first((xp / safe.unsqueeze(-1)).reshape(rows, nblk * block), cols)
     if stochastic:
-        u = philox_uniform(rows * cols, seed).reshape(rows, cols)
+        u = philox_uniform(rows * cols, seed, device=xf.device).reshape(rows, cols)
         q = torch.floor(t + u)
     else:
         a = t.abs()
         f = torch.floor(a)
         q = torch.sign(t) * (f + ((a - f) >= 0.5).to(torch.float32))
     q = torch.clamp(q, -qmax, qmax)
-    zero_blk = (scales == 0).repeat_interleave(block, dim=-1)[:, :cols]
+    zero_blk = _first((scales == 0).repeat_interleave(block, dim=-1), cols)
     q = torch.where(zero_blk, torch.zeros_like(q), q)
     ucode = (q.to(torch.int64) + 2 ** (bits - 1))
     per_byte = 8 // bits
     ucode = torch.nn.functional.pad(ucode, (0, nbytes * per_byte - cols)).reshape(rows, nbytes, per_byte)
-    shifts = torch.arange(per_byte, dtype=torch.int64) * bits
+    shifts = torch.arange(per_byte, dtype=torch.int64, device=ucode.device) * bits
     # pad elements were filled with 0 after the offset was added, so pad bits are 0
     packed = (ucode << shifts).sum(dim=-1).to(torch.uint8)
     return packed.reshape(*lead, nbytes), scales.reshape(*lead, nblk)
@@ -189,15 +231,16 @@ def dequantize(
 ) -> torch.Tensor:
     """Reference ``sft::dequantize``: the inverse of :func:`quantize` up to rounding."""
     check_bits_block(bits, block)
+    check_out_dtype(dtype)
     check_packed_shapes(codes, scales, bits, block, cols)
     lead = tuple(codes.shape[:-1])
     rows = math.prod(lead)
     per_byte = 8 // bits
     c = codes.reshape(rows, codes.shape[-1]).to(torch.int64)
-    shifts = torch.arange(per_byte, dtype=torch.int64) * bits
-    vals = ((c.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(rows, c.shape[-1] * per_byte)[:, :cols]
+    shifts = torch.arange(per_byte, dtype=torch.int64, device=c.device) * bits
+    vals = _first(((c.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(rows, c.shape[-1] * per_byte), cols)
     q = (vals - 2 ** (bits - 1)).to(torch.float32)
-    s = scales.reshape(rows, scales.shape[-1]).to(torch.float32).repeat_interleave(block, dim=-1)[:, :cols]
+    s = _first(scales.reshape(rows, scales.shape[-1]).to(torch.float32).repeat_interleave(block, dim=-1), cols)
     return (q * s).to(dtype).reshape(*lead, cols)
 
 
@@ -213,16 +256,29 @@ def _orth(y: torch.Tensor, gram_dtype: torch.dtype) -> torch.Tensor:
     m, k = y.shape
     u = _unit_roundoff(gram_dtype)
     tiny = torch.finfo(gram_dtype).tiny * 1e4
-    eye = torch.eye(k, dtype=gram_dtype)
+    eye = torch.eye(k, dtype=gram_dtype, device=y.device)
     q = y
     for p in range(3):
         yg = q.to(gram_dtype)
         g = yg.T @ yg
         rel = 11.0 * (m * k + k * (k + 1)) if p == 0 else float(k)
         shift = rel * u * torch.trace(g) + tiny
-        r = torch.linalg.cholesky(g + shift * eye, upper=True)
+        # the shift makes g + shift * eye positive definite, so skip the error check (a host sync on CUDA)
+        r = torch.linalg.cholesky_ex(g + shift * eye, upper=True).L
         q = torch.linalg.solve_triangular(r, yg, upper=True, left=False).to(y.dtype)
     return q
+
+
+def _lstsq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Least-squares solution of ``a @ sol = b``, also for a rank-deficient ``a`` (an exactly low-rank ``x``).
+
+    On CPU this is LAPACK's default driver, the rank-revealing gelsy.  CUDA offers only
+    gels, which assumes full rank, so off the CPU the solution comes from the
+    pseudo-inverse with gelsy's cutoff ``eps * max(m, n)``.
+    """
+    if a.device.type == "cpu":
+        return torch.linalg.lstsq(a, b).solution
+    return torch.linalg.pinv(a, rtol=torch.finfo(a.dtype).eps * max(a.shape)) @ b
 
 
 def _core(x2: torch.Tensor, rank: int, oversample: int, power_iters: int, seed: int):
@@ -232,7 +288,7 @@ def _core(x2: torch.Tensor, rank: int, oversample: int, power_iters: int, seed: 
     comp = torch.float32
     gram = torch.float64 if x2.dtype == torch.float32 else torch.float32
     xf = x2.to(comp)
-    omega = rademacher(h, k, seed, STREAM_SKETCH)
+    omega = rademacher(h, k, seed, STREAM_SKETCH, device=x2.device)
     y = xf @ omega
     if power_iters >= 0:
         q = _orth(y, gram)
@@ -242,12 +298,12 @@ def _core(x2: torch.Tensor, rank: int, oversample: int, power_iters: int, seed: 
         b = q.T @ xf
     else:
         ell = 2 * k + 1
-        psi = rademacher(ell, n, seed, STREAM_SKETCH2)
+        psi = rademacher(ell, n, seed, STREAM_SKETCH2, device=x2.device)
         w = psi @ xf
         q = _orth(y, gram)
-        b = torch.linalg.lstsq((psi @ q).to(gram), w.to(gram)).solution.to(comp)
+        b = _lstsq((psi @ q).to(gram), w.to(gram)).to(comp)
     ub, s, vbt = torch.linalg.svd(b.to(gram), full_matrices=False)
-    return q, ub[:, :rank].to(comp), s[:rank].to(comp), vbt[:rank].T.to(comp)
+    return q, _first(ub, rank).to(comp), _first(s, rank).to(comp), _first(vbt.T, rank).to(comp)
 
 
 def _as_2d(x: torch.Tensor) -> torch.Tensor:
@@ -265,9 +321,7 @@ def lowrank(
     check_lowrank_args(rank, oversample, power_iters, n, h)
     if n == 0:
         return x.new_zeros(0, rank), x.new_zeros(h, rank)
-    if not torch.isfinite(x2).all():
-        bad = int((~torch.isfinite(x2)).sum())
-        raise RuntimeError(f"sft::lowrank: x has {bad} non-finite value(s)")
+    _check_finite(x2, "sft::lowrank", "x")
     q, ub, s, vb = _core(x2, rank, oversample, power_iters, seed)
     p = (q.to(torch.float32) @ ub) * s
     return p.to(x.dtype), vb.to(x.dtype)
@@ -284,9 +338,7 @@ def randomized_svd(
     check_lowrank_args(rank, oversample, power_iters, n, h)
     if n == 0:
         return w.new_zeros(0, rank), w.new_zeros(rank), w.new_zeros(h, rank)
-    if not torch.isfinite(w).all():
-        bad = int((~torch.isfinite(w)).sum())
-        raise RuntimeError(f"sft::randomized_svd: w has {bad} non-finite value(s)")
+    _check_finite(w, "sft::randomized_svd", "w")
     q, ub, s, vb = _core(w.detach(), rank, oversample, power_iters, seed)
     u = q.to(torch.float32) @ ub
     return u.to(w.dtype), s.to(w.dtype), vb.to(w.dtype)
@@ -305,8 +357,8 @@ def lowrank_quantize(
     """Reference ``sft::lowrank_quantize``: low-rank factors of ``x``, then ``P^T`` and ``Q^T`` quantized."""
     check_bits_block(bits, block)
     p, q = lowrank(x, rank, oversample, power_iters, seed)
-    pc, ps = quantize(p.T.contiguous(), bits, block, stochastic, seed)
-    qc, qs = quantize(q.T.contiguous(), bits, block, stochastic, (seed + 1) & 0xFFFFFFFFFFFFFFFF)
+    pc, ps = quantize(_contiguous(p.T), bits, block, stochastic, seed)
+    qc, qs = quantize(_contiguous(q.T), bits, block, stochastic, (seed + 1) & 0xFFFFFFFFFFFFFFFF)
     return pc, ps, qc, qs
 
 
@@ -324,6 +376,7 @@ def lowrank_dequantize(
 ) -> torch.Tensor:
     """Reference ``sft::lowrank_dequantize``: ``dequant(P^T)^T @ dequant(Q^T)`` as ``rows x cols``."""
     check_bits_block(bits, block)
+    check_out_dtype(dtype)
     pt = dequantize(p_codes, p_scales, bits, block, rows, torch.float32)
     qt = dequantize(q_codes, q_scales, bits, block, cols, torch.float32)
     if pt.shape[0] != rank or qt.shape[0] != rank:

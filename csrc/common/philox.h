@@ -5,11 +5,7 @@
 #pragma once
 #include <stdint.h>
 
-#if defined(__CUDACC__)
-#define SFT_HD __host__ __device__ __forceinline__
-#else
-#define SFT_HD inline
-#endif
+#include "common/hd.h"
 
 namespace sft {
 

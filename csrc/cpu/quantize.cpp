@@ -19,6 +19,9 @@
 //     that each window is still one long vectorised loop.
 //   * Everything is templated on the input/output dtype, on bits (so shifts,
 //     qmax and packing are compile-time constants) and on the rounding mode.
+//   * The per-element arithmetic (scale, rounding, packing a CodeWord, decode)
+//     is common/quantize.h, which the CUDA kernels use too; the argument checks
+//     are quantize_args.h, which the CUDA glue uses too.
 //
 // Vectorisation: the hot loops are plain C++ that GCC auto-vectorises, and the
 // span kernels carry SFT_CLONES, i.e. GCC function multiversioning
@@ -45,9 +48,10 @@
 #include <cstring>
 #include <numeric>
 #include <type_traits>
-#include <vector>
 
 #include "common/philox.h"
+#include "common/quantize.h"
+#include "quantize_args.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__AVX512BW__)
 #define SFT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -136,73 +140,22 @@ struct BF16 {
   SFT_INLINE static bits_t from_float(float f) { return c10::detail::round_to_nearest_even(f); }
 };
 
-// ----------------------------------------------------------------------------- format constants
-
-template <int BITS>
-struct Fmt {
-  static_assert(BITS == 2 || BITS == 4 || BITS == 8, "bits must be 2, 4 or 8");
-  static constexpr int kPerByte = 8 / BITS;
-  static constexpr int kOffset = 1 << (BITS - 1);  // stored code = q + kOffset
-  static constexpr int kMask = (1 << BITS) - 1;
-  static constexpr int kQmax = kOffset - 1;
-};
-
 // ceil(a / b) for a >= 0, b >= 1, without overflow for any b.
 inline int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
 
-// ----------------------------------------------------------------------------- per-element rounding
-// Rounding is done with float -> int conversion (truncation) rather than
-// std::floor / std::round, which GCC does not vectorise (without
-// -fno-trapping-math / at all). This is exact because |t| < 2^31 always: |x| <=
-// absmax and a nonzero scale is >= 2^-149, so |t| <= absmax * 2^149 < 127 * 2^23
-// when absmax / qmax is subnormal, and |t| <= qmax * (1 + 2^-23) otherwise.
-
-// Deterministic code of x in a block with scale > 0 (or +inf, see quantize_span):
-// round half away from zero. For |t| < 2^31, trunc(|t| + h) with h = 0.5 - 2^-25
-// (the float just below 0.5) is exactly round-half-away(|t|) (checked
-// exhaustively over all such floats; h = 0.5 itself fails for t = 0.49999997,
-// where |t| + 0.5 rounds up to 1), and both steps are odd functions of t.
-template <int BITS>
-SFT_INLINE uint8_t code_nearest(float x, float scale) {
-  constexpr float kJustBelowHalf = 0.5f - 0x1p-25f;
-  const float t = x / scale;
-  const int q = int(t + std::copysign(kJustBelowHalf, t));
-  return uint8_t(std::min(std::max(q, -Fmt<BITS>::kQmax), Fmt<BITS>::kQmax) + Fmt<BITS>::kOffset);
-}
-
-// Stochastic code of x in a block with scale > 0 (or +inf): floor(t + u), u from Philox word r.
-template <int BITS>
-SFT_INLINE uint8_t code_stochastic(float x, float scale, uint32_t r) {
-  const float v = x / scale + philox_u01(r);
-  const int q = int(v) - int(float(int(v)) > v);  // truncation -> floor
-  return uint8_t(std::min(std::max(q, -Fmt<BITS>::kQmax), Fmt<BITS>::kQmax) + Fmt<BITS>::kOffset);
-}
-
 // ----------------------------------------------------------------------------- packing
 // For 2 and 4 bits, codes are first produced one uint8 per element into a
-// staging window (that loop vectorises over elements), then packed. The
-// kPerByte codes of one output byte are read as one little-endian word
-// (CodeWord), and moved into place with shifts in registers: code s sits at bit
-// 8s of the word and belongs at bit s*BITS of the byte. This is a plain
-// word -> byte loop, which vectorises without interleaving shuffles. Windows
-// start on a byte boundary. 8-bit codes are the packed bytes: no staging.
-
-template <int BITS>
-using CodeWord = std::conditional_t<BITS == 2, uint32_t, std::conditional_t<BITS == 4, uint16_t, uint8_t>>;
+// staging window (that loop vectorises over elements), then packed a CodeWord
+// at a time (common/quantize.h): a plain word -> byte loop. Windows start on a
+// byte boundary. 8-bit codes are the packed bytes: no staging.
 
 // Packs the n codes held in the bytes of w into the ceil(n*BITS/8) bytes out;
 // pad bits of a partial last byte are 0.
 template <int BITS>
 SFT_INLINE void pack_bytes(const CodeWord<BITS>* __restrict w, int64_t n, uint8_t* __restrict out) {
-  using W = CodeWord<BITS>;
-  constexpr int kPB = Fmt<BITS>::kPerByte;
-  auto gather = [](W v) {
-    W b = 0;
-    for (int s = 0; s < kPB; ++s) b = W(b | (v >> (s * (8 - BITS))));
-    return uint8_t(b);
-  };
+  constexpr int kPB = QuantFormat<BITS>::kPerByte;
   const int64_t full = n / kPB, rest = n - full * kPB;
-  for (int64_t j = 0; j < full; ++j) out[j] = gather(w[j]);
+  for (int64_t j = 0; j < full; ++j) out[j] = pack_word<BITS>(w[j]);
   if (rest) {  // a partial last byte: only its first `rest` code bytes were written
     const uint8_t* c = reinterpret_cast<const uint8_t*>(w + full);
     unsigned v = 0;
@@ -215,16 +168,8 @@ SFT_INLINE void pack_bytes(const CodeWord<BITS>* __restrict w, int64_t n, uint8_
 // byte of w (which must have room for a whole last word).
 template <int BITS>
 SFT_INLINE void unpack_bytes(const uint8_t* __restrict in, int64_t n, CodeWord<BITS>* __restrict w) {
-  using W = CodeWord<BITS>;
-  constexpr int kPB = Fmt<BITS>::kPerByte;
-  constexpr W kLowBits = W(W(~W(0)) / 0xFF * Fmt<BITS>::kMask);  // kMask in every byte
-  const int64_t nwords = ceil_div(n, kPB);
-  for (int64_t j = 0; j < nwords; ++j) {
-    const W v = in[j];
-    W spread = 0;
-    for (int s = 0; s < kPB; ++s) spread = W(spread | (v << (s * (8 - BITS))));
-    w[j] = W(spread & kLowBits);
-  }
+  const int64_t nwords = ceil_div(n, QuantFormat<BITS>::kPerByte);
+  for (int64_t j = 0; j < nwords; ++j) w[j] = unpack_word<BITS>(in[j]);
 }
 
 // ----------------------------------------------------------------------------- block helpers
@@ -269,29 +214,29 @@ constexpr int64_t kShortBlock = 64;
 
 // Calls fn(k0, k1, scale) for each block's part [w0 + k0, w0 + k1) of the
 // window [w0, w1) of a row; b is the block of element w0 and is advanced past
-// the window. A zero scale is passed as zero_as.
-template <class Fn>
+// the window. The scale is passed through map (see for_window_scales).
+template <class Map, class Fn>
 SFT_INLINE void for_each_segment(const float* __restrict scales, int64_t w0, int64_t w1, int64_t block, int64_t& b,
-                                 float zero_as, Fn fn) {
+                                 Map map, Fn fn) {
   for (int64_t e = w0; e < w1;) {
     const int64_t block_end = (b + 1) * block, end = std::min(w1, block_end);
-    fn(e - w0, end - w0, scales[b] == 0.0f ? zero_as : scales[b]);
+    fn(e - w0, end - w0, map(scales[b]));
     b += end == block_end;
     e = end;
   }
 }
 
 // Runs body(k0, k1, scale_of) over the window [w0, w1), where scale_of(k) is
-// the (zero_as-substituted) scale of element w0 + k: per block for long blocks,
-// or once over the whole window with a per-element scale array `sc`.
-template <class Body>
+// map(scale) for the block of element w0 + k: per block for long blocks, or
+// once over the whole window with a per-element array `sc` of them.
+template <class Map, class Body>
 SFT_INLINE void for_window_scales(float* __restrict sc, const float* __restrict scales, int64_t w0, int64_t w1,
-                                  int64_t block, int64_t& b, float zero_as, Body body) {
+                                  int64_t block, int64_t& b, Map map, Body body) {
   if (block >= kShortBlock) {
-    for_each_segment(scales, w0, w1, block, b, zero_as,
+    for_each_segment(scales, w0, w1, block, b, map,
                      [&](int64_t k0, int64_t k1, float s) { body(k0, k1, [s](int64_t) { return s; }); });
   } else {
-    for_each_segment(scales, w0, w1, block, b, zero_as, [&](int64_t k0, int64_t k1, float s) {
+    for_each_segment(scales, w0, w1, block, b, map, [&](int64_t k0, int64_t k1, float s) {
       for (int64_t k = k0; k < k1; ++k) sc[k] = s;
     });
     body(0, w1 - w0, [sc](int64_t k) { return sc[k]; });
@@ -307,7 +252,7 @@ SFT_CLONES int64_t quantize_span(const typename In::bits_t* __restrict x, uint8_
                                  float* __restrict scales, int64_t b0, int64_t b1, int64_t cols, int64_t block,
                                  uint64_t index0, uint64_t seed) {
   constexpr bool kStaged = BITS != 8;
-  constexpr int kPB = Fmt<BITS>::kPerByte;
+  constexpr int kPB = QuantFormat<BITS>::kPerByte;
   // Pass 1: the scales of all blocks of the span (a span is ~kSpanElems
   // elements or one block, so it is still in L1/L2 for pass 2).
   int64_t nonfinite = 0;
@@ -315,13 +260,11 @@ SFT_CLONES int64_t quantize_span(const typename In::bits_t* __restrict x, uint8_
     const int64_t e0 = b * block, n = std::min(cols, e0 + block) - e0;
     const uint32_t amax = absmax_bits<In>(x + e0, n);
     if (amax >= In::kInf) nonfinite += count_nonfinite<In>(x + e0, n);
-    scales[b] = In::to_float(typename In::bits_t(amax)) / float(Fmt<BITS>::kQmax);
+    scales[b] = block_scale<BITS>(In::to_float(typename In::bits_t(amax)));
   }
   if (nonfinite) return nonfinite;
 
-  // Pass 2: codes, one window at a time. An all-zero block (or one whose
-  // absmax / qmax underflows) has scale 0 and must get q = 0: dividing by +inf
-  // instead gives t = +-0, hence q = 0 in both rounding modes (u < 1).
+  // Pass 2: codes, one window at a time; each block divides by code_divisor(scale).
   alignas(64) float sc[kWindow];  // per-element scales, used only for short blocks
   alignas(64) CodeWord<BITS> stage[kStaged ? kWindow / kPB : 1];
   alignas(64) uint32_t words[SR ? kWindow + 8 : 1];
@@ -332,7 +275,8 @@ SFT_CLONES int64_t quantize_span(const typename In::bits_t* __restrict x, uint8_
     uint8_t* __restrict dst = kStaged ? reinterpret_cast<uint8_t*>(stage) : codes + w0;
     const typename In::bits_t* __restrict xw = x + w0;
     const uint32_t* __restrict r = SR ? philox_words(words, seed, index0 + uint64_t(w0), w1 - w0) : nullptr;
-    for_window_scales(sc, scales, w0, w1, block, b, INFINITY, [&](int64_t k0, int64_t k1, auto scale_of) {
+    const auto divisor = [](float s) { return code_divisor(s); };
+    for_window_scales(sc, scales, w0, w1, block, b, divisor, [&](int64_t k0, int64_t k1, auto scale_of) {
       for (int64_t k = k0; k < k1; ++k) {
         if constexpr (SR) {
           dst[k] = code_stochastic<BITS>(In::to_float(xw[k]), scale_of(k), r[k]);
@@ -352,7 +296,7 @@ SFT_CLONES void dequantize_span(const uint8_t* __restrict codes, const float* __
                                 typename Out::bits_t* __restrict y, int64_t b0, int64_t b1, int64_t cols,
                                 int64_t block) {
   constexpr bool kStaged = BITS != 8;
-  constexpr int kPB = Fmt<BITS>::kPerByte;
+  constexpr int kPB = QuantFormat<BITS>::kPerByte;
   alignas(64) float sc[kWindow];  // per-element scales, used only for short blocks
   alignas(64) CodeWord<BITS> stage[kStaged ? kWindow / kPB : 1];
   const int64_t span_end = std::min(cols, b1 * block);
@@ -365,8 +309,9 @@ SFT_CLONES void dequantize_span(const uint8_t* __restrict codes, const float* __
       c = reinterpret_cast<const uint8_t*>(stage);
     }
     typename Out::bits_t* __restrict yw = y + w0;
-    for_window_scales(sc, scales, w0, w1, block, b, 0.0f, [&](int64_t k0, int64_t k1, auto scale_of) {
-      for (int64_t k = k0; k < k1; ++k) yw[k] = Out::from_float(float(int(c[k]) - Fmt<BITS>::kOffset) * scale_of(k));
+    const auto same = [](float s) { return s; };
+    for_window_scales(sc, scales, w0, w1, block, b, same, [&](int64_t k0, int64_t k1, auto scale_of) {
+      for (int64_t k = k0; k < k1; ++k) yw[k] = Out::from_float(decode_code<BITS>(int(c[k]), scale_of(k)));
     });
   }
 }
@@ -445,21 +390,6 @@ auto dispatch_float(at::ScalarType dtype, F&& f) {
   }
 }
 
-// ----------------------------------------------------------------------------- argument checks
-
-bool is_supported_float(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
-
-void check_bits_block(const char* op, int64_t bits, int64_t block) {
-  TORCH_CHECK_VALUE(bits == 2 || bits == 4 || bits == 8, op, ": bits must be one of (2, 4, 8), got ", bits);
-  TORCH_CHECK_VALUE(block >= 1, op, ": block must be >= 1, got ", block);
-}
-
-std::vector<int64_t> with_last(at::IntArrayRef lead, int64_t last) {
-  std::vector<int64_t> shape(lead.begin(), lead.end());
-  shape.push_back(last);
-  return shape;
-}
-
 }  // namespace
 
 // ----------------------------------------------------------------------------- ops
@@ -467,25 +397,19 @@ std::vector<int64_t> with_last(at::IntArrayRef lead, int64_t last) {
 std::tuple<at::Tensor, at::Tensor> quantize(const at::Tensor& x, int64_t bits, int64_t block, bool stochastic,
                                             int64_t seed) {
   constexpr const char* op = "sft::quantize";
-  check_bits_block(op, bits, block);
-  TORCH_CHECK_VALUE(is_supported_float(x.scalar_type()), op, ": x must be float32, float16 or bfloat16, got ",
-                    x.scalar_type());
+  const PackedGeometry g = check_quantize_args(x, bits, block);
   TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
-  const at::IntArrayRef lead = x.dim() ? x.sizes().slice(0, x.dim() - 1) : at::IntArrayRef{};
-  const int64_t cols = x.dim() ? x.size(-1) : 1;
-  const int64_t rows = c10::multiply_integers(lead);
-  const int64_t nbytes = ceil_div(cols * bits, 8), nblk = ceil_div(cols, block);
-  at::Tensor codes = at::empty(with_last(lead, nbytes), x.options().dtype(at::kByte));
-  at::Tensor scales = at::empty(with_last(lead, nblk), x.options().dtype(at::kFloat));
-  if (rows == 0 || cols == 0) return {codes, scales};
+  at::Tensor codes = at::empty(g.codes_shape(), x.options().dtype(at::kByte));
+  at::Tensor scales = at::empty(g.scales_shape(), x.options().dtype(at::kFloat));
+  if (g.rows == 0 || g.cols == 0) return {codes, scales};
 
   const at::Tensor xc = x.contiguous();
   const int64_t nonfinite = dispatch_float(x.scalar_type(), [&](auto in) {
     using In = decltype(in);
     return dispatch_bits(bits, [&](auto b) {
       constexpr int B = decltype(b)::value;
-      return stochastic ? quantize_rows<In, B, true>(xc, codes, scales, rows, cols, block, uint64_t(seed))
-                        : quantize_rows<In, B, false>(xc, codes, scales, rows, cols, block, uint64_t(seed));
+      return stochastic ? quantize_rows<In, B, true>(xc, codes, scales, g.rows, g.cols, block, uint64_t(seed))
+                        : quantize_rows<In, B, false>(xc, codes, scales, g.rows, g.cols, block, uint64_t(seed));
     });
   });
   TORCH_CHECK(nonfinite == 0, op, ": x has ", nonfinite,
@@ -496,29 +420,15 @@ std::tuple<at::Tensor, at::Tensor> quantize(const at::Tensor& x, int64_t bits, i
 at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scales, int64_t bits, int64_t block, int64_t cols,
                       at::ScalarType dtype) {
   constexpr const char* op = "sft::dequantize";
-  check_bits_block(op, bits, block);
-  TORCH_CHECK_VALUE(codes.scalar_type() == at::kByte, op, ": codes must be uint8, got ", codes.scalar_type());
-  TORCH_CHECK_VALUE(scales.scalar_type() == at::kFloat, op, ": scales must be float32, got ", scales.scalar_type());
-  TORCH_CHECK_VALUE(cols >= 0, op, ": cols must be >= 0, got ", cols);
-  TORCH_CHECK_VALUE(codes.dim() >= 1 && scales.dim() >= 1, op, ": codes and scales must have at least 1 dimension");
-  TORCH_CHECK_VALUE(is_supported_float(dtype), op, ": dtype must be float32, float16 or bfloat16, got ", dtype);
+  const PackedGeometry g = check_dequantize_args(codes, scales, bits, block, cols, dtype);
   TORCH_CHECK(codes.device().is_cpu() && scales.device().is_cpu(), op, ": codes and scales must be CPU tensors");
-  const int64_t nbytes = ceil_div(cols * bits, 8), nblk = ceil_div(cols, block);
-  TORCH_CHECK_VALUE(codes.size(-1) == nbytes, op, ": codes last dim must be ceil(cols*bits/8) = ", nbytes,
-                    " for cols=", cols, ", bits=", bits, "; got ", codes.size(-1));
-  TORCH_CHECK_VALUE(scales.size(-1) == nblk, op, ": scales last dim must be ceil(cols/block) = ", nblk,
-                    " for cols=", cols, ", block=", block, "; got ", scales.size(-1));
-  const at::IntArrayRef lead = codes.sizes().slice(0, codes.dim() - 1);
-  TORCH_CHECK_VALUE(lead == scales.sizes().slice(0, scales.dim() - 1), op,
-                    ": codes and scales leading shapes must match, got ", codes.sizes(), " and ", scales.sizes());
-  const int64_t rows = c10::multiply_integers(lead);
-  at::Tensor y = at::empty(with_last(lead, cols), codes.options().dtype(dtype));
-  if (rows == 0 || cols == 0) return y;
+  at::Tensor y = at::empty(g.values_shape(), codes.options().dtype(dtype));
+  if (g.rows == 0 || g.cols == 0) return y;
 
   const at::Tensor cc = codes.contiguous(), sc = scales.contiguous();
   dispatch_float(dtype, [&](auto out) {
     using Out = decltype(out);
-    dispatch_bits(bits, [&](auto b) { dequantize_rows<Out, decltype(b)::value>(cc, sc, y, rows, cols, block); });
+    dispatch_bits(bits, [&](auto b) { dequantize_rows<Out, decltype(b)::value>(cc, sc, y, g.rows, g.cols, block); });
   });
   return y;
 }

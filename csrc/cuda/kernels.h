@@ -37,17 +37,21 @@ cudaError_t sft_philox_fill(uint32_t* out, int64_t n, uint64_t seed, uint32_t ph
 // sft::quantize of a rows x cols matrix (the op's input viewed as (-1, cols)).
 //   x              device input of `dtype`; row r starts at x + r * x_row_stride
 //                  elements, the last dim is contiguous (x_row_stride >= cols).
+//                  128-bit loads are used where x's rows are 16-byte aligned.
 //   bits, block    2, 4 or 8; block >= 1 (any size: block > cols is one block).
 //   stochastic     floor(t + u) with u from Philox stream 0 at element index
 //                  r * cols + c; round half away from zero otherwise.
 //   codes          out, rows x ceil(cols * bits / 8) uint8, contiguous; pad bits 0.
 //   scales         out, rows x ceil(cols / block) fp32, contiguous.
-//   nonfinite      device counter the kernel adds the number of NaN/Inf inputs
-//                  to; the glue zeroes it before and raises if it is non-zero
-//                  (the outputs are then unspecified).
+// Non-finite input is not detected here (that would need a host sync): a
+// block holding inf or NaN gets a non-finite scale (its codes are then
+// unspecified), which sft_kernels/codecs.py reports outside graph capture.
+// One kernel launch when the blocks fit a CTA's tile (block <= 2048 and
+// lcm(block, 8) <= 2048, or cols <= 2048); otherwise a memset and three
+// launches, using `scales` as scratch in between.
 cudaError_t sft_quantize(const void* x, SftDType dtype, int64_t rows, int64_t cols, int64_t x_row_stride, int bits,
                          int64_t block, bool stochastic, uint64_t seed, uint8_t* codes, float* scales,
-                         unsigned long long* nonfinite, cudaStream_t stream);
+                         cudaStream_t stream);
 
 // sft::dequantize: codes (rows x ceil(cols * bits / 8)) and scales
 // (rows x ceil(cols / block)), both contiguous, to out, a contiguous
