@@ -325,6 +325,7 @@ def test_sft_serve_and_train_over_mutual_tls(tmp_path):
         # a permanent refusal: no retries, and the cause is named (the CLI's own start-up takes a few seconds)
         assert time.monotonic() - t0 < 30
         assert "client certificate" in refused.stderr, refused.stderr[-2000:]
+        assert "sft train: LinkRefused:" in refused.stderr and "Traceback" not in refused.stderr
         out = subprocess.run(train + ["--tls-cert", certs["client.pem"], "--tls-key", certs["client.key"]],
                              capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]

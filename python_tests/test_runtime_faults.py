@@ -485,3 +485,21 @@ def test_idle_checkpoints_never_push_out_a_regular_one(tmp_path):
     with pytest.raises(Exception):  # a write that fails half-way (here: state that cannot be serialised)
         store.save(13, {"step": lambda: 13})
     assert store.steps() == [6, 9, 12] and not list(tmp_path.glob("*.tmp"))
+
+
+def test_sft_train_wrong_port_says_why_without_a_traceback(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    s = socket.create_server(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "sft_kernels", "train", "--connect", f"127.0.0.1:{port}", "--task",
+                          "synthetic", "--max-train", "8", "--max-eval", "8", "--batch-size", "4", "--quiet"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "SFT_TOKEN": "x"})
+    assert out.returncode != 0
+    assert f"sft train: LinkRefused: cannot connect to 127.0.0.1:{port}: nothing listens there" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert time.monotonic() - t0 < 60  # start-up (model loading) included; no retries

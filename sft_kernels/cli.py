@@ -306,7 +306,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if a.command == "serve":
         return _serve(a)
     if a.command == "train":
-        return _train(a)
+        from .channel import AuthError, LinkRefused
+        from .runtime import CloudError, LinkLost
+
+        try:
+            return _train(a)
+        except (LinkRefused, AuthError, CloudError, LinkLost) as exc:
+            # the run cannot go on and the message says why: no traceback for a user to read past
+            raise SystemExit(f"sft train: {type(exc).__name__}: {exc}") from None
     if a.command == "demo":
         from .runtime.jobs import dumps, run_demo
 
