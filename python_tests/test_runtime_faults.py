@@ -372,10 +372,16 @@ def test_server_side_cause_reaches_the_edge(tmp_path, ds):
         srv.shutdown()
 
 
-def test_wrong_port_fails_at_once(ds):
+def _closed_port() -> int:
+    """A loopback port nothing listens on."""
     s = socket.create_server(("127.0.0.1", 0))
     port = s.getsockname()[1]
-    s.close()  # nothing ever listened there
+    s.close()
+    return port
+
+
+def test_wrong_port_fails_at_once(ds):
+    port = _closed_port()  # nothing ever listened there
     t = make_trainer(small_cfg(), ds, "127.0.0.1", port)
     t0 = time.monotonic()
     with pytest.raises(LinkRefused, match=f"cannot connect to 127.0.0.1:{port}: nothing listens there"):
@@ -492,9 +498,7 @@ def test_sft_train_wrong_port_says_why_without_a_traceback(tmp_path):
     import subprocess
     import sys
 
-    s = socket.create_server(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
+    port = _closed_port()
     t0 = time.monotonic()
     out = subprocess.run([sys.executable, "-m", "sft_kernels", "train", "--connect", f"127.0.0.1:{port}", "--task",
                           "synthetic", "--max-train", "8", "--max-eval", "8", "--batch-size", "4", "--quiet"],

@@ -37,7 +37,7 @@ from .wire import (
     CHFLAG_PAYLOAD_CRC, COALESCE_BYTES, CRC_SIZE, HANDSHAKE_LIMITS, HEADER_SIZE as _HEADER_SIZE, HEADER_SIZE, KIND_AUTH,
     KIND_CHALLENGE, MAGIC, PROTOCOL_VERSION, BufferedReader, KIND_ERROR, KIND_HELLO, KIND_OK, KIND_PING, KIND_PONG,
     KIND_USER_MIN, AuthError, Frame, Limits, PeerClosed, ProtocolError, RemoteError, TruncatedFrame, decode_header,
-    error_meta, frame_pieces, iter_send_chunks, read_payload,
+    error_meta, frame_pieces, iter_send_chunks, read_payload, recv_exact,
 )
 
 log = logging.getLogger("sft_kernels.channel")
@@ -132,6 +132,11 @@ class ChannelStats:
     def mean_rtt_s(self) -> float | None:
         """The mean request round-trip time, or None before the first request."""
         return statistics.fmean(self.rtt_s) if self.rtt_s else None
+
+    def total_wire(self) -> tuple[int, int]:
+        """Every byte on the stream, (sent, received): the frames after the handshake and the handshake's own."""
+        return (self.wire_bytes_sent + self.handshake_wire_bytes_sent,
+                self.wire_bytes_received + self.handshake_wire_bytes_received)
 
     def summary(self) -> dict:
         """The counters as a flat JSON-friendly dict (rtt list reduced to count/last/mean/median)."""
@@ -495,12 +500,8 @@ class Connection:
             if got == 0:
                 raise PeerClosed("connection closed by peer")
             started = True
-            while got < HEADER_SIZE:
-                k = reader.recv_into(view[got:])
-                if k == 0:
-                    raise TruncatedFrame(f"connection closed mid-frame: got {got} of {HEADER_SIZE} bytes of "
-                                         f"the header")
-                got += k
+            recv_exact(reader, view[got:], "header")
+            got = HEADER_SIZE
             header = decode_header(raw, limits)
             if self._authenticated and header.conn_id != self.conn_id:
                 raise ProtocolError(f"frame carries connection id {header.conn_id}, this connection is "

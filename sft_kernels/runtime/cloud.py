@@ -43,8 +43,8 @@ from ..codecs import BWD_SEED_OFFSET, from_spec
 from ..split import BoundaryOutput, codec_seed, part_rng
 from .checkpoint import CheckpointedPart, CheckpointStore
 from .config import SPLIT_FIELDS, RunConfig, state_hash
-from .messages import (EVAL, FINISH, OPEN, REPLY, TRAIN, StepRefused, boundary_from_wire, check_finite,
-                       packet_to_wire)
+from .messages import (EVAL, FINISH, KIND_NAMES, OPEN, REPLY, TRAIN, StepRefused, boundary_from_wire,
+                       check_finite, packet_to_wire)
 from .parts import build_parts, make_optimizer, make_scheduler
 
 __all__ = ["CloudServer", "CloudSession", "SessionLimits"]
@@ -460,7 +460,6 @@ class CloudServer:
         if session is None:
             raise StepRefused(f"message kind {frame.kind} before OPEN")
         with session.lock:
-            session.last_used = time.monotonic()
             try:
                 if frame.kind == TRAIN:
                     return session.train(frame.seq, frame.tensors, frame.meta)
@@ -493,16 +492,13 @@ class CloudServer:
                 except Exception as exc:  # noqa: BLE001 - every failure is answered, none closes the link
                     retryable, after, text = _classify(exc)
                     log.warning("connection %s (%s): %s %d failed%s: %s", conn.conn_id, conn.client_id,
-                                _KIND_NAMES.get(frame.kind, frame.kind), frame.seq,
+                                KIND_NAMES.get(frame.kind, frame.kind), frame.seq,
                                 " (retryable)" if retryable else "", text)
                     conn.send_error(text, seq=frame.seq, retryable=retryable, retry_after=after)
                     continue
                 conn.send(REPLY, tensors, meta, seq=frame.seq)
         finally:
             self._detach(session)
-
-
-_KIND_NAMES = {OPEN: "OPEN", TRAIN: "TRAIN", EVAL: "EVAL", FINISH: "FINISH"}
 
 
 def _classify(exc: BaseException) -> tuple[bool, Optional[float], str]:

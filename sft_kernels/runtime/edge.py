@@ -48,7 +48,8 @@ from ..codecs import from_spec
 from ..split import codec_seed, part_rng
 from .checkpoint import CheckpointedPart, CheckpointStore
 from .config import RunConfig, state_hash
-from .messages import EVAL, FINISH, OPEN, TRAIN, StepRefused, boundary_to_wire, decode_packet, packet_from_wire
+from .messages import (EVAL, FINISH, KIND_NAMES, OPEN, TRAIN, StepRefused, boundary_to_wire, decode_packet,
+                       packet_from_wire)
 from .parts import build_parts, make_optimizer, make_scheduler
 
 __all__ = ["EdgeTrainer", "TrainSummary", "CloudError", "LinkLost"]
@@ -153,7 +154,6 @@ class EdgeTrainer(CheckpointedPart):
         self.conn: Optional[Connection] = None
         self._connected_once = False
         self._wire_closed = [0, 0]  # wire bytes (sent, received) of connections already closed
-        self._last_sent_wire = 0
         self._open_store()
 
     # ---------------------------------------------------------------- state
@@ -181,9 +181,8 @@ class EdgeTrainer(CheckpointedPart):
         """Every byte this edge put on / took off the socket, (sent, received): all connections, handshakes included."""
         up, down = self._wire_closed
         if self.conn is not None:
-            st = self.conn.stats
-            up += st.wire_bytes_sent + st.handshake_wire_bytes_sent
-            down += st.wire_bytes_received + st.handshake_wire_bytes_received
+            cu, cd = self.conn.stats.total_wire()
+            up, down = up + cu, down + cd
         return up, down
 
     def _connect(self) -> Connection:
@@ -227,9 +226,9 @@ class EdgeTrainer(CheckpointedPart):
             raise _Rewind(resume)
 
     def _close_conn(self, conn: Connection) -> None:
-        st = conn.stats
-        self._wire_closed[0] += st.wire_bytes_sent + st.handshake_wire_bytes_sent
-        self._wire_closed[1] += st.wire_bytes_received + st.handshake_wire_bytes_received
+        up, down = conn.stats.total_wire()
+        self._wire_closed[0] += up
+        self._wire_closed[1] += down
         conn.close()
 
     def close(self) -> None:
@@ -261,8 +260,11 @@ class EdgeTrainer(CheckpointedPart):
                        f"last error: {type(last).__name__}: {last}")
 
     def _request(self, kind: int, tensors: dict, meta: dict, seq: int):
-        """Send one request until it is answered; retries bounded as the module docstring says."""
-        what = f"{('TRAIN', 'EVAL', 'FINISH')[kind - TRAIN]} {seq}"
+        """Send one request until it is answered; retries bounded as the module docstring says.
+
+        Returns ``(reply, sent)``: the reply frame and the wire bytes of the request that got it.
+        """
+        what = f"{KIND_NAMES[kind]} {seq}"
         answered, breaks = 0, 0
         delay = self.backoff_s
         while True:
@@ -271,8 +273,7 @@ class EdgeTrainer(CheckpointedPart):
                     self.open()
                 before = self.conn.stats.wire_bytes_sent
                 reply = self.conn.request(kind, tensors, meta, seq=seq)
-                self._last_sent_wire = self.conn.stats.wire_bytes_sent - before
-                return reply
+                return reply, self.conn.stats.wire_bytes_sent - before
             except (RemoteError, _Busy) as exc:
                 retry = exc.retryable if isinstance(exc, RemoteError) else True
                 if not retry:
@@ -313,8 +314,8 @@ class EdgeTrainer(CheckpointedPart):
         meta = {"b": bmeta}
         if self.store is not None and self._checkpoint_due(step + 1):
             meta["ckpt"] = True  # the cloud checkpoints the same steps as this edge
-        reply = self._request(TRAIN, tensors, meta, seq=step)
-        wire_up, wire_down = self._last_sent_wire, reply.wire_bytes
+        reply, wire_up = self._request(TRAIN, tensors, meta, seq=step)
+        wire_down = reply.wire_bytes
         if reply.seq != step:
             raise CloudError(f"reply for step {reply.seq}, expected {step}")
         grads, outs = [], []
@@ -394,7 +395,7 @@ class EdgeTrainer(CheckpointedPart):
                 tensors, meta, _ = boundary_to_wire(b, self.fwd, codec_seed(self.cfg.seed, self.step + start + i))
                 while True:
                     try:
-                        reply = self._request(EVAL, tensors, {"b": meta}, seq=i)
+                        reply, _ = self._request(EVAL, tensors, {"b": meta}, seq=i)
                         break
                     except _Rewind:
                         raise CloudError("the cloud rolled back during evaluation; re-run training first") from None

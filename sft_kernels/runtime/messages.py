@@ -31,10 +31,12 @@ import torch
 from ..codecs import Codec, Packet
 from ..split import BoundaryOutput
 
-__all__ = ["OPEN", "TRAIN", "EVAL", "FINISH", "REPLY", "packet_to_wire", "packet_from_wire", "boundary_to_wire",
+__all__ = ["OPEN", "TRAIN", "EVAL", "FINISH", "REPLY", "KIND_NAMES", "packet_to_wire", "packet_from_wire", "boundary_to_wire",
            "boundary_from_wire", "StepRefused", "check_finite", "PACKET_MODES", "PACKET_DTYPES"]
 
 OPEN, TRAIN, EVAL, FINISH, REPLY = 16, 17, 18, 19, 20
+#: The request kinds by name, for messages.
+KIND_NAMES = {OPEN: "OPEN", TRAIN: "TRAIN", EVAL: "EVAL", FINISH: "FINISH"}
 
 #: Packet modes and boundary dtypes by their index in a packet's wire meta (never renumber).
 PACKET_MODES = ("raw", "cast", "quant", "lowrank", "dense")
