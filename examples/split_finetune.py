@@ -13,7 +13,8 @@ import argparse
 
 import torch
 
-from sft_kernels.split import SimulatedSplit, minilm_classifier
+from sft_kernels import SimulatedSplit
+from sft_kernels.split import minilm_classifier
 
 TEXTS = ["a gripping, funny and moving film", "dull, lifeless and far too long", "superb acting throughout",
          "the plot never comes together", "a small gem", "i wanted my two hours back", "warm and clever",

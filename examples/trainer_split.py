@@ -18,7 +18,8 @@ import tempfile
 import torch
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
-from sft_kernels.split import SimulatedSplit, merge, minilm_classifier
+from sft_kernels import SimulatedSplit
+from sft_kernels.split import merge, minilm_classifier
 from split_finetune import LABELS, TEXTS  # the same toy sentences as the plain-loop example
 
 

@@ -21,7 +21,7 @@ from sft_kernels.channel import Listener, RemoteError
 from sft_kernels.data import load_task
 from sft_kernels.runtime import CloudError, CloudServer, EdgeTrainer, LocalCloud, SessionLimits, StepBatches
 from sft_kernels.runtime.config import state_hash
-from sft_kernels.runtime.messages import OPEN, REPLY, TRAIN, StepRefused, boundary_to_wire, packet_to_wire
+from sft_kernels.step.messages import OPEN, REPLY, TRAIN, StepRefused, boundary_to_wire, packet_to_wire
 from sft_kernels.runtime.parts import build_parts
 
 from runtime_helpers import STEPS, TOKEN, ReplyDroppingProxy, assert_same as _assert_same, make_trainer as _trainer, params as _params
@@ -54,13 +54,20 @@ def test_tcp_run_equals_simulated_run(server, train_ds, kw):
     _assert_same(_params(t.model), _params(sim.edge))
     cloud = server.sessions[("edge", "t")].model
     _assert_same(_params(cloud), _params(sim.cloud))
-    # the bytes counted by the edge are the simulated counters' (labels and aux included)
-    assert summary.payload_up == sim.bytes_sent
-    assert summary.payload_down == sim.bytes_received
+    # the same fused step over the in-process link: the same losses, parameters and payload bytes (one counter)
+    local = _trainer(cfg, train_ds, None, None)
+    here = local.train()
+    assert here.losses == summary.losses
+    _assert_same(_params(local.model), _params(t.model), tol=0)
+    assert (here.payload_up, here.payload_down) == (summary.payload_up, summary.payload_down)
+    # SimulatedSplit takes the general path: the same payload plus the loss and logits down, the loss's
+    # gradient up (4 bytes each way per step, and the logits)
+    assert sim.bytes_sent == summary.payload_up + 4 * 5
+    assert sim.bytes_received == summary.payload_down + 5 * (4 + 8 * 2 * 4)
 
 
 def test_split_mismatch_refused_on_both_sides(tmp_path, train_ds, caplog):
-    split = dict(model="all-MiniLM-L6-v2", at=3, mode="bottleneck", rank=4, eliminate_links=True,
+    split = dict(at=3, mode="bottleneck", rank=4, eliminate_links=True,
                  fwd_codec="int8", bwd_codec="int8,sr")
     srv = CloudServer({"edge": TOKEN.encode()}, split).start()
     try:
@@ -82,7 +89,8 @@ def test_initial_parameter_hash_mismatch_refused(server, train_ds):
 
 
 def _raw_train_frame(cfg, ds, step=0, poison=None):
-    tok, edge, _ = build_parts(cfg)
+    parts = build_parts(cfg)
+    tok, edge = parts.tokenizer, parts.edge
     batch = StepBatches(tok, ds, cfg.batch_size, cfg.max_length, cfg.seed)(step)
     b = edge(batch["input_ids"], batch["attention_mask"], token_type_ids=batch["token_type_ids"])
     if poison is not None:

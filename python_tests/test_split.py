@@ -14,7 +14,8 @@ import torch
 import transformers
 
 import sft_kernels
-from sft_kernels.split import BoundaryOutput, CloudModel, EdgeModel, SimulatedSplit, merge, split_model
+from sft_kernels import SimulatedSplit
+from sft_kernels.split import BoundaryOutput, CloudModel, EdgeModel, merge, split_model
 from sft_kernels.split.adapters import BottleneckLayer
 
 SENTENCES = ["a gripping, funny film", "dull.", "the plot never quite comes together, sadly", "superb acting"]
@@ -594,15 +595,17 @@ def test_simulated_split_counts_codec_bytes(minilm_classifier, minilm_batch, mod
     assert sim.last_step.aux == sim.aux_bytes == b.aux_nbytes == 4 * 4 + 4
     assert sim.last_step.labels == 4 * 8
     assert sim.bytes_sent == sim.last_step.sent == fwd + b.aux_nbytes + 4 * 8
-    assert sim.bytes_received == 0
+    outputs = 4 + 4 * 2 * 4  # the loss and the logits come back raw fp32 (general path)
+    assert sim.bytes_received == sim.last_step.received == outputs
     out.loss.backward()
     bwd = sum(sft_kernels.from_spec("int8,sr").encode(torch.randn_like(t)).nbytes for t in crossing)
-    assert sim.bytes_received == sim.last_step.received == bwd
+    assert sim.bytes_sent == sim.last_step.sent == fwd + b.aux_nbytes + 4 * 8 + 4  # + the loss's gradient
+    assert sim.bytes_received == sim.last_step.received == outputs + bwd
     n = int(minilm_batch["attention_mask"].sum())
     if mode == "layer":  # int8 with a fp32 scale per 64 values: 384 + 24 bytes per token instead of 1536
         assert fwd == n * (384 + 6 * 4)
     sim(**minilm_batch, labels=labels).loss.backward()
-    assert sim.bytes_sent == 2 * (fwd + b.aux_nbytes + 4 * 8) and sim.bytes_received == 2 * bwd
+    assert sim.bytes_sent == 2 * (fwd + b.aux_nbytes + 4 * 8 + 4) and sim.bytes_received == 2 * (outputs + bwd)
 
 
 def _example(name: str):

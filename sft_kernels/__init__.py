@@ -30,8 +30,8 @@ from . import ops  # noqa: E402
 from ._cuda import SlowPathWarning, cuda_backend  # noqa: E402  (registers the CUDA kernels)
 from . import codecs  # noqa: E402
 from .codecs import Codec, Packet, boundary, from_spec  # noqa: E402
-from .split import (BoundaryOutput, SimulatedSplit, load_split_model, merge, save_split_model,  # noqa: E402
-                    split_model)
+from .split import BoundaryOutput, load_split_model, merge, save_split_model, split_model  # noqa: E402
+from .step import SimulatedSplit  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [

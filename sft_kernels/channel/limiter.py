@@ -11,8 +11,7 @@ import math
 import threading
 import time
 
-#: Bucket depth in bytes: at most this much is sent back-to-back above the rate.
-BURST_BYTES = 64 * 1024
+from .tuning import BURST_BYTES
 
 
 class LinkLimiter:

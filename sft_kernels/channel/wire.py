@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator, Mapping, Protocol
 import torch
 
 from .checksum import crc32c, crc32c_at
+from .tuning import COALESCE_BYTES, CRC_RECV_RUN_BYTES, RECV_BUFFER_BYTES, SEND_CHUNK_BYTES
 
 MAGIC = b"SFTC"
 #: 3: compact tensor descriptors (varint lengths and dims, u8 name length, no per-tensor byte
@@ -83,9 +84,6 @@ DTYPE_CODES: dict[int, torch.dtype] = {
 }
 CODE_OF_DTYPE: dict[torch.dtype, int] = {v: k for k, v in DTYPE_CODES.items()}
 
-#: Buffers smaller than this are copied into the surrounding small pieces (fewer syscalls);
-#: larger ones are sent straight from the tensor's storage.
-COALESCE_BYTES = 16 * 1024
 
 
 class ProtocolError(Exception):
@@ -259,7 +257,7 @@ class BufferedReader:
     received without an extra copy.  Bytes of the next frame may wait in the buffer.
     """
 
-    def __init__(self, raw: Reader, size: int = 64 * 1024) -> None:
+    def __init__(self, raw: Reader, size: int = RECV_BUFFER_BYTES) -> None:
         self.raw = raw
         self._buf = bytearray(size)
         self._view = memoryview(self._buf)
@@ -309,7 +307,7 @@ class BufferedReader:
         return bulk() if bulk is not None else self.raw.recv_into
 
     def fused_recv_crc(self) -> Callable[[int, int, int], tuple[int, int]] | None:
-        """The raw source's receive-and-checksum call (see ``_SocketSource.fused_recv_crc``), or None.
+        """The raw source's receive-and-checksum call (see :meth:`.deadline.SocketSource.fused_recv_crc`), or None.
 
         None while bytes are buffered (they must be handed out first) or when the source has none.
         Valid until the next read from this object.
@@ -460,7 +458,8 @@ def frame_pieces(kind: int, tensors: Mapping[str, torch.Tensor] | None, meta: Ma
     return pieces, wire, data_bytes + len(mb), keep
 
 
-def iter_send_chunks(pieces: list[bytes | memoryview], crc: bool, chunk: int = 1 << 20) -> Iterator[bytes | memoryview]:
+def iter_send_chunks(pieces: list[bytes | memoryview], crc: bool,
+                     chunk: int = SEND_CHUNK_BYTES) -> Iterator[bytes | memoryview]:
     """Yield the buffers to send, at most ``chunk`` bytes each, then the CRC trailer when ``crc``.
 
     The payload CRC32C is computed incrementally over the very chunks being sent, just before
@@ -474,7 +473,7 @@ def iter_send_chunks(pieces: list[bytes | memoryview], crc: bool, chunk: int = 1
         if not crc and (chunk <= 0 or len(mv) <= chunk):
             yield mv
             continue
-        step = chunk if chunk > 0 else 1 << 20
+        step = chunk if chunk > 0 else SEND_CHUNK_BYTES
         for off in range(0, len(mv), step):
             c = mv[off:off + step]
             if crc:
@@ -562,10 +561,8 @@ class _PayloadReader:
     tensor data is checksummed in runs of up to :data:`CRC_RUN` bytes as they arrive.
     """
 
-    #: Tensor data is checksummed once this many bytes arrived unchecked: few system calls and
-    #: CRC calls per tensor, and the run is still in the last-level cache.  Measured on loopback
-    #: (2-core EPYC): 4 MiB runs beat 1 MiB and 256 KiB ones (fewer, larger MSG_WAITALL reads).
-    CRC_RUN = 4 << 20
+    #: Tensor data is checksummed once this many bytes arrived unchecked (see :mod:`.tuning`).
+    CRC_RUN = CRC_RECV_RUN_BYTES
 
     def __init__(self, reader: Reader, length: int, crc: bool) -> None:
         self.reader = reader

@@ -3,14 +3,19 @@
 ``compute_metrics`` returns the task's ``TaskSpec.metric_names`` as fractions in
 [−1, 1] / [0, 1]; ``glue_score`` turns them into the GLUE number (x 100, the mean
 of the two for MRPC and STS-B).
+
+A task is a GLUE task name (looked up in :data:`~.glue.TASKS`) or a spec: a
+:class:`~.glue.TaskSpec` such as a file task's :class:`~.files.FileTaskSpec`, or any object
+with ``metric_names`` (and, for :func:`majority_baseline`, ``is_regression`` and
+``num_labels``).  A file task's score is the same formula: its metrics' mean x 100.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Union
 
 import numpy as np
 
-from .glue import TASKS
+from .glue import TASKS, TaskSpec
 
 __all__ = ["accuracy", "matthews_corr", "f1_binary", "pearson", "spearman", "compute_metrics", "glue_score",
            "majority_baseline"]
@@ -74,16 +79,27 @@ _METRICS = {"accuracy": accuracy, "matthews_corr": matthews_corr, "f1": f1_binar
             "spearman": spearman}
 
 
-def _spec(task: str):
+#: A task as the functions here take it: a name of :data:`~.glue.TASKS` or a spec (any object with
+#: ``metric_names`` will do: see the module docstring).
+TaskLike = Union[str, TaskSpec]
+
+
+def _spec(task: TaskLike):
+    if not isinstance(task, str):
+        names = getattr(task, "metric_names", None)
+        if not names or not all(n in _METRICS for n in names):
+            raise ValueError(f"task must be a task name or a spec whose metric_names are among {list(_METRICS)}, "
+                             f"got {task!r}")
+        return task
     if task not in TASKS:
         raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
     return TASKS[task]
 
 
-def compute_metrics(task: str, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """The task's official metrics, keyed by ``TASKS[task].metric_names``.
+def compute_metrics(task: TaskLike, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The task's official metrics, keyed by its spec's ``metric_names`` (``TASKS[task]`` for a name).
 
-    ``predictions`` are class ids (or float scores for the regression task STS-B).
+    ``predictions`` are class ids (or float scores for a regression task such as STS-B).
     """
     spec = _spec(task)
     predictions, labels = np.asarray(predictions), np.asarray(labels)
@@ -93,16 +109,17 @@ def compute_metrics(task: str, predictions: np.ndarray, labels: np.ndarray) -> d
     return {name: _METRICS[name](predictions, labels) for name in spec.metric_names}
 
 
-def glue_score(task: str, metrics: Mapping[str, float]) -> float:
+def glue_score(task: TaskLike, metrics: Mapping[str, float]) -> float:
     """The GLUE number: the mean of the task's metrics x 100 (one metric for most tasks; two for MRPC and STS-B)."""
-    names = _spec(task).metric_names
+    spec = _spec(task)
+    names = spec.metric_names
     missing = [n for n in names if n not in metrics]
     if missing:
-        raise ValueError(f"{task} needs metrics {list(names)}; missing {missing}")
+        raise ValueError(f"{getattr(spec, 'name', task)} needs metrics {list(names)}; missing {missing}")
     return 100.0 * float(np.mean([metrics[n] for n in names]))
 
 
-def majority_baseline(task: str, train_ds, dev_ds) -> dict[str, float]:
+def majority_baseline(task: TaskLike, train_ds, dev_ds) -> dict[str, float]:
     """Metrics of a constant prediction on ``dev_ds``: the majority class of ``train_ds``.
 
     For the regression task (STS-B) the constant is the mean train score; its
@@ -117,4 +134,4 @@ def majority_baseline(task: str, train_ds, dev_ds) -> dict[str, float]:
     else:
         counts = np.bincount(train_y.astype(np.int64), minlength=spec.num_labels)
         pred = np.full(dev_y.shape, int(np.argmax(counts)), dtype=np.int64)
-    return compute_metrics(task, pred, dev_y)
+    return compute_metrics(spec, pred, dev_y)

@@ -8,9 +8,10 @@
 from .cloud import CloudServer, CloudSession, SessionLimits
 from .codec_report import DEFAULT_CODECS, CodecReport, codec_report
 from .config import RunConfig
-from .edge import CloudError, EdgeTrainer, LinkLost, TrainSummary
+from .edge import EdgeTrainer, TrainSummary
+from .link import CloudError, LinkLost, TcpLink
 from .jobs import LocalCloud, StepBatches, run_demo, train_and_evaluate
 
-__all__ = ["CloudServer", "CloudSession", "SessionLimits", "RunConfig", "EdgeTrainer", "TrainSummary", "CloudError", "LinkLost",
+__all__ = ["CloudServer", "CloudSession", "SessionLimits", "RunConfig", "EdgeTrainer", "TrainSummary", "CloudError", "LinkLost", "TcpLink",
            "LocalCloud", "StepBatches", "train_and_evaluate", "run_demo", "DEFAULT_CODECS", "CodecReport",
            "codec_report"]

@@ -39,12 +39,12 @@ from typing import Any, Mapping, Optional, Union
 import torch
 
 from ..channel import Connection, Limits, LinkLimiter, Listener, TLSConfig
-from ..codecs import BWD_SEED_OFFSET, from_spec
-from ..split import BoundaryOutput, codec_seed, part_rng
+from ..codecs import from_spec
+from ..step import CloudWorker
+from ..step.cloud import bool_flag, dispatch
+from ..step.messages import BACKWARD, EVAL, FINISH, FORWARD, KIND_NAMES, OPEN, REPLY, STEP, TRAIN, StepRefused
 from .checkpoint import CheckpointedPart, CheckpointStore
-from .config import SPLIT_FIELDS, RunConfig, state_hash
-from .messages import (EVAL, FINISH, KIND_NAMES, OPEN, REPLY, TRAIN, StepRefused, boundary_from_wire,
-                       check_finite, packet_to_wire)
+from .config import SPLIT_FIELDS, RunConfig
 from .parts import build_parts, make_optimizer, make_scheduler
 
 __all__ = ["CloudServer", "CloudSession", "SessionLimits"]
@@ -104,23 +104,35 @@ class CloudSession(CheckpointedPart):
     def __init__(self, client_id: str, cfg: RunConfig, model_dir: Union[str, Path, None] = None,
                  checkpoint_dir: Union[str, Path, None] = None, limits: SessionLimits = SessionLimits()) -> None:
         self.client_id, self.cfg, self.limits = client_id, cfg, limits
-        _, edge, cloud = build_parts(cfg, model_dir)
-        self.init_hashes = {"edge": state_hash(edge), "cloud": state_hash(cloud)}
-        del edge
-        self.model = cloud
-        self.opt = make_optimizer(cloud, cfg)
+        parts = build_parts(cfg, model_dir)
+        self.init_hashes = parts.hashes()
+        self.model = parts.cloud
+        del parts
+        self.opt = make_optimizer(self.model, cfg)
         self.sched = make_scheduler(self.opt, cfg)
-        self.fwd, self.bwd = from_spec(cfg.fwd_codec), from_spec(cfg.bwd_codec)
-        self.step = 0
+        self.worker = CloudWorker(self.model, from_spec(cfg.fwd_codec), from_spec(cfg.bwd_codec), cfg.seed,
+                                  max_length=cfg.max_length, max_batch=cfg.batch_size, max_tokens=limits.max_tokens,
+                                  optimizer=self.opt, scheduler=self.sched)
         self.last_reply: Optional[dict[str, Any]] = None
         self.save_pending = False  # the step was applied but its requested checkpoint is not written yet
         self.finished = False  # set by FINISH; a finished session is the first to make room for a new one
         self.lock = threading.Lock()
         self.active = 0  # connections attached (guarded by the server's lock)
         self.last_used = time.monotonic()
+        self.handlers = {TRAIN: self.on_train, FORWARD: self.worker.forward, BACKWARD: self.worker.backward,
+                         STEP: self.on_step, EVAL: self.worker.evaluate, FINISH: self.on_finish}
         self.store = (CheckpointStore(Path(checkpoint_dir) / client_id / cfg.run_id)
                       if checkpoint_dir is not None else None)
         self._open_store(save_initial=False)
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps applied (the worker counts them)."""
+        return self.worker.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.worker.step = value
 
     def accept(self) -> None:
         """The handshake passed: make sure a checkpoint of the starting point exists."""
@@ -173,32 +185,13 @@ class CloudSession(CheckpointedPart):
                               retryable=True) from None
         self.save_pending = False
 
-    # ---------------------------------------------------------------- steps
-    def _boundary(self, tensors: Mapping[str, torch.Tensor], meta: Any, max_batch: int,
-                  extra: tuple[str, ...] = ()) -> BoundaryOutput:
-        if not isinstance(meta, dict) or not isinstance(meta.get("b"), dict):
-            raise StepRefused("request meta must hold a 'b' (boundary packets) object")
-        lim = self.limits
-        return boundary_from_wire(tensors, meta["b"], self.fwd, width=self.model.width,
-                                  residual_width=self.model.residual_width, max_length=self.cfg.max_length,
-                                  max_batch=max_batch, max_tokens=lim.max_tokens,
-                                  pool_index=self.model.takes_pool_index, extra=extra)
+    # ---------------------------------------------------------------- requests (one method per kind)
+    def handle(self, kind: int, seq: int, tensors: Mapping[str, torch.Tensor], meta: Any) -> tuple[dict, dict]:
+        """Answer one request of this session (its lock held by the caller)."""
+        return dispatch(self.handlers, kind, seq, tensors, meta)
 
-    def _labels(self, tensors: Mapping[str, torch.Tensor], batch: int) -> torch.Tensor:
-        y = tensors.get("labels")
-        regression = self.cfg.num_labels == 1
-        want = torch.float32 if regression else torch.int64
-        if y is None or y.dtype != want or tuple(y.shape) != (batch,):
-            raise StepRefused(f"labels must be {want} of shape ({batch},), got "
-                              f"{None if y is None else (y.dtype, tuple(y.shape))}")
-        if regression:
-            check_finite(y, "labels")
-        elif bool(((y < 0) | (y >= self.cfg.num_labels)).any()):
-            raise StepRefused(f"labels must be in 0..{self.cfg.num_labels - 1}")
-        return y
-
-    def train(self, step: int, tensors: Mapping[str, torch.Tensor], meta: Any) -> tuple[dict, dict]:
-        """Apply training ``step`` once and return its reply; replay the cached reply for a repeated step."""
+    def on_train(self, step: int, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> tuple[dict, dict]:
+        """``TRAIN``: apply ``step`` once and return its reply; replay the cached reply for a repeated step."""
         if self.last_reply is not None and step == self.last_reply["step"] and step == self.step - 1:
             log.info("session %s/%s: step %d repeated, replaying its reply", self.client_id, self.cfg.run_id, step)
             if self.save_pending:
@@ -206,64 +199,37 @@ class CloudSession(CheckpointedPart):
             return self.last_reply["tensors"], self.last_reply["meta"]
         if step != self.step:
             raise StepRefused(f"step {step} out of order: the session expects step {self.step} (reconnect to resync)")
-        want_ckpt = meta.get("ckpt", False) if isinstance(meta, dict) else False
-        if not isinstance(want_ckpt, bool):
-            raise StepRefused(f"TRAIN meta 'ckpt' must be a bool, got {want_ckpt!r}")
-        b = self._boundary(tensors, meta, self.cfg.batch_size, extra=("labels",))
-        labels = self._labels(tensors, b.batch_size)
-        try:
-            rt, reply_meta = self._forward_backward(step, b, labels)
-            self.opt.step()
-            self.sched.step()
-        finally:
-            self.opt.zero_grad(set_to_none=True)  # a failed step leaves no accumulated gradients behind
-        self.step = step + 1
+        want_ckpt = bool_flag(meta, "ckpt", False)
+        rt, reply_meta = self.worker.train(step, tensors, meta)
         self.last_reply = {"step": step, "tensors": rt, "meta": reply_meta}  # fresh encoder outputs: no copy
+        self._after_step(want_ckpt)
+        return rt, reply_meta
+
+    def on_step(self, step: int, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> tuple[dict, dict]:
+        """``STEP``: the edge's optimizer stepped (general path); step this part's, checkpoint if asked."""
+        if step == self.step - 1 and self.save_pending:
+            self._save_requested()
+        want_ckpt = bool_flag(meta, "ckpt", False)
+        applied = step == self.step
+        out = self.worker.optimizer_step(step, tensors, meta)
+        if applied:
+            self.last_reply = None  # a TRAIN replay cache would describe an older step
+            self._after_step(want_ckpt)
+        return out
+
+    def _after_step(self, want_ckpt: bool) -> None:
         if want_ckpt or self.step == self.cfg.total_steps:
             self.save_pending = True
             self._save_requested()
-        return rt, reply_meta
 
-    def _forward_backward(self, step: int, b: BoundaryOutput, labels: torch.Tensor) -> tuple[dict, dict]:
-        h = b.hidden.detach().requires_grad_(True)
-        r = b.residual.detach().requires_grad_(True) if b.residual is not None else None
-        with part_rng(self.cfg.seed, step, "cloud"):
-            out = self.model(BoundaryOutput(h, b.lengths, b.seq_len, r, b.pool_index), labels=labels)
-        loss = out.loss
-        check_finite(loss.detach(), f"step {step}: the loss")
-        loss.backward()
-        check_finite(h.grad, f"step {step}: the boundary gradient")
-        for name, p in self.model.named_parameters():
-            if p.grad is not None:
-                check_finite(p.grad, f"step {step}: gradient of {name}")
-        seed = codec_seed(self.cfg.seed, step) + BWD_SEED_OFFSET
-        rt, rm = packet_to_wire(self.bwd.encode(h.grad, seed), "g.h")
-        reply_meta: dict[str, Any] = {"loss": float(loss.detach()), "h": rm}
-        if r is not None:
-            t2, m2 = packet_to_wire(self.bwd.encode(r.grad, seed + 1), "g.r")
-            rt.update(t2)
-            reply_meta["r"] = m2
-        return rt, reply_meta
-
-    @torch.no_grad()
-    def evaluate(self, tensors: Mapping[str, torch.Tensor], meta: Any) -> tuple[dict, dict]:
-        """Forward only: the logits of an eval batch (bounded by the server's token cap, like training)."""
-        b = self._boundary(tensors, meta, self.limits.max_tokens)
-        was = self.model.training
-        self.model.eval()
-        try:
-            out = self.model(b)
-        finally:
-            self.model.train(was)
-        return {"logits": out.logits.float().contiguous()}, {}
-
-    def finish(self, step: int) -> tuple[dict, dict]:
-        """The edge is done at ``step``: make sure a checkpoint of it exists."""
+    def on_finish(self, step: int, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> tuple[dict, dict]:
+        """``FINISH``: the edge is done at ``step`` (or, with ``final: false``, wants a checkpoint of it)."""
         if step != self.step:
             raise StepRefused(f"finish at step {step}, but the session is at step {self.step}")
+        final = bool_flag(meta, "final", True)
         if self.store is not None and self.store.latest() != self.step:
             self._save_requested()
-        self.finished = True
+        self.finished = self.finished or final
         return {}, {"step": self.step}
 
 
@@ -446,8 +412,9 @@ class CloudServer:
     @staticmethod
     def _check_hashes(s: CloudSession, hashes: dict) -> None:
         if hashes != s.init_hashes:
-            raise StepRefused(f"initial parameters differ: edge has {hashes}, cloud has {s.init_hashes}; "
-                              "both sides must load the same model files with the same seed")
+            raise StepRefused(f"initial parameters differ: edge has {hashes}, cloud has {s.init_hashes}; the edge's "
+                              "model differs from the server's: both sides must load the same model files "
+                              "(sft serve --model / sft train --model) with the same seed")
 
     def _detach(self, s: Optional[CloudSession]) -> None:
         if s is not None:
@@ -461,13 +428,7 @@ class CloudServer:
             raise StepRefused(f"message kind {frame.kind} before OPEN")
         with session.lock:
             try:
-                if frame.kind == TRAIN:
-                    return session.train(frame.seq, frame.tensors, frame.meta)
-                if frame.kind == EVAL:
-                    return session.evaluate(frame.tensors, frame.meta)
-                if frame.kind == FINISH:
-                    return session.finish(frame.seq)
-                raise StepRefused(f"unknown message kind {frame.kind}")
+                return session.handle(frame.kind, frame.seq, frame.tensors, frame.meta)
             finally:
                 session.last_used = time.monotonic()
 

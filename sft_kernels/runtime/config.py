@@ -20,7 +20,7 @@ from ..codecs import from_spec
 __all__ = ["RunConfig", "SPLIT_FIELDS", "state_hash"]
 
 #: Fields a server pins with its own flags; a session asking for other values is refused.
-SPLIT_FIELDS = ("model", "at", "mode", "rank", "eliminate_links", "fwd_codec", "bwd_codec")
+SPLIT_FIELDS = ("at", "mode", "rank", "eliminate_links", "u_split", "fwd_codec", "bwd_codec")
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _MODES = ("layer", "bottleneck")
@@ -31,11 +31,14 @@ class RunConfig:
     """One split fine-tuning run.
 
     Attributes:
-        model: model name; ``"all-MiniLM-L6-v2"`` (the embedded model) is the one built in.
+        model: what the edge loaded, for the record (``"all-MiniLM-L6-v2"``, the embedded model, or a
+            checkpoint's directory name).  Each side builds from its own files; the handshake compares
+            the resulting parameters by hash, not this name.
         task: data task name (``"synthetic"`` or a GLUE task), for the record.
         num_labels: classifier outputs (1 = regression).
         at: split after this many encoder layers.
-        mode / rank / eliminate_links: as in :func:`sft_kernels.split_model`.
+        mode / rank / eliminate_links / u_split: as in :func:`sft_kernels.split_model` (``u_split``: the
+            head and the loss stay on the edge; no label crosses).
         fwd_codec / bwd_codec: codec specs of the activations (edge -> cloud) and gradients (back).
         seed: keys the head init, the bottleneck factors, data order, dropout and codecs.
         lr / weight_decay / warmup_steps / total_steps: AdamW and a linear warmup-then-decay schedule.
@@ -50,6 +53,7 @@ class RunConfig:
     mode: str = "bottleneck"
     rank: Optional[int] = 4
     eliminate_links: bool = True
+    u_split: bool = False
     fwd_codec: str = "int8"
     bwd_codec: str = "int8,sr"
     seed: int = 0

@@ -1,35 +1,20 @@
-"""``EdgeTrainer``: the edge side of split fine-tuning over the channel.
+"""``EdgeTrainer``: the edge side of ``sft train`` -- its parts, optimizer, data and checkpoints.
 
-It holds the edge part, its optimizer and scheduler, and the data.  Each step:
-forward on the edge (dropout keyed by ``(seed, step, "edge")``), encode the boundary,
-send it with the labels, receive the encoded gradient, decode, check it is finite,
-backward, step.
+Each step is :class:`~sft_kernels.step.EdgeClient`'s: outside the U-split the fused one-round-trip
+``TRAIN`` (forward on the edge, encode, the cloud's forward, loss and backward, the gradient back,
+edge backward); in the U-split ``FORWARD`` / ``BACKWARD`` (the head and the loss run on the edge)
+and ``STEP``.  The link is a :class:`~.link.TcpLink` (its docstring says what is retried).
 
-Faults: a dropped connection is retried with exponential backoff, a bounded number of
-times; each retry authenticates again and re-opens the session, which tells the edge
-where the cloud stands (the newest step both sides can resume from: the edge sends its
-checkpoint steps).  The edge then re-sends the step (the cloud replays its cached
-reply if it had applied it) or, when the cloud restarted from an older checkpoint,
-rolls back to that checkpoint itself and recomputes from there.  Because dropout and
-codec randomness are keyed by step and the data order by (seed, epoch), recomputed
-steps are the same computation.  The edge chooses the checkpoint steps (``checkpoint_every``)
-and asks the cloud to checkpoint the same ones, so an edge restart never depends on the
-two sides' intervals.
-
-What is retried and what is not:
-
-* the server *answered* with a retryable ERROR (server full, a checkpoint it could not
-  write): wait (the server's ``retry_after`` if given) and re-send, at most ``retries``
-  times in a row, then :class:`CloudError` with the server's reason;
-* the server answered with a permanent ERROR (bad request, wrong hash, ...): :class:`CloudError` at once;
-* the link broke (server down or restarting): reconnect with backoff, ``retries`` attempts per
-  break and at most ``retries`` breaks while one request is outstanding, then :class:`LinkLost`;
-* the very first connection fails, or TLS, authentication or the peer's protocol is wrong: fail
-  at once (:class:`~sft_kernels.channel.LinkRefused`, :class:`~sft_kernels.channel.AuthError`)
-  naming the likely cause.
+Resume: every (re)open tells the edge where the cloud stands (the newest step both sides can
+resume from: the edge sends its checkpoint steps).  The edge then re-sends the step (the cloud
+replays its cached reply if it had applied it) or, when the cloud restarted from an older
+checkpoint, rolls back to that checkpoint itself and recomputes from there.  Because dropout and
+codec randomness are keyed by step and the data order by (seed, epoch), recomputed steps are the
+same computation.  The edge chooses the checkpoint steps (``checkpoint_every``) and asks the cloud
+to checkpoint the same ones.
 
 Byte counts: ``TrainSummary`` holds payload bytes (encoded tensors) and wire bytes (every byte of
-the TRAIN frames on the socket) of the training steps; :meth:`EdgeTrainer.wire_bytes` counts every
+the step's frames on the socket) of the training steps; :meth:`EdgeTrainer.wire_bytes` counts every
 byte of every connection, handshakes and reconnects included.
 """
 from __future__ import annotations
@@ -42,43 +27,19 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import torch
 
-from ..channel import (Connection, Limits, LinkLimiter, LinkRefused, ProtocolError, RemoteError, TLSConfig,
-                       connect)
+from ..channel import Limits, LinkLimiter, TLSConfig
 from ..codecs import from_spec
-from ..split import codec_seed, part_rng
+from ..step import CloudWorker, EdgeClient, InProcessLink
+from ..step.messages import FINISH, STEP, payload_nbytes
 from .checkpoint import CheckpointedPart, CheckpointStore
-from .config import RunConfig, state_hash
-from .messages import (EVAL, FINISH, KIND_NAMES, OPEN, TRAIN, StepRefused, boundary_to_wire, decode_packet,
-                       packet_from_wire)
+from .config import RunConfig
+from .link import CloudError, LinkLost, Rewind, TcpLink
+from ..split.pretrained import model_inputs
 from .parts import build_parts, make_optimizer, make_scheduler
 
 __all__ = ["EdgeTrainer", "TrainSummary", "CloudError", "LinkLost"]
 
 log = logging.getLogger("sft_kernels.runtime")
-
-_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-_LINK_ERRORS = (OSError, ConnectionError, EOFError, ProtocolError, TimeoutError)
-
-
-class CloudError(RuntimeError):
-    """The cloud refused a request, or kept failing it (its error message is included)."""
-
-
-class _Busy(Exception):
-    """The cloud answered OPEN with a retryable refusal (e.g. server full)."""
-
-    def __init__(self, message: str, retry_after: Optional[float]) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class LinkLost(ConnectionError):
-    """The link stayed down through every retry."""
-
-
-class _Rewind(Exception):
-    def __init__(self, step: int) -> None:
-        self.step = step
 
 
 @dataclass
@@ -124,37 +85,48 @@ class EdgeTrainer(CheckpointedPart):
         progress: show a tqdm bar.
     """
 
-    def __init__(self, cfg: RunConfig, batch_at: Callable[[int], Mapping[str, torch.Tensor]], *, host: str,
-                 port: int, client_id: str, token: Union[bytes, str],
+    def __init__(self, cfg: RunConfig, batch_at: Callable[[int], Mapping[str, torch.Tensor]], *,
+                 host: Optional[str] = None, port: Optional[int] = None, client_id: str = "edge",
+                 token: Union[bytes, str, None] = None,
                  checkpoint_dir: Union[str, Path, None] = None, checkpoint_every: int = 50, retries: int = 8,
                  backoff_s: float = 0.25, tls: Optional[TLSConfig] = None, limits: Optional[Limits] = None,
                  link: Optional[LinkLimiter] = None, timeout: float = 120.0, model_dir: Union[str, Path, None] = None,
                  progress: bool = True) -> None:
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
-        if retries < 0:
-            raise ValueError(f"retries must be >= 0, got {retries}")
-        if not 0 < backoff_s <= 60:
-            raise ValueError(f"backoff_s must be in (0, 60], got {backoff_s}")
         self.cfg, self.batch_at = cfg, batch_at
-        self.tokenizer, self.model, cloud = build_parts(cfg, model_dir)
-        self.init_hashes = {"edge": state_hash(self.model), "cloud": state_hash(cloud)}
-        del cloud
-        self.opt = make_optimizer(self.model, cfg)
+        parts = build_parts(cfg, model_dir)
+        self.tokenizer, self.model, self.top = parts.tokenizer, parts.edge, parts.top
+        self._input_names = model_inputs(self.model)  # what this family takes (no token_type_ids for GPT-2)
+        self.init_hashes = parts.hashes()
+        trained = self.model if self.top is None else torch.nn.ModuleDict({"edge": self.model, "top": self.top})
+        self.opt = make_optimizer(trained, cfg)
         self.sched = make_scheduler(self.opt, cfg)
-        self.fwd, self.bwd = from_spec(cfg.fwd_codec), from_spec(cfg.bwd_codec)
-        self._addr = (host, port)
-        self._cred = (client_id, token)
-        self._conn_kw = dict(tls=tls, limits=limits or Limits(), link=link, timeout=timeout)
-        self.retries, self.backoff_s, self.progress = retries, backoff_s, progress
+        if host is None:  # the cloud part in this process: the same step over an in-process link
+            cloud_opt = make_optimizer(parts.cloud, cfg)
+            self.link = InProcessLink(CloudWorker(parts.cloud, from_spec(cfg.fwd_codec), from_spec(cfg.bwd_codec),
+                                                  cfg.seed, optimizer=cloud_opt,
+                                                  scheduler=make_scheduler(cloud_opt, cfg)))
+        else:
+            if port is None or token is None:
+                raise ValueError("a cloud at host needs port and token too (or host=None for an in-process cloud)")
+            self.link = TcpLink(host, port, client_id, token, open_meta=self._open_meta, on_resume=self._rewind,
+                                retries=retries, backoff_s=backoff_s, tls=tls, limits=limits, link=link,
+                                timeout=timeout)
+        self.client = EdgeClient(self.model, self.link, from_spec(cfg.fwd_codec), from_spec(cfg.bwd_codec), cfg.seed,
+                                 top=self.top)
+        del parts
+        self.progress = progress
         self.every = checkpoint_every
         self.step = 0
         self.summary = TrainSummary()
         self.store = CheckpointStore(checkpoint_dir) if checkpoint_dir is not None else None
-        self.conn: Optional[Connection] = None
-        self._connected_once = False
-        self._wire_closed = [0, 0]  # wire bytes (sent, received) of connections already closed
         self._open_store()
+
+    @property
+    def conn(self):
+        """The open connection, or None (and always None in process)."""
+        return getattr(self.link, "conn", None)
 
     # ---------------------------------------------------------------- state
     def _extra_state(self) -> dict[str, Any]:
@@ -177,176 +149,82 @@ class EdgeTrainer(CheckpointedPart):
                           f"and is at step {self.step}; cannot roll back")
 
     # ---------------------------------------------------------------- link
-    def wire_bytes(self) -> tuple[int, int]:
-        """Every byte this edge put on / took off the socket, (sent, received): all connections, handshakes included."""
-        up, down = self._wire_closed
-        if self.conn is not None:
-            cu, cd = self.conn.stats.total_wire()
-            up, down = up + cu, down + cd
-        return up, down
+    def _open_meta(self) -> dict[str, Any]:
+        return {"config": self.cfg.to_dict(), "hashes": self.init_hashes, "step": self.step,
+                "ckpts": self.checkpoint_steps()}
 
-    def _connect(self) -> Connection:
-        host, port = self._addr
-        try:
-            conn = connect(host, port, *self._cred, **self._conn_kw)
-        except ConnectionRefusedError as exc:
-            if self._connected_once:
-                raise  # the server is restarting: a link fault, retried with backoff
-            raise LinkRefused(f"cannot connect to {host}:{port}: nothing listens there (wrong host or port, or "
-                              f"the server is not running): {exc}") from None
-        # anything else (a close during the handshake: a busy server evicting, a restart; ServerBusy) is a
-        # link fault, retried with backoff by the caller
-        self._connected_once = True
-        return conn
+    def _rewind(self, resume: int) -> None:
+        log.warning("cloud resumes at step %d, edge was at %d: rolling back", resume, self.step)
+        self.restore(resume)
+        self.summary.replays_or_rollbacks += 1
+        raise Rewind(resume)
 
     def open(self) -> None:
         """Connect, authenticate and open the session; roll back if the cloud resumes earlier."""
-        self.close()
-        conn = self._connect()
-        try:
-            reply = conn.request(OPEN, {}, {"config": self.cfg.to_dict(), "hashes": self.init_hashes,
-                                            "step": self.step, "ckpts": self.checkpoint_steps()})
-        except RemoteError as exc:
-            self._close_conn(conn)
-            if exc.retryable:
-                raise _Busy(f"the cloud cannot open the session now: {exc}", exc.retry_after) from None
-            raise CloudError(f"the cloud refused the session: {exc}") from None
-        except BaseException:
-            self._close_conn(conn)
-            raise
-        self.conn = conn
-        resume = reply.meta.get("step")
-        if not isinstance(resume, int) or not 0 <= resume <= self.step:
-            self.close()
-            raise CloudError(f"the cloud proposed resume step {resume!r}; the edge is at step {self.step}")
-        if resume < self.step:
-            log.warning("cloud resumes at step %d, edge was at %d: rolling back", resume, self.step)
-            self.restore(resume)
-            self.summary.replays_or_rollbacks += 1
-            raise _Rewind(resume)
-
-    def _close_conn(self, conn: Connection) -> None:
-        up, down = conn.stats.total_wire()
-        self._wire_closed[0] += up
-        self._wire_closed[1] += down
-        conn.close()
+        if isinstance(self.link, TcpLink):
+            self.link.open()
 
     def close(self) -> None:
         """Close the connection (the session stays on the server)."""
-        if self.conn is not None:
-            self._close_conn(self.conn)
-            self.conn = None
+        if isinstance(self.link, TcpLink):
+            self.link.close()
 
-    def _sleep(self, delay: float) -> float:
-        time.sleep(delay)
-        return min(delay * 2, 10.0)
+    def wire_bytes(self) -> tuple[int, int]:
+        """Every byte this edge put on / took off the socket, (sent, received): all connections, handshakes included.
 
-    def _reopen(self) -> None:
-        delay = self.backoff_s
-        last: Optional[BaseException] = None
-        for attempt in range(1, self.retries + 1):
-            delay = self._sleep(delay)
-            try:
-                self.open()
-                self.summary.reconnects += 1
-                return
-            except _Rewind:
-                self.summary.reconnects += 1
-                raise
-            except _LINK_ERRORS as exc:
-                last = exc
-                log.warning("reconnect %d/%d failed: %s", attempt, self.retries, exc)
-        raise LinkLost(f"link to {self._addr[0]}:{self._addr[1]} lost; {self.retries} reconnect(s) failed; "
-                       f"last error: {type(last).__name__}: {last}")
-
-    def _request(self, kind: int, tensors: dict, meta: dict, seq: int):
-        """Send one request until it is answered; retries bounded as the module docstring says.
-
-        Returns ``(reply, sent)``: the reply frame and the wire bytes of the request that got it.
+        In process there is no socket: the payload bytes.
         """
-        what = f"{KIND_NAMES[kind]} {seq}"
-        answered, breaks = 0, 0
-        delay = self.backoff_s
-        while True:
-            try:
-                if self.conn is None:
-                    self.open()
-                before = self.conn.stats.wire_bytes_sent
-                reply = self.conn.request(kind, tensors, meta, seq=seq)
-                return reply, self.conn.stats.wire_bytes_sent - before
-            except (RemoteError, _Busy) as exc:
-                retry = exc.retryable if isinstance(exc, RemoteError) else True
-                if not retry:
-                    raise CloudError(f"the cloud refused {what}: {exc}") from None
-                answered += 1
-                if answered > self.retries:
-                    raise CloudError(f"the cloud failed {what} {answered} times in a row; giving up. "
-                                     f"Its last answer: {exc}") from None
-                wait = exc.retry_after if exc.retry_after is not None else delay
-                log.warning("the cloud answered %s with a retryable failure (%d/%d), retrying in %.1f s: %s",
-                            what, answered, self.retries, min(wait, 30.0), exc)
-                delay = self._sleep(min(wait, 30.0))
-            except _LINK_ERRORS as exc:
-                breaks += 1
-                if breaks > self.retries:
-                    raise LinkLost(f"the link to {self._addr[0]}:{self._addr[1]} broke {breaks} times while "
-                                   f"{what} was outstanding; giving up. Last error: {type(exc).__name__}: {exc}") \
-                        from None
-                log.warning("link error at %s: %s; reconnecting", what, exc)
-                self.close()
-                self._reopen()
+        if isinstance(self.link, TcpLink):
+            return self.link.wire_bytes()
+        return self.link.traffic.up, self.link.traffic.down
 
     # ---------------------------------------------------------------- steps
     def _inputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: batch[k] for k in _INPUTS if k in batch}
+        return {k: batch[k] for k in self._input_names if k in batch}
 
     def train_step(self) -> float:
         """Run the current step once across the link; returns its loss."""
         step = self.step
         batch = self.batch_at(step)
-        with part_rng(self.cfg.seed, step, "edge"):
-            b = self.model(**self._inputs(batch))
-        tensors, bmeta, nbytes = boundary_to_wire(b, self.fwd, codec_seed(self.cfg.seed, step))
-        labels = batch["labels"]
-        labels = labels.float() if self.cfg.num_labels == 1 else labels.long()
-        tensors["labels"] = labels
-        up = nbytes + labels.numel() * labels.element_size()
-        meta = {"b": bmeta}
-        if self.store is not None and self._checkpoint_due(step + 1):
-            meta["ckpt"] = True  # the cloud checkpoints the same steps as this edge
-        reply, wire_up = self._request(TRAIN, tensors, meta, seq=step)
-        wire_down = reply.wire_bytes
-        if reply.seq != step:
-            raise CloudError(f"reply for step {reply.seq}, expected {step}")
-        grads, outs = [], []
-        for prefix, t in (("h", b.hidden), ("r", b.residual)):
-            if t is None:
-                continue
-            p = packet_from_wire(reply.tensors, reply.meta.get(prefix), "g." + prefix, self.bwd, t.numel())
-            g = decode_packet(self.bwd, p, f"step {step}: received gradient '{prefix}'")
-            if g.shape != t.shape:
-                raise StepRefused(f"step {step}: gradient '{prefix}' has shape {tuple(g.shape)}, "
-                                  f"expected {tuple(t.shape)}")
-            grads.append(g.to(t.dtype))
-            outs.append(t)
-        torch.autograd.backward(outs, grads)
+        ckpt = self.store is not None and self._checkpoint_due(step + 1)
+        if self.top is None:
+            extra = {"ckpt": True} if ckpt else {}  # the cloud checkpoints the same steps as this edge
+            loss, reply, up = self.client.fused_step(step, self._inputs(batch), batch["labels"], self.cfg.num_labels,
+                                                     extra)
+            down = payload_nbytes(reply.tensors)
+            wire_up, wire_down = getattr(self.link, "last_wire", (up, down))
+        else:
+            up0, down0 = self.link.traffic.up, self.link.traffic.down
+            wire0 = self.wire_bytes()
+            out = self.client.forward(step, self._inputs(batch), batch["labels"], self.cfg.num_labels)
+            out.loss.backward()
+            self.link.request(STEP, {}, {"hp": self._hyperparameters(), "ckpt": ckpt}, step)
+            loss = float(out.loss.detach())
+            up, down = self.link.traffic.up - up0, self.link.traffic.down - down0
+            wire1 = self.wire_bytes()
+            wire_up, wire_down = wire1[0] - wire0[0], wire1[1] - wire0[1]
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
-        loss = float(reply.meta["loss"])
         s = self.summary
         s.losses.append(loss)
-        down = sum(v.numel() * v.element_size() for v in reply.tensors.values())
+        n = int(batch["labels"].shape[0])
         s.payload_up += up
         s.payload_down += down
         s.wire_up += wire_up
         s.wire_down += wire_down
-        s.examples += int(labels.shape[0])
-        s.step_bytes.append((up, down, int(labels.shape[0]), wire_up, wire_down))
+        s.examples += n
+        s.step_bytes.append((up, down, n, wire_up, wire_down))
+        s.reconnects = getattr(self.link, "reconnects", 0)
         self.step = step + 1
         if self._checkpoint_due(self.step):
             self.save()
         return loss
+
+    def _hyperparameters(self) -> dict[str, Any]:
+        """The edge optimizer's current hyper-parameters, for the cloud's (``STEP``)."""
+        g = self.opt.param_groups[0]
+        return {"lr": g["lr"], "weight_decay": g["weight_decay"], "betas": list(g["betas"]), "eps": g["eps"]}
 
     def _checkpoint_due(self, step: int) -> bool:
         return step % self.every == 0 or step == self.cfg.total_steps
@@ -364,7 +242,7 @@ class EdgeTrainer(CheckpointedPart):
             while self.step < end:
                 try:
                     loss = self.train_step()
-                except _Rewind:
+                except Rewind:
                     if bar is not None:
                         bar.n = self.step
                         bar.refresh()
@@ -386,24 +264,24 @@ class EdgeTrainer(CheckpointedPart):
         Eval batch ``i`` is encoded with the codec seed of step ``self.step + start + i``, as
         ``SimulatedSplit`` (which counts every forward) does for evaluation after training.
         """
-        was = self.model.training
-        self.model.eval()
+        parts = [m for m in (self.model, self.top) if m is not None]
+        was = [m.training for m in parts]
+        for m in parts:
+            m.eval()
         out = []
         try:
             for i, batch in enumerate(batches):
-                b = self.model(**self._inputs(batch))
-                tensors, meta, _ = boundary_to_wire(b, self.fwd, codec_seed(self.cfg.seed, self.step + start + i))
-                while True:
-                    try:
-                        reply, _ = self._request(EVAL, tensors, {"b": meta}, seq=i)
-                        break
-                    except _Rewind:
-                        raise CloudError("the cloud rolled back during evaluation; re-run training first") from None
-                out.append(reply.tensors["logits"])
+                try:
+                    res = self.client.forward(self.step + start + i, self._inputs(batch))
+                except Rewind:
+                    raise CloudError("the cloud rolled back during evaluation; re-run training first") from None
+                out.append(res.logits.float())
         finally:
-            self.model.train(was)
+            for m, w in zip(parts, was):
+                m.train(w)
         return torch.cat(out) if out else torch.zeros(0)
 
     def finish(self) -> None:
         """Tell the cloud the run is over (it checkpoints its final step)."""
-        self._request(FINISH, {}, {}, seq=self.step)
+        if isinstance(self.link, TcpLink):
+            self.link.request(FINISH, {}, {}, seq=self.step)

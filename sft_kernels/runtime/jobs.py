@@ -1,11 +1,17 @@
 """Jobs the ``sft`` command runs: a cloud server process, an edge training run, the demo.
 
 * :class:`StepBatches` maps a training step to its batch (epoch and position from the
-  step, order from ``(seed, epoch)``), so a rolled-back or resumed run sees the same data.
+  step, order from ``(seed, epoch)``), so a rolled-back or resumed run sees the same data;
+  regression targets are divided by the task's :func:`~sft_kernels.data.regression_scale`
+  (5 for STS-B, as bench/glue.py trains it).
 * :class:`LocalCloud` starts ``python -m sft_kernels serve`` as a separate process on
   loopback with a fresh tokens file, and stops it; the demo, the benchmarks and the
   tests use it to get a real second process.
-* :func:`train_and_evaluate` is one edge run: train, evaluate on the dev set, summarise.
+* :func:`load_train_dev` reads a GLUE / synthetic task by name or a user's own files
+  (:func:`~sft_kernels.data.load_files`); :func:`train_and_evaluate` is one edge run: train,
+  evaluate on the dev set with the task's metrics (a spec: GLUE or file task), summarise.  With a
+  ``checkpoint_dir`` it writes the run's record beside the checkpoints: ``labels.json`` (the
+  task and its ``label2id``) before training, ``run.json`` (everything ``--json`` prints) after.
 """
 from __future__ import annotations
 
@@ -25,21 +31,29 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..data import batches, compute_metrics, glue_score, load_task, num_batches, subsample
+from ..data import (TASKS, TaskSpec, batches, compute_metrics, glue_score, label_mapping, load_files, load_task,
+                    num_batches, regression_scale, subsample)
 from .config import RunConfig
 from .edge import EdgeTrainer, TrainSummary
 
 __all__ = ["StepBatches", "LocalCloud", "EdgeRun", "train_and_evaluate", "write_tokens", "run_demo", "resolve_task",
-           "load_train_dev", "print_run"]
+           "load_train_dev", "print_run", "task_record", "write_json"]
 
 
 class StepBatches:
-    """``step -> batch`` over ``ds`` for ``epochs`` passes, order keyed by ``(seed, epoch)``."""
+    """``step -> batch`` over ``ds`` for ``epochs`` passes, order keyed by ``(seed, epoch)``.
 
-    def __init__(self, tokenizer, ds, batch_size: int, max_length: int, seed: int) -> None:
+    ``label_scale``: the batches' ``labels`` are divided by it (a regression task's
+    :func:`~sft_kernels.data.regression_scale`); 1.0 leaves them untouched.
+    """
+
+    def __init__(self, tokenizer, ds, batch_size: int, max_length: int, seed: int, label_scale: float = 1.0) -> None:
         if len(ds) == 0:
             raise ValueError("the training set is empty")
+        if not label_scale > 0:
+            raise ValueError(f"label_scale must be > 0, got {label_scale!r}")
         self.tokenizer, self.ds, self.batch_size, self.max_length, self.seed = tokenizer, ds, batch_size, max_length, seed
+        self.label_scale = label_scale
         self.per_epoch = num_batches(len(ds), batch_size)
         self._it = None
         self._next: Optional[int] = None
@@ -51,6 +65,8 @@ class StepBatches:
                                seed=self.seed, epoch=epoch, start_batch=pos)
         batch = next(self._it)
         self._next = step + 1 if pos + 1 < self.per_epoch else None
+        if self.label_scale != 1.0:
+            batch["labels"] = batch["labels"] / self.label_scale
         return batch
 
 
@@ -145,12 +161,14 @@ class EdgeRun:
     eval_examples: int
     wire_up: int    # every byte sent on every connection of the run (handshakes, eval, reconnects included)
     wire_down: int
+    spec: Optional[TaskSpec] = None  # the task (GLUE or file); None: ``TASKS[config.task]``
 
     def to_json(self) -> dict:
-        """Machine-readable form (``--json``): payload and wire bytes side by side."""
+        """Machine-readable form (``--json``): payload and wire bytes side by side, the task and its label2id."""
         up, down = self.summary.per_example()
         wup, wdown = self.summary.wire_per_example()
-        return {"config": self.config.to_dict(), "steps": self.summary.steps, "examples": self.summary.examples,
+        return {**task_record(self.spec or TASKS[self.config.task]),
+                "config": self.config.to_dict(), "steps": self.summary.steps, "examples": self.summary.examples,
                 "losses": self.summary.losses, "metrics": self.metrics, "score": self.score,
                 "eval_examples": self.eval_examples, "bytes_up_per_example": up, "bytes_down_per_example": down,
                 "wire_bytes_up_per_example": wup, "wire_bytes_down_per_example": wdown,
@@ -165,11 +183,61 @@ def steps_for(train_size: int, batch_size: int, epochs: float) -> int:
     return max(1, math.ceil(epochs * num_batches(train_size, batch_size)))
 
 
+def task_record(spec: TaskSpec) -> dict:
+    """What a run records of its task: ``{"task": {...}, "label2id": {...}, "id2label": {...}}``.
+
+    ``task`` holds the name, ``num_labels``, ``is_regression``, ``metric_names``, the text columns and
+    the training targets' ``regression_scale``; ``label2id`` is :func:`~sft_kernels.data.label_mapping`
+    (``{}`` for a regression), ``id2label`` its inverse.
+    """
+    mapping = label_mapping(spec)
+    return {"task": {"name": spec.name, "num_labels": spec.num_labels, "is_regression": spec.is_regression,
+                     "metric_names": list(spec.metric_names),
+                     "text_columns": [c for c in (spec.text_a, spec.text_b) if c is not None],
+                     "regression_scale": regression_scale(spec)},
+            "label2id": mapping, "id2label": {str(i): name for name, i in mapping.items()}}
+
+
+def write_json(path: Union[str, Path], obj: Any) -> Path:
+    """Write ``obj`` as JSON to ``path`` atomically (a temporary file, then a rename); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(dumps(obj) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _task_spec(cfg: RunConfig, spec: Optional[TaskSpec]) -> TaskSpec:
+    """``spec``, or the built-in task ``cfg.task`` names; its label count must be ``cfg.num_labels``."""
+    if spec is None:
+        if cfg.task not in TASKS:
+            raise ValueError(f"task {cfg.task!r} is not one of {sorted(TASKS)}: pass its spec (e.g. the one "
+                             "load_files returns) as spec=")
+        spec = TASKS[cfg.task]
+    if spec.num_labels != cfg.num_labels:
+        raise ValueError(f"the task {spec.name!r} has num_labels={spec.num_labels}, the run config "
+                         f"{cfg.num_labels}")
+    return spec
+
+
 def train_and_evaluate(cfg: RunConfig, train_ds, dev_ds, *, host: str, port: int, client_id: str, token: str,
-                       eval_batch_size: int = 64, **edge_kw: Any) -> EdgeRun:
-    """Train ``cfg`` against the cloud at ``host:port``, then evaluate on ``dev_ds`` (None: skip) with its metric."""
+                       spec: Optional[TaskSpec] = None, eval_batch_size: int = 64, **edge_kw: Any) -> EdgeRun:
+    """Train ``cfg`` against the cloud at ``host:port``, then evaluate on ``dev_ds`` (None: skip) with its metric.
+
+    ``spec``: the task (a :class:`~sft_kernels.data.TaskSpec`, e.g. a file task's); default the built-in
+    task ``cfg.task`` names.  Its metrics evaluate the dev set and its
+    :func:`~sft_kernels.data.regression_scale` divides the training targets.  ``edge_kw`` go to
+    :class:`EdgeTrainer`; with a ``checkpoint_dir`` among them, ``labels.json`` is written there before
+    training and ``run.json`` after (see the module docstring).
+    """
+    spec = _task_spec(cfg, spec)
     trainer = EdgeTrainer(cfg, None, host=host, port=port, client_id=client_id, token=token, **edge_kw)
-    trainer.batch_at = StepBatches(trainer.tokenizer, train_ds, cfg.batch_size, cfg.max_length, cfg.seed)
+    trainer.batch_at = StepBatches(trainer.tokenizer, train_ds, cfg.batch_size, cfg.max_length, cfg.seed,
+                                   label_scale=regression_scale(spec))
+    record_dir = edge_kw.get("checkpoint_dir")
+    if record_dir is not None:
+        write_json(Path(record_dir) / "labels.json", {"model": cfg.model, **task_record(spec)})
     try:
         summary = trainer.train()
         metrics: dict = {}
@@ -183,17 +251,42 @@ def train_and_evaluate(cfg: RunConfig, train_ds, dev_ds, *, host: str, port: int
             order[index] = np.arange(len(index))
             logits = logits.numpy()[order]
             preds = logits[:, 0] if cfg.num_labels == 1 else logits.argmax(-1)
-            metrics = compute_metrics(cfg.task, preds, np.asarray(dev_ds["label"]))
-            score = glue_score(cfg.task, metrics)
+            metrics = compute_metrics(spec, preds, np.asarray(dev_ds["label"]))
+            score = glue_score(spec, metrics)
         trainer.finish()
         wire_up, wire_down = trainer.wire_bytes()
-        return EdgeRun(cfg, summary, metrics, score, len(dev_ds) if dev_ds is not None else 0, wire_up, wire_down)
+        run = EdgeRun(cfg, summary, metrics, score, len(dev_ds) if dev_ds is not None else 0, wire_up, wire_down,
+                      spec)
     finally:
         trainer.close()
+    if record_dir is not None:
+        write_json(Path(record_dir) / "run.json", run.to_json())
+    return run
 
 
-def load_train_dev(task: str, data_dir=None, max_train: Optional[int] = None, max_eval: Optional[int] = None):
-    """``(TaskSpec, train, dev)``; train subsampled to ``max_train`` rows (:func:`~sft_kernels.data.subsample`)."""
+def load_train_dev(task: Optional[str] = None, data_dir=None, max_train: Optional[int] = None,
+                   max_eval: Optional[int] = None, *, train_file=None, validation_file=None,
+                   text_columns: Optional[Sequence[str]] = None, label_column: str = "label"):
+    """``(TaskSpec, train, dev)``; train subsampled to ``max_train`` rows (:func:`~sft_kernels.data.subsample`).
+
+    Either a built-in ``task`` (GLUE or synthetic, read from ``data_dir``) or a user's ``train_file``
+    (and optional ``validation_file``; ``dev`` is None without one) read by
+    :func:`~sft_kernels.data.load_files` with ``text_columns`` / ``label_column`` (the spec is then a
+    :class:`~sft_kernels.data.FileTaskSpec`).  ``dev`` keeps its first ``max_eval`` rows.
+    Raises ``ValueError`` for both or neither, and load_files' errors for bad files.
+    """
+    if train_file is not None:
+        if task is not None:
+            raise ValueError(f"give a task or a train_file, not both (task {task!r}, train_file {str(train_file)!r})")
+        spec, train, dev = load_files(train_file, validation_file, text_columns=text_columns,
+                                      label_column=label_column)
+        if dev is not None and max_eval is not None and max_eval < len(dev):
+            dev = dev.select(range(max_eval))
+        return spec, subsample(train, max_train), dev
+    if task is None:
+        raise ValueError("give a task or a train_file")
+    if validation_file is not None or text_columns is not None:
+        raise ValueError("validation_file and text_columns need a train_file")
     spec, train = load_task(task, "train", data_dir)
     _, dev = load_task(task, "dev", data_dir, limit=max_eval)
     return spec, subsample(train, max_train), dev
@@ -217,15 +310,22 @@ def resolve_task(task: str, data_dir=None) -> str:
 
 
 def _task_label(task: str) -> str:
-    return "synthetic sentiment task (generated, not GLUE)" if task == "synthetic" else f"GLUE {task}"
+    if task == "synthetic":
+        return "synthetic sentiment task (generated, not GLUE)"
+    return f"GLUE {task}" if task in TASKS else f"{task} (your files)"
 
 
 def print_run(run: EdgeRun) -> str:
-    """Human-readable summary of one edge run."""
+    """Human-readable summary of one edge run (the task's label2id included)."""
     up, down = run.summary.per_example()
     wup, wdown = run.summary.wire_per_example()
     metric = ", ".join(f"{k} {v:.4f}" for k, v in run.metrics.items()) or "not evaluated"
-    return (f"task: {_task_label(run.config.task)}\nsteps: {run.summary.steps} ({run.summary.examples} examples), "
+    rec = task_record(run.spec or TASKS[run.config.task])
+    scale = rec["task"]["regression_scale"]
+    labels = (json.dumps(rec["label2id"]) if rec["label2id"] else
+              "none (regression" + (f"; targets trained / {scale:g})" if scale != 1.0 else ")"))
+    return (f"task: {_task_label(run.config.task)}; model: {run.config.model}\nlabel2id: {labels}\n"
+            f"steps: {run.summary.steps} ({run.summary.examples} examples), "
             f"final loss {run.summary.losses[-1]:.4f}\ndev ({run.eval_examples} examples): {metric}\n"
             f"training bytes per example: payload up {up:.1f}, down {down:.1f}; on the wire up {wup:.1f}, "
             f"down {wdown:.1f}\nall wire bytes of the run (handshakes, eval, reconnects): up {run.wire_up}, "

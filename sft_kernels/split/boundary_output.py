@@ -33,7 +33,11 @@ class BoundaryOutput:
         residual: ``(total_real_tokens, d)`` residual stream of the bottleneck layer; only
             in a bottleneck split with ``eliminate_links=False`` (the ablation).
         pool_index: ``(batch,)`` int32, the position a decoder's sequence-classification head
-            pools from (its rule, evaluated on the edge's ``input_ids``); None for encoders.
+            pools from (its rule, evaluated on the edge's ``input_ids``), sent whenever the model
+            has a head: the cloud's head uses it, and in a U-split the cloud picks those rows to
+            send back down to the top.  None for encoders, in every split: their heads pool
+            position 0 ([CLS]), a rule the cloud applies itself, so sending it would cost bytes
+            for nothing.
     """
 
     hidden: torch.Tensor

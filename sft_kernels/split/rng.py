@@ -28,13 +28,18 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-__all__ = ["part_seed", "part_rng", "seeded", "PARTS"]
+__all__ = ["part_seed", "part_rng", "seeded", "codec_seed", "PARTS"]
 
 #: Held while any block runs on a seeded global stream (re-entrant: seeded construction nests).
 _GLOBAL_RNG_LOCK = threading.RLock()
 
-#: The parts a split model has.
-PARTS = ("edge", "cloud")
+#: The parts a split model has ("top": the edge's head in the U-split).
+PARTS = ("edge", "cloud", "top")
+
+
+def codec_seed(seed: int, step: int) -> int:
+    """Codec seed of the boundary tensor at ``step`` (the residual, when sent, uses this + 1)."""
+    return seed + 2 * step
 
 
 def part_seed(seed: int, step: int, part: str) -> int:

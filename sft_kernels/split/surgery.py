@@ -1,4 +1,4 @@
-"""``split_model``: cut a transformers model into an edge part and a cloud part.
+"""``split_model``: cut a transformers model into an edge part and a cloud part (and, U-shaped, a top).
 
 * ``mode="layer"``: the edge holds the embeddings and layers ``[0, at)``; it sends the
   hidden states of the real tokens.
@@ -8,7 +8,16 @@
   layers after it.  With ``eliminate_links=True`` the residual around that FFN is dropped;
   with ``False`` the residual stream crosses too (``BoundaryOutput.residual``).
 
-Both parts share parameters with ``model`` (like an in-place surgery: training the parts
+* ``u_split=True`` (either mode, task models only): the U-shaped split, three parts
+  ``(edge, cloud, top)``.  The edge is the same; the cloud runs the middle and the
+  family's final per-token modules (GPT-2's ``ln_f``, Llama's norm) and returns only the
+  row each sequence's head pools from, ``(batch, d)``; the :class:`TopModel`, run on the
+  edge, holds the rest of the task head and the loss, so labels never leave the edge.
+  Which row: decoders send ``BoundaryOutput.pool_index`` (the head's own rule evaluated on
+  the edge's ``input_ids``); encoders pool position 0 ([CLS] / <s>), a rule the cloud
+  applies itself, so nothing more is sent for them (``pool_index`` stays None).
+
+The parts share parameters with ``model`` (like an in-place surgery: training the parts
 trains those weights); ``model`` itself is left runnable, but a second split of it is
 refused until :func:`merge` (a ``copy.deepcopy`` of it may be split).
 
@@ -23,7 +32,7 @@ from __future__ import annotations
 
 import copy
 import weakref
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union, overload
 
 import torch
 from torch import nn
@@ -32,7 +41,7 @@ from .. import ops
 from .adapters import Adapter, BottleneckLayer, adapter_for, base_model_of, replace_module
 from .boundary_output import BoundaryOutput
 
-__all__ = ["split_model", "merge", "EdgeModel", "CloudModel", "MODES", "DEFAULT_POWER_ITERS"]
+__all__ = ["split_model", "merge", "EdgeModel", "CloudModel", "TopModel", "MODES", "DEFAULT_POWER_ITERS"]
 
 MODES = ("layer", "bottleneck")
 #: Power iterations of the randomized SVD that initialises the bottleneck factors.
@@ -43,16 +52,37 @@ _SPLIT_MODELS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 class _BaseOutputStub(nn.Module):
-    """Stands in for the base model inside the cloud's task head: returns the output the cloud computed."""
+    """Stands in for the base model inside a part's task head: returns the output that part computed."""
 
-    def __init__(self) -> None:
+    def __init__(self, part: str = "cloud") -> None:
         super().__init__()
+        self.part = part
         self.output: Any = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.output is None:
-            raise RuntimeError("the split cloud's task head was called outside CloudModel.forward")
+            raise RuntimeError(f"the split {self.part}'s task head was called outside "
+                               f"{self.part.capitalize()}Model.forward")
         return self.output
+
+
+def _head_of(model: nn.Module, prefix: str, part: str) -> tuple[nn.Module, _BaseOutputStub]:
+    """``(task head, stub)``: a shallow copy of ``model`` sharing its head modules, its base model a stub."""
+    stub = _BaseOutputStub(part)
+    head = copy.copy(model)
+    head._modules = dict(model._modules)
+    head._modules[prefix] = stub
+    return head, stub
+
+
+def _run_head(head: nn.Module, stub: _BaseOutputStub, base_output: Any, labels: Optional[torch.Tensor],
+              extra: dict[str, Any]) -> Any:
+    """The transformers head's forward (pooling, classifier, loss) on ``base_output`` in place of its base model."""
+    stub.output = base_output
+    try:
+        return head(labels=labels, **extra)
+    finally:
+        stub.output = None
 
 
 def _lengths_of(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -125,13 +155,17 @@ class EdgeModel(nn.Module):
 
 
 class CloudModel(nn.Module):
-    """The cloud part: ``cloud(boundary, labels=None)`` returns the model's usual output."""
+    """The cloud part: ``cloud(boundary, labels=None)`` returns the model's usual output.
+
+    In a U-split (``u_split=True``, no head) ``cloud(boundary)`` returns the ``(batch, d)``
+    rows the task head pools from, for the :class:`TopModel`; labels stay on the edge.
+    """
 
     def __init__(self, adapter: Adapter, config: Any, mods: dict[str, nn.Module], layers: list[nn.Module],
                  bottleneck: Optional[tuple[dict[str, nn.Module], nn.Linear]], eliminate_links: bool,
-                 head: Optional[nn.Module], stub: Optional[_BaseOutputStub]) -> None:
+                 head: Optional[nn.Module], stub: Optional[_BaseOutputStub], u_split: bool = False) -> None:
         super().__init__()
-        self.adapter, self.config, self.eliminate_links = adapter, config, eliminate_links
+        self.adapter, self.config, self.eliminate_links, self.u_split = adapter, config, eliminate_links, u_split
         self.mods = nn.ModuleDict(mods)
         self.layers = nn.ModuleList(layers)
         self.ffn = nn.ModuleDict(bottleneck[0]) if bottleneck else None
@@ -151,8 +185,8 @@ class CloudModel(nn.Module):
 
     @property
     def takes_pool_index(self) -> bool:
-        """Whether this part's head pools from ``BoundaryOutput.pool_index`` (decoder classification heads)."""
-        return bool(self.adapter.sends_pool_index and self.head is not None)
+        """Whether this part pools from ``BoundaryOutput.pool_index`` (decoders: their heads, a U-split's rows)."""
+        return bool(self.adapter.sends_pool_index and (self.head is not None or self.u_split))
 
     def _check(self, b: BoundaryOutput) -> None:
         if not isinstance(b, BoundaryOutput):
@@ -183,14 +217,23 @@ class CloudModel(nn.Module):
         if b.lengths.numel() and (int(b.lengths.max()) > b.seq_len or int(b.lengths.min()) < 0):
             raise ValueError(f"boundary lengths: expected in [0, seq_len={b.seq_len}], arrived "
                              f"{b.lengths.tolist()}")
-        if self.head is not None and b.pool_index is not None and bool(
+        if self.u_split and not self.takes_pool_index and b.pool_index is not None:
+            raise ValueError("boundary pool_index: expected none (an encoder pools position 0, [CLS], a rule the "
+                             "cloud applies itself), arrived a tensor")
+        if (self.head is not None or self.u_split) and b.pool_index is not None and bool(
                 ((b.pool_index < 0) | (b.pool_index.long() >= b.lengths.long())).any()):
             raise ValueError(f"boundary pool_index: expected positions of real tokens (0 <= pool_index < lengths="
                              f"{b.lengths.tolist()}), arrived {b.pool_index.tolist()}")
 
     def forward(self, boundary: BoundaryOutput, labels: Optional[torch.Tensor] = None) -> Any:
-        """Finish the forward from ``boundary``; the loss is computed when ``labels`` is given."""
+        """Finish the forward from ``boundary``; the loss is computed when ``labels`` is given.
+
+        A U-split's cloud returns the ``(batch, d)`` pooled rows instead and takes no labels.
+        """
         self._check(boundary)
+        if labels is not None and self.u_split:
+            raise ValueError("labels given to the cloud of a u_split=True split: labels stay on the edge; pass them "
+                             "to top(cloud(boundary), labels)")
         if labels is not None and self.head is None:
             raise ValueError("labels given, but the split model is a base model without a task head")
         mask = _mask_of(boundary.lengths, boundary.seq_len)
@@ -202,14 +245,61 @@ class CloudModel(nn.Module):
         for layer in self.layers:
             hidden = self.adapter.run_layer(layer, hidden, kw)
         out = self.adapter.finish(self.mods, hidden)
+        if self.u_split:
+            return self.adapter.pool_rows(out.last_hidden_state, boundary.pool_index)
         if self.head is None:
             return out
-        self._stub.output = out
-        try:
-            extra = self.adapter.head_inputs(self.config, boundary.pool_index, boundary.seq_len)
-            return self.head(labels=labels, **extra)
-        finally:
-            self._stub.output = None
+        extra = self.adapter.head_inputs(self.config, boundary.pool_index, boundary.seq_len)
+        return _run_head(self.head, self._stub, out, labels, extra)
+
+
+class TopModel(nn.Module):
+    """The top of a U-split, run on the edge after the cloud: ``top(pooled, labels=None)`` -> the model's output.
+
+    ``pooled`` is what the U-split's cloud returns: ``(batch, d)``, the row of each sequence
+    that the task head pools from.  The top holds the rest of the task head and computes the
+    loss, so labels never leave the edge.  The head is the model's own transformers module
+    (its forward, with the base model replaced by a stand-in), so pooling, dropout and the loss
+    (``problem_type`` regression / single-label / multi-label) are transformers' logic:
+
+    * BERT / RoBERTa: BERT's pooler (dense + tanh on [CLS]) sits here, on the top -- the
+      natural place, since it acts on the pooled row only; then dropout and the classifier
+      (RoBERTa's classification head takes the row directly).
+    * DistilBERT: pre_classifier, ReLU, dropout, classifier.
+    * GPT-2 / Llama-style: the score layer on the pooled row (its ``ln_f`` / final norm ran
+      per token on the cloud, before the row was picked).
+    """
+
+    def __init__(self, adapter: Adapter, config: Any, mods: dict[str, nn.Module], head: nn.Module,
+                 stub: _BaseOutputStub) -> None:
+        super().__init__()
+        self.adapter, self.config = adapter, config
+        self.mods = nn.ModuleDict(mods)
+        self.head = head
+        self._stub = stub
+
+    @property
+    def width(self) -> int:
+        """Values per sequence of ``pooled`` (the model's hidden size)."""
+        return self.config.hidden_size
+
+    def _check(self, pooled: Any) -> None:
+        dtype = next(self.parameters()).dtype
+        want = f"the cloud's pooled rows, a (batch, {self.width}) {dtype} tensor (one row per sequence)"
+        if isinstance(pooled, BoundaryOutput):
+            raise TypeError(f"top expects {want}, got the edge's BoundaryOutput: run cloud(boundary) first")
+        if not isinstance(pooled, torch.Tensor):
+            raise TypeError(f"top expects {want}, got {type(pooled).__name__}")
+        if pooled.dim() != 2 or pooled.shape[1] != self.width or pooled.dtype != dtype:
+            raise ValueError(f"top expects {want}, got shape {tuple(pooled.shape)} {pooled.dtype}")
+
+    def forward(self, pooled: torch.Tensor, labels: Optional[torch.Tensor] = None) -> Any:
+        """The task head's output (e.g. ``SequenceClassifierOutput``) from ``pooled``; with the loss if ``labels``."""
+        self._check(pooled)
+        rows = pooled[:, None, :]  # one-token sequences: each head pools its position 0
+        first = torch.zeros(rows.shape[0], dtype=torch.int32, device=rows.device)
+        extra = self.adapter.head_inputs(self.config, first, 1)
+        return _run_head(self.head, self._stub, self.adapter.head_output(self.mods, rows), labels, extra)
 
 
 def _factors(weight: torch.Tensor, bias: Optional[torch.Tensor], rank: int, seed: int,
@@ -230,9 +320,27 @@ def _factors(weight: torch.Tensor, bias: Optional[torch.Tensor], rank: int, seed
     return edge, cloud
 
 
+@overload
+def split_model(model: nn.Module, at: int, mode: str = ..., rank: Optional[int] = ..., eliminate_links: bool = ...,
+                seed: int = ..., power_iters: int = ..., *,
+                u_split: Literal[False] = ...) -> tuple[EdgeModel, CloudModel]: ...
+
+
+@overload
+def split_model(model: nn.Module, at: int, mode: str = ..., rank: Optional[int] = ..., eliminate_links: bool = ...,
+                seed: int = ..., power_iters: int = ..., *,
+                u_split: Literal[True]) -> tuple[EdgeModel, CloudModel, TopModel]: ...
+
+
+@overload
+def split_model(model: nn.Module, at: int, mode: str = ..., rank: Optional[int] = ..., eliminate_links: bool = ...,
+                seed: int = ..., power_iters: int = ..., *,
+                u_split: bool) -> Union[tuple[EdgeModel, CloudModel], tuple[EdgeModel, CloudModel, TopModel]]: ...
+
+
 def split_model(model: nn.Module, at: int, mode: str = "layer", rank: Optional[int] = None,
-                eliminate_links: bool = True, seed: int = 0,
-                power_iters: int = DEFAULT_POWER_ITERS) -> tuple[EdgeModel, CloudModel]:
+                eliminate_links: bool = True, seed: int = 0, power_iters: int = DEFAULT_POWER_ITERS, *,
+                u_split: bool = False) -> Union[tuple[EdgeModel, CloudModel], tuple[EdgeModel, CloudModel, TopModel]]:
     """Split ``model`` (a base model or a ``*ForSequenceClassification``) at layer ``at``.
 
     Args:
@@ -243,16 +351,25 @@ def split_model(model: nn.Module, at: int, mode: str = "layer", rank: Optional[i
         eliminate_links: drop the residual around the bottleneck FFN (else it crosses too).
         seed: seeds the randomized SVD, so a split is deterministic.
         power_iters: power iterations of that SVD.
+        u_split: the U-shaped split (task models only): three parts, the head and the loss on the edge.
 
-    Returns ``(edge, cloud)``: ``cloud(edge(**batch), labels)`` is the model's forward.
+    Returns ``(edge, cloud)``: ``cloud(edge(**batch), labels)`` is the model's forward.  With
+    ``u_split=True``, ``(edge, cloud, top)``: ``top(cloud(edge(**batch)), labels)`` is the model's
+    forward; the cloud returns the ``(batch, d)`` rows the head pools from (see :class:`TopModel`).
     """
-    if isinstance(model, (EdgeModel, CloudModel)) or model in _SPLIT_MODELS:
+    if not isinstance(u_split, bool):
+        raise ValueError(f"u_split must be a bool (True: edge, cloud and top; False: edge and cloud), got {u_split!r}")
+    if isinstance(model, (EdgeModel, CloudModel, TopModel)) or model in _SPLIT_MODELS:
         raise ValueError("model is already split: split_model shares its weights with the parts; merge(edge, cloud) "
                          "first, or split a copy.deepcopy of the original")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     base, prefix = base_model_of(model)
     adapter = adapter_for(base)
+    if u_split and not prefix:
+        raise ValueError(f"u_split=True needs a model with a task head (e.g. a *ForSequenceClassification): the top "
+                         f"runs the head and the loss, and a {type(model).__name__} has none; split it with "
+                         f"u_split=False")
     layers = list(adapter.layers(base))
     n = len(layers)
     if any(isinstance(layer, BottleneckLayer) for layer in layers):
@@ -275,31 +392,41 @@ def split_model(model: nn.Module, at: int, mode: str = "layer", rank: Optional[i
         if rank is not None:
             raise ValueError(f"rank applies to mode='bottleneck' only, got rank={rank!r} with mode='layer'")
         cloud_layers = layers[at:]
-    head = stub = None
-    if prefix:
-        stub = _BaseOutputStub()
-        head = copy.copy(model)
-        head._modules = dict(model._modules)
-        head._modules[prefix] = stub
     edge = EdgeModel(adapter, base.config, adapter.edge_modules(base), layers[:at], bottleneck_edge, eliminate_links,
-                     send_pool_index=head is not None)
-    cloud = CloudModel(adapter, base.config, adapter.cloud_modules(base), cloud_layers, bottleneck_cloud,
-                       eliminate_links, head, stub)
+                     send_pool_index=bool(prefix))
+    top = None
+    if u_split:
+        top_mods = adapter.top_modules(base)
+        cloud_mods = {k: m for k, m in adapter.cloud_modules(base).items() if k not in top_mods}
+        cloud = CloudModel(adapter, base.config, cloud_mods, cloud_layers, bottleneck_cloud, eliminate_links,
+                           None, None, u_split=True)
+        top = TopModel(adapter, base.config, top_mods, *_head_of(model, prefix, "top"))
+    else:
+        head, stub = _head_of(model, prefix, "cloud") if prefix else (None, None)
+        cloud = CloudModel(adapter, base.config, adapter.cloud_modules(base), cloud_layers, bottleneck_cloud,
+                           eliminate_links, head, stub)
     _SPLIT_MODELS.add(model)
-    origin = _Origin(model, at, mode, eliminate_links)
+    origin = _Origin(model, at, mode, eliminate_links, u_split)
     edge._origin = cloud._origin = origin  # plain attribute: not a submodule, adds no parameters
-    return edge, cloud
+    if top is None:
+        return edge, cloud
+    top._origin = origin
+    return edge, cloud, top
 
 
 class _Origin:
-    """Where a pair of parts came from (held outside the module tree so its parameters are not counted twice)."""
+    """Where the parts of one split came from (held outside the module tree so its parameters are not counted twice)."""
 
-    def __init__(self, model: nn.Module, at: int, mode: str, eliminate_links: bool) -> None:
-        self.model, self.at, self.mode, self.eliminate_links = model, at, mode, eliminate_links
+    def __init__(self, model: nn.Module, at: int, mode: str, eliminate_links: bool, u_split: bool) -> None:
+        self.model, self.at, self.mode, self.eliminate_links, self.u_split = model, at, mode, eliminate_links, u_split
 
 
-def merge(edge: EdgeModel, cloud: CloudModel) -> nn.Module:
+def merge(edge: EdgeModel, cloud: CloudModel, top: Optional[TopModel] = None) -> nn.Module:
     """One module with the parts' (trained) weights; the parts must come from one ``split_model`` call.
+
+    ``top``: the third part of a ``u_split=True`` split (required then, refused otherwise); the
+    merge is the same as for the two-part split of the same model, and its forward gives the
+    U-split's outputs (``top(cloud(edge(**batch)), labels)``).
 
     * Layer split: the parts share their weights with the model they were split from, so the
       merge is that model -- its original transformers class (``save_pretrained`` works), and
@@ -316,6 +443,12 @@ def merge(edge: EdgeModel, cloud: CloudModel) -> nn.Module:
     if not isinstance(edge, EdgeModel) or not isinstance(cloud, CloudModel) or origin is None \
             or origin is not getattr(cloud, "_origin", None):
         raise ValueError("merge needs the (edge, cloud) pair returned by one split_model call")
+    if origin.u_split and (not isinstance(top, TopModel) or getattr(top, "_origin", None) is not origin):
+        raise ValueError("merge needs all three parts of a u_split=True split: merge(edge, cloud, top) with the top "
+                         "returned by the same split_model call")
+    if not origin.u_split and top is not None:
+        raise ValueError("merge got a top, but these parts come from a split_model call with u_split=False, which "
+                         "has no top: merge(edge, cloud)")
     if origin.mode == "bottleneck":
         base, _ = base_model_of(origin.model)
         layer = edge.adapter.layers(base)[origin.at]

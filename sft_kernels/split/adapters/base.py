@@ -90,6 +90,14 @@ class Adapter:
         """Modules the cloud needs besides the layers and the task head (pooler, final norm, rotary)."""
         raise NotImplementedError
 
+    def top_modules(self, base: nn.Module) -> dict[str, nn.Module]:
+        """Those of :meth:`cloud_modules` that act on the pooled row only, so a U-split runs them on its top.
+
+        None by default; BERT's pooler (dense + tanh on [CLS]) is one.  The cloud of a U-split
+        keeps the rest (the final modules that act per token, e.g. GPT-2's ``ln_f``).
+        """
+        return {}
+
     # ---------------------------------------------------------------- forward pieces
     def embed(self, mods: nn.ModuleDict, input_ids: torch.Tensor, **inputs: Optional[torch.Tensor]) -> torch.Tensor:
         """``(batch, seq, d)`` embeddings of ``input_ids`` (``inputs``: the ``extra_inputs`` given)."""
@@ -115,6 +123,22 @@ class Adapter:
     def head_inputs(self, config: Any, pool_index: Optional[torch.Tensor], seq_len: int) -> dict[str, Any]:
         """Keyword arguments for the task head's forward (beside ``labels``) that reproduce its pooling."""
         return {}
+
+    def pool_rows(self, hidden: torch.Tensor, pool_index: Optional[torch.Tensor]) -> torch.Tensor:
+        """``(batch, d)``: the row of each sequence of ``hidden`` (``(batch, seq, d)``) that the task head pools.
+
+        Encoders pool position 0 ([CLS] / <s>): a fixed rule, so ``pool_index`` is not needed
+        (and not sent); decoders override this with their per-sequence positions.
+        """
+        return hidden[:, 0].contiguous()
+
+    def head_output(self, mods: nn.ModuleDict, rows: torch.Tensor) -> Any:
+        """The base model's output as the task head reads it, on a U-split's top.
+
+        ``rows``: ``(batch, 1, d)``, the pooled rows as one-token sequences (the cloud already
+        ran the per-token final modules); ``mods`` holds :meth:`top_modules`.
+        """
+        raise NotImplementedError
 
     # ---------------------------------------------------------------- bottleneck
     def split_layer(self, layer: nn.Module) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:

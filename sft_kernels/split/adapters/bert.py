@@ -37,6 +37,9 @@ class BertAdapter(Adapter):
     def cloud_modules(self, base: nn.Module) -> dict[str, nn.Module]:
         return {"pooler": base.pooler} if base.pooler is not None else {}
 
+    def top_modules(self, base: nn.Module) -> dict[str, nn.Module]:
+        return self.cloud_modules(base)  # the pooler (dense + tanh on [CLS]) is BERT's only final module
+
     def embed(self, mods: nn.ModuleDict, input_ids: torch.Tensor, **inputs: Optional[torch.Tensor]) -> torch.Tensor:
         return mods["embeddings"](input_ids=input_ids, **inputs)
 
@@ -55,6 +58,9 @@ class BertAdapter(Adapter):
 
         pooled = mods["pooler"](hidden) if "pooler" in mods else None
         return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=hidden, pooler_output=pooled)
+
+    def head_output(self, mods: nn.ModuleDict, rows: torch.Tensor) -> Any:
+        return self.finish(mods, rows)  # the pooler, when present, runs on [CLS] = rows[:, 0]
 
     def split_layer(self, layer: nn.Module) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
         return ({"attention": layer.attention},

@@ -5,7 +5,9 @@ encoders.  transformers' ``*ForSequenceClassification`` heads of decoders pool t
 logits at the rightmost token that is not ``pad_token_id``; the edge evaluates that
 rule on its ``input_ids`` and sends the positions (``BoundaryOutput.pool_index``),
 and the cloud hands the head stand-in ``input_ids`` that make the head's own rule
-pick the same positions, so the head and its loss run unchanged.
+pick the same positions, so the head and its loss run unchanged.  In a U-split the
+cloud picks those rows itself (:meth:`DecoderAdapter.pool_rows`, after the final norm)
+and the top's head sees one-token sequences.
 
 Knows transformers' mask utilities; no codecs, channels or training.
 """
@@ -46,6 +48,9 @@ class DecoderAdapter(Adapter):
         ids = torch.full((pool_index.shape[0], seq_len), fill, dtype=torch.long, device=pool_index.device)
         ids[torch.arange(ids.shape[0], device=ids.device), pool_index.long()] = fill + 1
         return {"input_ids": ids}
+
+    def pool_rows(self, hidden: torch.Tensor, pool_index: Optional[torch.Tensor]) -> torch.Tensor:
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), pool_index.long()]
 
     @staticmethod
     def causal_mask(config: Any, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,

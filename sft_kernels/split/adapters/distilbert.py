@@ -32,6 +32,9 @@ class DistilBertAdapter(BertAdapter):
     def cloud_modules(self, base: nn.Module) -> dict[str, nn.Module]:
         return {}
 
+    def top_modules(self, base: nn.Module) -> dict[str, nn.Module]:
+        return {}  # no pooler: the head's pre_classifier and classifier take [CLS] directly
+
     def embed(self, mods: nn.ModuleDict, input_ids: torch.Tensor, **inputs: Optional[torch.Tensor]) -> torch.Tensor:
         return mods["embeddings"](input_ids, None, inputs.get("position_ids"))
 

@@ -49,9 +49,12 @@ class GPT2Adapter(DecoderAdapter):
         return layer(hidden, **kwargs)
 
     def finish(self, mods: nn.ModuleDict, hidden: torch.Tensor) -> Any:
+        return self.head_output(mods, mods["ln_f"](hidden))
+
+    def head_output(self, mods: nn.ModuleDict, rows: torch.Tensor) -> Any:
         from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
-        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=mods["ln_f"](hidden))
+        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=rows)
 
     def split_layer(self, layer: nn.Module) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
         return ({"ln_1": layer.ln_1, "attn": layer.attn, "ln_2": layer.ln_2},

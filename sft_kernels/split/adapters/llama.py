@@ -68,9 +68,12 @@ class LlamaAdapter(DecoderAdapter):
         return layer(hidden, **self._call_kwargs(layer.self_attn.layer_idx, kwargs))
 
     def finish(self, mods: nn.ModuleDict, hidden: torch.Tensor) -> Any:
+        return self.head_output(mods, mods["norm"](hidden))
+
+    def head_output(self, mods: nn.ModuleDict, rows: torch.Tensor) -> Any:
         from transformers.modeling_outputs import BaseModelOutputWithPast
 
-        return BaseModelOutputWithPast(last_hidden_state=mods["norm"](hidden))
+        return BaseModelOutputWithPast(last_hidden_state=rows)
 
     def split_layer(self, layer: nn.Module) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
         return ({"input_layernorm": layer.input_layernorm, "self_attn": layer.self_attn,

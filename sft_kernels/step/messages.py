@@ -1,25 +1,34 @@
-"""The runtime's messages on top of the channel: kinds, and codec packets as named tensors.
+"""The split step's messages: kinds, and codec packets as named tensors.
 
-A training step's request carries the encoded boundary tensor (``h.*`` tensors),
-the encoded residual when links are kept (``r.*``), the auxiliary tensors of
-:class:`~sft_kernels.split.BoundaryOutput` and the labels.  The frame's JSON ``meta`` holds
-only what OPEN did not already pin: per packet a compact list ``[mode, transposed, dtype,
-*shape]`` (indices into :data:`PACKET_MODES` and :data:`PACKET_DTYPES`); the codec spec is the
-session's.  Each frame is still self-contained given the session, so a cached reply can be
-replayed on a new connection.  Everything read from the peer is validated here before a model
-sees it, and sizes are checked before anything is decoded.
+Every link (in-process or TCP) moves the same requests and replies: a kind, a sequence
+number, a ``{name: tensor}`` dict and a small JSON-able ``meta``.  A request carries the
+encoded boundary tensor (``h.*`` tensors), the encoded residual when links are kept (``r.*``),
+the auxiliary tensors of :class:`~sft_kernels.split.BoundaryOutput` and, outside the U-split,
+the labels.  ``meta`` holds only what OPEN did not already pin: per packet a compact list
+``[mode, transposed, dtype, *shape]`` (indices into :data:`PACKET_MODES` and
+:data:`PACKET_DTYPES`); the codec spec is the session's.  Each request is self-contained given
+the session, so a cached reply can be replayed on a new connection.  Everything read from the
+peer is validated here before a model sees it, and sizes are checked before anything is decoded.
 
-=========  ======  ================================  =======================================
-kind       value   edge -> cloud                     cloud -> edge
-=========  ======  ================================  =======================================
-OPEN       16      run config, hashes, edge step,    cloud step (the agreed resume point)
+=========  ======  =====================================  =====================================
+kind       value   edge -> cloud                          cloud -> edge
+=========  ======  =====================================  =====================================
+OPEN       16      run config, hashes, edge step,         cloud step (the agreed resume point)
                    edge checkpoint steps
-TRAIN      17      step ``seq``: packets, aux, y,    gradient packets, loss
-                   ``ckpt``: checkpoint after it
-EVAL       18      packets, aux                      logits
-FINISH     19      final step                        cloud checkpoint written
-REPLY      20      --                                reply to any of the above
-=========  ======  ================================  =======================================
+TRAIN      17      step ``seq``: packets, aux, labels,    gradient packets, loss (the fused step:
+                   ``ckpt``: checkpoint after it          forward, backward, optimizer step)
+EVAL       18      packets, aux                           logits (U-split: pooled packet)
+FINISH     19      final step                             cloud checkpoint written
+REPLY      20      --                                     reply to any of the above
+FORWARD    21      micro-batch ``seq``: packets, aux,     outputs: loss and logits raw, or
+                   labels (not in U mode), ``keep``       (U-split) the pooled rows as a packet
+BACKWARD   22      micro-batch ``seq``: the outputs'      gradient packets of the boundary
+                   gradients (``d.*``)
+STEP       23      optimizer step ``seq``: the edge's     the cloud's step count
+                   hyper-parameters, ``ckpt``
+=========  ======  =====================================  =====================================
+
+Knows codecs and :class:`~sft_kernels.split.BoundaryOutput`; no sockets, models or training loops.
 """
 from __future__ import annotations
 
@@ -31,17 +40,22 @@ import torch
 from ..codecs import Codec, Packet
 from ..split import BoundaryOutput
 
-__all__ = ["OPEN", "TRAIN", "EVAL", "FINISH", "REPLY", "KIND_NAMES", "packet_to_wire", "packet_from_wire", "boundary_to_wire",
-           "boundary_from_wire", "StepRefused", "check_finite", "PACKET_MODES", "PACKET_DTYPES"]
+__all__ = ["OPEN", "TRAIN", "EVAL", "FINISH", "REPLY", "FORWARD", "BACKWARD", "STEP", "KIND_NAMES", "packet_to_wire", "packet_from_wire", "boundary_to_wire",
+           "boundary_from_wire", "decode_packet", "payload_nbytes", "StepRefused", "check_finite", "PACKET_MODES",
+           "PACKET_DTYPES", "POOLED_SEED_OFFSET"]
 
-OPEN, TRAIN, EVAL, FINISH, REPLY = 16, 17, 18, 19, 20
+OPEN, TRAIN, EVAL, FINISH, REPLY, FORWARD, BACKWARD, STEP = 16, 17, 18, 19, 20, 21, 22, 23
 #: The request kinds by name, for messages.
-KIND_NAMES = {OPEN: "OPEN", TRAIN: "TRAIN", EVAL: "EVAL", FINISH: "FINISH"}
+KIND_NAMES = {OPEN: "OPEN", TRAIN: "TRAIN", EVAL: "EVAL", FINISH: "FINISH", FORWARD: "FORWARD",
+              BACKWARD: "BACKWARD", STEP: "STEP"}
 
 #: Packet modes and boundary dtypes by their index in a packet's wire meta (never renumber).
 PACKET_MODES = ("raw", "cast", "quant", "lowrank", "dense")
 PACKET_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _AUX = ("lengths", "seq_len", "pool_index")
+#: Added to a step's codec seed for the U-split's pooled rows (down; their gradient up adds the codecs'
+#: ``BWD_SEED_OFFSET`` on top), so no two packets of a run share a seed.
+POOLED_SEED_OFFSET = 2**41
 _MAX_PACKET_NDIM = 8
 
 
@@ -56,6 +70,11 @@ class StepRefused(ValueError):
     def __init__(self, message: str, *, retryable: bool = False, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retryable, self.retry_after = retryable, retry_after
+
+
+def payload_nbytes(tensors: Mapping[str, torch.Tensor]) -> int:
+    """Bytes of a message's tensor data (what every link's byte counter adds up)."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def packet_to_wire(packet: Packet, prefix: str) -> tuple[dict[str, torch.Tensor], list[int]]:
@@ -119,7 +138,7 @@ def boundary_to_wire(b: BoundaryOutput, fwd: Codec, seed: int) -> tuple[dict, di
             tensors.update(tt)
             meta[prefix] = mm
     tensors.update(b.aux_tensors())
-    return tensors, meta, sum(t.numel() * t.element_size() for t in tensors.values())
+    return tensors, meta, payload_nbytes(tensors)
 
 
 def boundary_from_wire(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], fwd: Codec, *, width: int,

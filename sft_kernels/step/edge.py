@@ -1,0 +1,221 @@
+"""``EdgeClient``: the edge half of the split training step, over any link.
+
+Edge forward (dropout keyed by ``(seed, index, "edge")``) -> encode the boundary -> the link ->
+the cloud (:class:`~.cloud.CloudWorker`) -> decode what comes back -> edge backward.  Two paths
+(see :mod:`.cloud`):
+
+* :meth:`EdgeClient.fused_step` -- ``TRAIN``, one round trip: the cloud computes the model's own
+  loss and backpropagates it at once; the edge applies the returned boundary gradient.  For loops
+  that own the whole step (``sft train``, the GLUE harness).
+* :meth:`EdgeClient.forward` -- ``FORWARD`` now, ``BACKWARD`` when autograd reaches the returned
+  outputs: the outputs (loss and logits; in the U-split the pooled rows, then the edge's top) are
+  ordinary autograd tensors, so any loss a user builds from them, scaled however, reaches the
+  cloud's backward.  Two round trips per micro-batch.  ``model.eval()`` sends ``EVAL`` (forward
+  only); a train-mode forward under ``torch.no_grad()`` keeps no graph on the cloud.
+
+Knows the split's parts, codecs, messages and a link; no sockets or sessions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling, SequenceClassifierOutput
+
+from ..codecs import BWD_SEED_OFFSET, Codec
+from ..split import BoundaryOutput, codec_seed, part_rng
+from .link import Link, Reply
+from .messages import (BACKWARD, EVAL, FORWARD, POOLED_SEED_OFFSET, TRAIN, StepRefused, boundary_to_wire,
+                       decode_packet, packet_from_wire, packet_to_wire, payload_nbytes)
+
+__all__ = ["EdgeClient", "StepBytes"]
+
+
+@dataclass
+class StepBytes:
+    """Payload bytes of one micro-batch (its backward's fill in when it runs)."""
+
+    sent: int = 0
+    received: int = 0
+    aux: int = 0
+    labels: int = 0
+
+
+class _Remote(torch.autograd.Function):
+    """The cloud's part of the graph: forward sends ``FORWARD``, backward sends ``BACKWARD``."""
+
+    @staticmethod
+    def forward(ctx, client: "EdgeClient", index: int, tensors: dict, meta: dict, box: list,
+                hidden: torch.Tensor, residual: Optional[torch.Tensor]):
+        ctx.set_materialize_grads(False)
+        reply = client._exchange(FORWARD, tensors, meta, index)
+        names, outs = client._outputs(index, reply)
+        ctx.client, ctx.index, ctx.names = client, index, names
+        ctx.step = client.last_step
+        ctx.shapes = [(hidden.shape, hidden.dtype), None if residual is None else (residual.shape, residual.dtype)]
+        box.append(names)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads: Optional[torch.Tensor]):
+        given = [(n, g) for n, g in zip(ctx.names, grads) if g is not None]
+        none = (None,) * 5
+        if not given:
+            return none + (None, None)
+        gh, gr = ctx.client._backward(ctx.index, given, ctx.shapes, ctx.step)
+        return none + (gh, gr)
+
+
+class EdgeClient:
+    """The edge part's side of every split step of one run.
+
+    Args:
+        edge: the edge part (``split_model``'s ``EdgeModel``).
+        link: where the cloud half is (:mod:`.link`).
+        fwd, bwd: the run's codecs.
+        seed: the run's seed (dropout and codec keys).
+        top: the U-split's top (head and loss on the edge), or None.
+        head: whether the cloud holds a task head (outside the U-split): picks the output type.
+    """
+
+    def __init__(self, edge: nn.Module, link: Link, fwd: Codec, bwd: Codec, seed: int, *,
+                 top: Optional[nn.Module] = None, head: bool = True) -> None:
+        self.edge, self.link, self.fwd, self.bwd, self.seed, self.top = edge, link, fwd, bwd, seed, top
+        self.head = head
+        self.last_step = StepBytes()
+        self.aux_bytes = 0  # auxiliary bytes of every boundary sent
+
+    # ---------------------------------------------------------------- pieces
+    def _devices(self, t: torch.Tensor) -> list[torch.device]:
+        return [t.device] if t.device.type != "cpu" else []
+
+    def encode(self, index: int, inputs: Mapping[str, torch.Tensor]) -> tuple[BoundaryOutput, dict, dict]:
+        """Run the edge part on ``inputs`` and encode its boundary: ``(boundary, tensors, meta)``."""
+        ids = inputs["input_ids"]
+        with part_rng(self.seed, index, "edge", self._devices(ids)):
+            b = self.edge(**inputs)
+        tensors, bmeta, _ = boundary_to_wire(b, self.fwd, codec_seed(self.seed, index))
+        return b, tensors, {"b": bmeta}
+
+    def wire_labels(self, labels: torch.Tensor, num_labels: int) -> torch.Tensor:
+        """Labels as the cloud takes them: float32 for regression (``num_labels == 1``), int64 otherwise."""
+        return labels.float() if num_labels == 1 else labels.long()
+
+    def _exchange(self, kind: int, tensors: dict, meta: dict, seq: int) -> Reply:
+        reply = self.link.request(kind, tensors, meta, seq)
+        up, down = payload_nbytes(tensors), payload_nbytes(reply.tensors)
+        if kind in (FORWARD, EVAL, TRAIN):
+            self.last_step = StepBytes(up, down, 0, payload_nbytes({k: v for k, v in tensors.items()
+                                                                  if k == "labels"}))
+        return reply
+
+    def _decode_grads(self, index: int, reply: Reply, shapes: list) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        out = []
+        for prefix, spec in zip(("h", "r"), shapes):
+            if spec is None:
+                out.append(None)
+                continue
+            shape, dtype = spec
+            p = packet_from_wire(reply.tensors, reply.meta.get(prefix), "g." + prefix, self.bwd, shape.numel())
+            g = decode_packet(self.bwd, p, f"step {index}: received gradient '{prefix}'")
+            if g.shape != shape:
+                raise StepRefused(f"step {index}: gradient '{prefix}' has shape {tuple(g.shape)}, expected "
+                                  f"{tuple(shape)}")
+            out.append(g.to(dtype))
+        return out[0], out[1]
+
+    def _outputs(self, index: int, reply: Reply) -> tuple[list[str], list[torch.Tensor]]:
+        """The cloud's outputs from a FORWARD/EVAL reply, in order: ``(names, tensors)``."""
+        o = reply.meta.get("o")
+        if self.top is not None:
+            if not isinstance(o, dict) or set(o) != {"pooled"}:
+                raise StepRefused(f"micro-batch {index}: the reply holds no pooled rows")
+            p = packet_from_wire(reply.tensors, o["pooled"], "o.pooled", self.fwd, 1 << 34)
+            return ["pooled"], [decode_packet(self.fwd, p, f"micro-batch {index}: pooled rows")]
+        if not isinstance(o, list) or not all(isinstance(x, list) and len(x) == 2 for x in o):
+            raise StepRefused(f"micro-batch {index}: the reply lists no outputs")
+        names, outs = [], []
+        for name, ndim in o:
+            t = reply.tensors.get("o." + str(name))
+            if t is None:
+                raise StepRefused(f"micro-batch {index}: output {name!r} missing from the reply")
+            names.append(name)
+            outs.append(t.reshape(()) if ndim == 0 else t)
+        return names, outs
+
+    def _backward(self, index: int, given: list, shapes: list, step: StepBytes
+                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        tensors: dict[str, torch.Tensor] = {}
+        meta: dict[str, Any] = {"g": [n for n, _ in given]}
+        for name, g in given:
+            if self.top is not None:
+                seed = codec_seed(self.seed, index) + POOLED_SEED_OFFSET + BWD_SEED_OFFSET
+                t, m = packet_to_wire(self.bwd.encode(g.detach().contiguous(), seed), "d." + name)
+                tensors.update(t)
+                meta["d"] = m
+            else:
+                tensors["d." + name] = g.detach().float().reshape(-1).contiguous()
+        reply = self.link.request(BACKWARD, tensors, meta, index)
+        step.sent += payload_nbytes(tensors)
+        step.received += payload_nbytes(reply.tensors)
+        return self._decode_grads(index, reply, shapes)
+
+    def _result(self, names: list[str], outs: list[torch.Tensor], labels: Optional[torch.Tensor], index: int) -> Any:
+        if self.top is not None:
+            with part_rng(self.seed, index, "top", self._devices(outs[0])):
+                return self.top(outs[0], labels=labels)
+        d = dict(zip(names, outs))
+        if self.head or "logits" in d:
+            return SequenceClassifierOutput(**d)
+        return (BaseModelOutputWithPooling if "pooler_output" in d else BaseModelOutput)(**d)
+
+    # ---------------------------------------------------------------- the two paths
+    def forward(self, index: int, inputs: Mapping[str, torch.Tensor], labels: Optional[torch.Tensor] = None,
+                num_labels: Optional[int] = None) -> Any:
+        """The split model's forward as micro-batch ``index``: the wrapped model's output type.
+
+        In train mode with gradients the outputs are autograd tensors whose backward runs the
+        cloud's (``BACKWARD``); in eval mode the cloud only runs forward (``EVAL``).
+        """
+        b, tensors, meta = self.encode(index, inputs)
+        if labels is not None and self.top is None:
+            tensors["labels"] = self.wire_labels(labels, num_labels if num_labels is not None else 2)
+        training = self.edge.training
+        keep = training and torch.is_grad_enabled() and b.hidden.requires_grad
+        if not keep:
+            if training:
+                meta["keep"] = False
+            reply = self._exchange(FORWARD if training else EVAL, tensors, meta, index)
+            names, outs = self._outputs(index, reply)
+        else:
+            box: list = []
+            outs = list(_Remote.apply(self, index, tensors, meta, box, b.hidden, b.residual))
+            names = box[0]
+        self.last_step.aux = b.aux_nbytes
+        self.aux_bytes += b.aux_nbytes
+        return self._result(names, outs, labels, index)
+
+    def fused_step(self, index: int, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor, num_labels: int,
+                   extra_meta: Optional[dict] = None) -> tuple[float, Reply, int]:
+        """One ``TRAIN`` round trip and the edge's backward: ``(loss, reply, request payload bytes)``.
+
+        The caller steps the edge's optimizer.  ``extra_meta`` travels with the request (``ckpt``).
+        """
+        b, tensors, meta = self.encode(index, inputs)
+        tensors["labels"] = self.wire_labels(labels, num_labels)
+        meta.update(extra_meta or {})
+        reply = self._exchange(TRAIN, tensors, meta, index)
+        if reply.meta.get("loss") is None:
+            raise StepRefused(f"step {index}: the reply carries no loss")
+        shapes = [(b.hidden.shape, b.hidden.dtype), None if b.residual is None else (b.residual.shape, b.residual.dtype)]
+        gh, gr = self._decode_grads(index, reply, shapes)
+        outs, grads = [b.hidden], [gh]
+        if gr is not None:
+            outs.append(b.residual)
+            grads.append(gr)
+        torch.autograd.backward(outs, grads)
+        self.last_step.aux = b.aux_nbytes
+        self.aux_bytes += b.aux_nbytes
+        return float(reply.meta["loss"]), reply, payload_nbytes(tensors)

@@ -1,0 +1,98 @@
+"""``SimulatedSplit``: train a split model in one process, its traffic through the codecs and counted.
+
+It is the split step of :mod:`.edge` / :mod:`.cloud` over an :class:`~.link.InProcessLink`:
+the same encoding, decoding, seeds and messages as a run over TCP, without sockets.  Its
+``forward`` takes the wrapped model's inputs (``input_ids``, ``attention_mask``, ...,
+``labels``) and returns the wrapped model's output type, so it drops into a training loop
+written for the unsplit model.  Every forward is a micro-batch with its own index: codec
+seeds and dropout keys are ``(seed, index, part)``, so a run is reproducible and equals the
+same run over a real link.  ``parameters()`` holds every part (edge, cloud, and in the U-split
+the top): one optimizer in the caller's loop trains them all.
+
+Byte counters (payload bytes, what a real link would carry in tensor data):
+
+* sent (edge -> cloud): encoded boundary tensors + auxiliary data (``BoundaryOutput``'s lengths,
+  padded length, pooling positions) + the labels (not in the U-split) + the gradients of the
+  cloud's outputs (their backward);
+* received (cloud -> edge): the cloud's outputs (loss and logits raw; in the U-split the encoded
+  pooled rows) + the encoded gradients of the boundary tensors.
+
+Knows the split and the step; no sockets, data loading or runtime.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from ..codecs import Codec, from_spec
+from ..split import split_model
+from .cloud import CloudWorker
+from .edge import EdgeClient, StepBytes
+from .link import InProcessLink
+
+__all__ = ["SimulatedSplit", "StepBytes"]
+
+
+class SimulatedSplit(nn.Module):
+    """A split model whose edge-cloud traffic goes through ``fwd_codec`` / ``bwd_codec``, with byte counters.
+
+    Attributes:
+        edge, cloud, top: the parts (``split_model``'s; ``top`` is None outside the U-split).
+        bytes_sent, bytes_received: payload bytes each way (see the module docstring).
+        aux_bytes: total auxiliary bytes (a part of ``bytes_sent``).
+        last_step: :class:`StepBytes` of the latest forward (and its backward).
+        link: the :class:`~.link.InProcessLink` (its ``traffic`` is the one byte counter).
+
+    It works as a transformers ``Trainer``'s model: ``labels`` is in ``forward``'s signature,
+    and ``accepts_loss_kwargs = False`` tells ``Trainer`` not to pass loss keywords
+    (``num_items_in_batch``), which the wrapped model's loss does not take through the split.
+    """
+
+    #: Read by transformers' ``Trainer``: the loss is the cloud's (mean over the batch), no loss kwargs.
+    accepts_loss_kwargs = False
+
+    def __init__(self, model: nn.Module, at: int, mode: str = "layer", rank: Optional[int] = None,
+                 fwd_codec: Union[str, Codec] = "int8", bwd_codec: Union[str, Codec] = "int8,sr",
+                 eliminate_links: bool = True, seed: int = 0, u_split: bool = False) -> None:
+        super().__init__()
+        self.fwd_codec, self.bwd_codec = from_spec(fwd_codec), from_spec(bwd_codec)
+        parts = split_model(model, at=at, mode=mode, rank=rank, eliminate_links=eliminate_links, seed=seed,
+                            u_split=u_split)
+        self.edge, self.cloud = parts[0], parts[1]
+        self.top = parts[2] if u_split else None
+        self.seed, self.steps = seed, 0
+        self.num_labels = int(getattr(model.config, "num_labels", 2))
+        self.link = InProcessLink(CloudWorker(self.cloud, self.fwd_codec, self.bwd_codec, seed))
+        self.client = EdgeClient(self.edge, self.link, self.fwd_codec, self.bwd_codec, seed, top=self.top,
+                                 head=self.cloud.head is not None)
+
+    @property
+    def bytes_sent(self) -> int:
+        """Payload bytes edge -> cloud so far (every request)."""
+        return self.link.traffic.up
+
+    @property
+    def bytes_received(self) -> int:
+        """Payload bytes cloud -> edge so far (every reply)."""
+        return self.link.traffic.down
+
+    @property
+    def aux_bytes(self) -> int:
+        """Auxiliary bytes (lengths, padded length, pooling positions) so far: a part of ``bytes_sent``."""
+        return self.client.aux_bytes
+
+    @property
+    def last_step(self) -> StepBytes:
+        """:class:`StepBytes` of the latest forward (and its backward, once it ran)."""
+        return self.client.last_step
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, **inputs: Optional[torch.Tensor]) -> Any:
+        """The wrapped model's forward, across an in-process link; returns the wrapped model's output."""
+        index = self.steps
+        self.steps += 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, **inputs}
+        return self.client.forward(index, {k: v for k, v in batch.items() if v is not None}, labels,
+                                   self.num_labels)
