@@ -31,10 +31,14 @@ def make_trainer(cfg, ds, host, port, client_id: str = "edge", token: str = TOKE
 
 
 def simulated_run(cfg, ds, steps):
-    """``(losses, SimulatedSplit)`` of ``steps`` steps of ``cfg`` in one process: what a TCP run must equal."""
+    """``(losses, SimulatedSplit)`` of ``steps`` steps of ``cfg`` in one process: what a TCP run must equal.
+
+    One optimizer over every part (edge, cloud and, with ``cfg.u_split``, the top), stepped by a plain loop.
+    """
     tok, model = minilm_classifier(cfg.num_labels, seed=cfg.seed)
     sim = SimulatedSplit(model, at=cfg.at, mode=cfg.mode, rank=cfg.rank, fwd_codec=cfg.fwd_codec,
-                         bwd_codec=cfg.bwd_codec, eliminate_links=cfg.eliminate_links, seed=cfg.seed)
+                         bwd_codec=cfg.bwd_codec, eliminate_links=cfg.eliminate_links, seed=cfg.seed,
+                         u_split=cfg.u_split)
     opt, batches = make_optimizer(sim, cfg), StepBatches(tok, ds, cfg.batch_size, cfg.max_length, cfg.seed)
     sched = make_scheduler(opt, cfg)
     losses = []

@@ -34,7 +34,18 @@ from .split import BoundaryOutput, load_split_model, merge, save_split_model, sp
 from .step import SimulatedSplit  # noqa: E402
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``RemoteSplit`` / ``RemoteSplitCallback`` load the runtime (channel, TLS) on first use only."""
+    if name in ("RemoteSplit", "RemoteSplitCallback"):
+        from .runtime import remote
+
+        return getattr(remote, name)
+    raise AttributeError(f"module 'sft_kernels' has no attribute {name!r}")
+
 __all__ = [
     "ops", "codecs", "Codec", "Packet", "boundary", "from_spec", "BoundaryOutput", "SimulatedSplit", "split_model",
-    "merge", "save_split_model", "load_split_model", "SlowPathWarning", "cuda_backend",
+    "merge", "save_split_model", "load_split_model", "SlowPathWarning", "cuda_backend", "RemoteSplit",
+    "RemoteSplitCallback",
 ]

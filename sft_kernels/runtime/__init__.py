@@ -10,8 +10,9 @@ from .codec_report import DEFAULT_CODECS, CodecReport, codec_report
 from .config import RunConfig
 from .edge import EdgeTrainer, TrainSummary
 from .link import CloudError, LinkLost, TcpLink
+from .remote import RemoteSplit, RemoteSplitCallback
 from .jobs import LocalCloud, StepBatches, run_demo, train_and_evaluate
 
-__all__ = ["CloudServer", "CloudSession", "SessionLimits", "RunConfig", "EdgeTrainer", "TrainSummary", "CloudError", "LinkLost", "TcpLink",
+__all__ = ["CloudServer", "CloudSession", "SessionLimits", "RunConfig", "EdgeTrainer", "TrainSummary", "CloudError", "LinkLost", "TcpLink", "RemoteSplit", "RemoteSplitCallback",
            "LocalCloud", "StepBatches", "train_and_evaluate", "run_demo", "DEFAULT_CODECS", "CodecReport",
            "codec_report"]

@@ -234,8 +234,10 @@ class CloudSession(CheckpointedPart):
 
 
 def _check_open_meta(meta: Any) -> tuple[RunConfig, dict, int, list[int]]:
-    if not isinstance(meta, dict) or set(meta) != {"config", "hashes", "step", "ckpts"}:
-        raise StepRefused("OPEN needs meta with exactly 'config', 'hashes', 'step' and 'ckpts'")
+    if not isinstance(meta, dict) or not {"config", "hashes", "step", "ckpts"} <= set(meta) <= {
+            "config", "hashes", "step", "ckpts", "fresh"}:
+        raise StepRefused("OPEN needs meta with exactly 'config', 'hashes', 'step' and 'ckpts' (and optionally "
+                          "'fresh')")
     cfg = RunConfig.from_dict(meta["config"])
     hashes = meta["hashes"]
     if (not isinstance(hashes, dict) or set(hashes) != {"edge", "cloud"}
@@ -400,6 +402,8 @@ class CloudServer:
             self._check_hashes(s, hashes)
             with s.lock:
                 resume = s.resume_point(step, ckpts)
+                if bool_flag(meta, "fresh", False):  # the edge starts this step afresh: drop what an earlier
+                    s.worker.discard_accumulation()   # process of it left half-accumulated
                 s.last_used = time.monotonic()
         except BaseException:
             self._detach(s)

@@ -97,6 +97,7 @@ class CloudWorker:
         self.step = 0  # optimizer steps applied
         self.pending: dict[int, tuple[torch.Tensor, Optional[torch.Tensor], dict[str, torch.Tensor], dict]] = {}
         self.last_backward: Optional[tuple[int, dict, dict]] = None
+        self.accumulated = 0  # micro-batches backpropagated since the last STEP
         self._handlers: dict[int, Handler] = {
             TRAIN: self.train, FORWARD: self.forward, BACKWARD: self.backward, STEP: self.optimizer_step,
             EVAL: self.evaluate}
@@ -181,6 +182,13 @@ class CloudWorker:
             rt.update(t2)
             meta["r"] = m2
         return rt, meta
+
+    def discard_accumulation(self) -> None:
+        """Forget kept graphs and gradients accumulated since the last step (their edge is gone)."""
+        self.pending.clear()
+        self.last_backward = None
+        self.accumulated = 0
+        self._zero_grad()
 
     def _zero_grad(self) -> None:
         for p in self.model.parameters():
@@ -269,6 +277,7 @@ class CloudWorker:
             self._zero_grad()  # never step on a half-accumulated gradient
             raise
         self.last_backward = (seq, rt, rm)
+        self.accumulated += 1
         return rt, rm
 
     def optimizer_step(self, seq: int, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]
@@ -288,12 +297,22 @@ class CloudWorker:
                   ) if k == "betas" else (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 10)
             if not ok:
                 raise StepRefused(f"STEP hyper-parameter {k} out of range: {v!r}")
+        n, clip = meta.get("n"), meta.get("clip")
+        if n is not None and n != self.accumulated:
+            raise StepRefused(f"STEP {seq}: the edge backpropagated {n} micro-batch(es) since its last step, the cloud "
+                              f"holds the gradients of {self.accumulated} (it restarted in the middle of this step?); "
+                              f"not stepping on a partial gradient: resume from the last checkpoint")
+        if clip is not None and not (isinstance(clip, (int, float)) and 0 < clip < float("inf")):
+            raise StepRefused(f"STEP meta 'clip' must be a positive finite number, got {clip!r}")
         for group in self.opt.param_groups:
             group.update({k: tuple(v) if k == "betas" else float(v) for k, v in hp.items()})
         try:
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], clip)
             self.opt.step()
         finally:
             self._zero_grad()
+            self.accumulated = 0
         self.pending.clear()
         self.step += 1
         return {}, {"step": self.step}

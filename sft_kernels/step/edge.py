@@ -18,7 +18,7 @@ Knows the split's parts, codecs, messages and a link; no sockets or sessions.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -86,6 +86,7 @@ class EdgeClient:
         self.head = head
         self.last_step = StepBytes()
         self.aux_bytes = 0  # auxiliary bytes of every boundary sent
+        self.on_backward: Optional[Callable[[], None]] = None  # called after each micro-batch's BACKWARD
 
     # ---------------------------------------------------------------- pieces
     def _devices(self, t: torch.Tensor) -> list[torch.device]:
@@ -158,6 +159,8 @@ class EdgeClient:
             else:
                 tensors["d." + name] = g.detach().float().reshape(-1).contiguous()
         reply = self.link.request(BACKWARD, tensors, meta, index)
+        if self.on_backward is not None:
+            self.on_backward()
         step.sent += payload_nbytes(tensors)
         step.received += payload_nbytes(reply.tensors)
         return self._decode_grads(index, reply, shapes)

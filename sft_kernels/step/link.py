@@ -22,7 +22,7 @@ import torch
 
 from .messages import payload_nbytes
 
-__all__ = ["Link", "Reply", "Traffic", "InProcessLink"]
+__all__ = ["Link", "Reply", "Traffic", "InProcessLink", "CountsTraffic"]
 
 
 class Reply(NamedTuple):
@@ -69,3 +69,19 @@ class InProcessLink:
         out, out_meta = self.worker.handle(kind, seq, tensors, meta)
         self.traffic.count(tensors, out)
         return Reply(out, out_meta)
+
+
+class CountsTraffic:
+    """Mixin for a module that holds a ``link``: its byte counters, read from the link's :class:`Traffic`."""
+
+    link: Link
+
+    @property
+    def bytes_sent(self) -> int:
+        """Payload bytes edge -> cloud so far (every request)."""
+        return self.link.traffic.up
+
+    @property
+    def bytes_received(self) -> int:
+        """Payload bytes cloud -> edge so far (every reply)."""
+        return self.link.traffic.down

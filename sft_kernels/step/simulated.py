@@ -30,12 +30,12 @@ from ..codecs import Codec, from_spec
 from ..split import split_model
 from .cloud import CloudWorker
 from .edge import EdgeClient, StepBytes
-from .link import InProcessLink
+from .link import CountsTraffic, InProcessLink
 
 __all__ = ["SimulatedSplit", "StepBytes"]
 
 
-class SimulatedSplit(nn.Module):
+class SimulatedSplit(CountsTraffic, nn.Module):
     """A split model whose edge-cloud traffic goes through ``fwd_codec`` / ``bwd_codec``, with byte counters.
 
     Attributes:
@@ -67,16 +67,6 @@ class SimulatedSplit(nn.Module):
         self.link = InProcessLink(CloudWorker(self.cloud, self.fwd_codec, self.bwd_codec, seed))
         self.client = EdgeClient(self.edge, self.link, self.fwd_codec, self.bwd_codec, seed, top=self.top,
                                  head=self.cloud.head is not None)
-
-    @property
-    def bytes_sent(self) -> int:
-        """Payload bytes edge -> cloud so far (every request)."""
-        return self.link.traffic.up
-
-    @property
-    def bytes_received(self) -> int:
-        """Payload bytes cloud -> edge so far (every reply)."""
-        return self.link.traffic.down
 
     @property
     def aux_bytes(self) -> int:
