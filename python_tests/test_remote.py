@@ -219,6 +219,19 @@ def test_model_other_than_the_servers_is_refused(server):
                     **{**SPLIT, "seed": 0})
 
 
+def test_label_outside_the_heads_range_is_refused(server, data):
+    remote = _remote(server, "labels")
+    try:
+        batch = data(0)
+        with pytest.raises(CloudError, match=r"labels must be in 0\.\.1 \(the head's 2 classes\), got values \[0, 5\]"):
+            remote(**_inputs(batch), labels=torch.tensor([5, 0, 0, 5]))
+        session = server.sessions[("edge", "labels")]
+        assert not session.worker.pending and session.step == 0  # refused before the model ran
+        remote(**_inputs(batch), labels=batch["labels"]).loss.backward()  # the session keeps serving
+    finally:
+        remote.close()
+
+
 @pytest.mark.parametrize("kw,match", [
     (dict(connect="no-port"), "connect must be 'HOST:PORT'"),
     (dict(token=None), "exactly one of token and token_file"),

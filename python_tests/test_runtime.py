@@ -44,12 +44,12 @@ def server(tmp_path):
                                 dict(mode="layer", rank=None, fwd_codec="lowrank:r=8+int8", bwd_codec="int8,sr")],
                          ids=["bottleneck-int8", "links-kept-int4", "layer-lowrank"])
 def test_tcp_run_equals_simulated_run(server, train_ds, kw):
-    cfg = _cfg(total_steps=5, **kw)
+    cfg = _cfg(total_steps=STEPS, **kw)
     t = _trainer(cfg, train_ds, *server.address)
     summary = t.train()
     t.finish()
     t.close()
-    sim_losses, sim = _simulated_losses(cfg, train_ds, 5)
+    sim_losses, sim = _simulated_losses(cfg, train_ds, STEPS)
     assert summary.losses == pytest.approx(sim_losses, abs=1e-6)
     _assert_same(_params(t.model), _params(sim.edge))
     cloud = server.sessions[("edge", "t")].model
@@ -59,11 +59,12 @@ def test_tcp_run_equals_simulated_run(server, train_ds, kw):
     here = local.train()
     assert here.losses == summary.losses
     _assert_same(_params(local.model), _params(t.model), tol=0)
+    _assert_same(_params(local.link.worker.model), _params(cloud), tol=0)
     assert (here.payload_up, here.payload_down) == (summary.payload_up, summary.payload_down)
     # SimulatedSplit takes the general path: the same payload plus the loss and logits down, the loss's
     # gradient up (4 bytes each way per step, and the logits)
-    assert sim.bytes_sent == summary.payload_up + 4 * 5
-    assert sim.bytes_received == summary.payload_down + 5 * (4 + 8 * 2 * 4)
+    assert sim.bytes_sent == summary.payload_up + 4 * STEPS
+    assert sim.bytes_received == summary.payload_down + STEPS * (4 + 8 * 2 * 4)
 
 
 def test_split_mismatch_refused_on_both_sides(tmp_path, train_ds, caplog):
