@@ -7,10 +7,16 @@ token-bucket limiter, so both directions see the link.  Four settings:
 * layer split, no codec (``none``): the hidden states in fp32;
 * layer split, ``int8`` up / ``int8,sr`` down;
 * bottleneck rank 4, fp32 (``none``) -- the paper's method without quantization;
-* bottleneck rank 4, ``int8`` up / ``int8,sr`` down -- this framework's default.
+* bottleneck rank 4, ``int8`` up / ``int8,sr`` down -- this framework's default;
+
+and each of them as a U-split (``U ...``, ``RunConfig(u_split=True)``): the head and the loss stay
+on the edge, so no label goes up; the cloud's pooled rows (one hidden vector per example) come
+down and their gradient goes up, through the same codecs, on top of the boundary tensors, in
+two round trips (FORWARD, BACKWARD) and a STEP per step instead of one TRAIN.
 
 Each run trains MiniLM on SST-2 (batch 32) for ``--steps`` steps; the first step is warm-up and
-the median of the others is reported, with payload and on-wire bytes per step each way.
+the median of the others is reported, with payload and on-wire bytes per step each way and the
+payload per training example.
 
     python bench/e2e.py                      # the table in bench/README.md
     python bench/e2e.py --steps 4 --mbps 10  # quicker
@@ -28,6 +34,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
+if str(REPO) not in sys.path:  # the package from this checkout, installed or not (as bench/glue.py does)
+    sys.path.insert(1, str(REPO))
 
 from common import machine  # noqa: E402
 
@@ -41,6 +49,7 @@ SETTINGS = {
     "bottleneck r=4 fp32": dict(mode="bottleneck", rank=4, fwd_codec="none", bwd_codec="none"),
     "bottleneck r=4 int8": dict(mode="bottleneck", rank=4, fwd_codec="int8", bwd_codec="int8,sr"),
 }
+SETTINGS.update({f"U {name}": {**kw, "u_split": True} for name, kw in SETTINGS.items()})
 
 
 def run_setting(name: str, mbps: float, cloud: LocalCloud, train, steps: int, batch_size: int) -> dict:
@@ -60,12 +69,14 @@ def run_setting(name: str, mbps: float, cloud: LocalCloud, train, steps: int, ba
         times.append(time.perf_counter() - t0)
     st = t.conn.stats
     wire_up, wire_down = st.wire_bytes_sent - w0[0], st.wire_bytes_received - w0[1]
+    t.finish()  # the server drops a finished session: more settings than its per-client quota of open ones
     t.close()
     s = t.summary
     return {"setting": name, "mbps": mbps, "steps": steps, "step_s_median": statistics.median(times[1:] or times),
             "step_s_all": times, "payload_up_per_step": s.payload_up / steps,
             "payload_down_per_step": s.payload_down / steps, "wire_up_per_step": wire_up / steps,
-            "wire_down_per_step": wire_down / steps, "examples_per_step": s.examples / steps}
+            "wire_down_per_step": wire_down / steps, "examples_per_step": s.examples / steps,
+            "payload_up_per_example": s.per_example()[0], "payload_down_per_example": s.per_example()[1]}
 
 
 def main(argv=None) -> int:
@@ -87,16 +98,18 @@ def main(argv=None) -> int:
                 r = run_setting(name, mbps, cloud, train, a.steps, a.batch_size)
                 rows.append(r)
                 print(f"{name:22s} {mbps:6.0f} Mbps  step {r['step_s_median']:7.3f} s  "
-                      f"up {r['payload_up_per_step'] / 1e3:9.1f} kB  down {r['payload_down_per_step'] / 1e3:9.1f} kB",
+                      f"up {r['payload_up_per_step'] / 1e3:9.1f} kB  down {r['payload_down_per_step'] / 1e3:9.1f} kB  "
+                      f"per example up {r['payload_up_per_example']:8.1f} B  down {r['payload_down_per_example']:8.1f} B",
                       flush=True)
     print(f"\nmachine: {machine()}\n")
     print("| setting | link | step time (median) | payload up / step | payload down / step | wire up / step | "
-          "wire down / step |")
-    print("|---|---|---|---|---|---|---|")
+          "wire down / step | payload up / example | payload down / example |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['setting']} | {r['mbps']:.0f} Mbps | {r['step_s_median']:.3f} s | "
               f"{r['payload_up_per_step'] / 1e3:.1f} kB | {r['payload_down_per_step'] / 1e3:.1f} kB | "
-              f"{r['wire_up_per_step'] / 1e3:.1f} kB | {r['wire_down_per_step'] / 1e3:.1f} kB |")
+              f"{r['wire_up_per_step'] / 1e3:.1f} kB | {r['wire_down_per_step'] / 1e3:.1f} kB | "
+              f"{r['payload_up_per_example']:.1f} B | {r['payload_down_per_example']:.1f} B |")
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps({"machine": machine(), "command": " ".join(sys.argv), "rows": rows}, indent=1))
     return 0

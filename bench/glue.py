@@ -6,10 +6,13 @@ for every config), evaluates on the FULL dev set (through the link, codecs inclu
 appends one row to the CSV.  Bytes per training example are the byte counters' deltas
 over the training steps only, divided by the training examples processed.
 
-The training loop talks to a *runner* (:class:`Runner`): ``train_step(batch) -> loss``,
-``predict(batch) -> logits``, ``bytes_up`` / ``bytes_down`` (training traffic so far) and
-``close()``.  :class:`SimulatedRunner` runs the model in-process (``SimulatedSplit``);
-another runner (e.g. over a real TCP link) can be added in :func:`make_runner`.
+The runners and the training recipe are the package's (:mod:`sft_kernels.runtime.runners`):
+``train_step(batch) -> loss``, ``predict(batch) -> logits``, ``bytes_up`` / ``bytes_down``
+(training traffic so far) and ``close()``.  Config (a) is the plain classifier with the split
+runs' AdamW and schedule; a split config is an ``EdgeTrainer`` with its cloud part in this process,
+or in a ``sft serve`` process on loopback under ``--over-tcp`` (the same step: the same losses).
+This script only drives the runs (data order, the STS-B target scale of
+:mod:`sft_kernels.data.recipe`, evaluation) and reports them.
 
 Usage::
 
@@ -32,7 +35,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Protocol
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
@@ -43,7 +46,8 @@ if str(REPO) not in sys.path:
 
 from sft_kernels.data import (TASKS, batches, compute_metrics, glue_score, load_task,  # noqa: E402
                               majority_baseline, num_batches, subsample)
-from sft_kernels.runtime.parts import linear_warmup  # noqa: E402
+from sft_kernels.runtime import runners  # noqa: E402
+from sft_kernels.runtime.runners import Runner  # noqa: E402
 
 #: The split point: after layer K of MiniLM's 6.
 SPLIT_AT = 3
@@ -95,179 +99,20 @@ CONFIGS: dict[str, Config] = {c.name: c for c in [
 ]}
 
 
-# --------------------------------------------------------------------------------------------- runners
-class Runner(Protocol):
-    """What the training loop needs from a way of running the (split) model."""
+# --------------------------------------------------------------------------------------------- runner
+def make_runner(config: Config, num_labels: int, seed: int, args: argparse.Namespace, total_steps: int) -> Runner:
+    """The package's runner for one cell (:func:`sft_kernels.runtime.make_runner`) with the command line's recipe.
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> float:
-        """One optimizer step on ``batch``; returns the loss."""
-
-    def predict(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits of ``batch`` in eval mode, no gradients."""
-
-    @property
-    def bytes_up(self) -> int:
-        """Edge -> cloud bytes of the training steps so far."""
-
-    @property
-    def bytes_down(self) -> int:
-        """Cloud -> edge bytes of the training steps so far."""
-
-    def close(self) -> None:
-        """Release resources."""
-
-
-_MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-
-
-class SimulatedRunner:
-    """In-process runner: the plain model (config ``a``) or a ``SimulatedSplit`` of it.
-
-    AdamW over all parameters with a linear schedule and warmup; byte counters are
-    read around each training step only, so eval traffic is not counted.
+    Split configs run in process, or through a `sft serve` process on loopback under ``--over-tcp``.
     """
-
-    def __init__(self, config: Config, num_labels: int, seed: int, *, lr: float, weight_decay: float,
-                 total_steps: int, warmup_steps: int, minilm=None) -> None:
-        from sft_kernels import SimulatedSplit
-        from sft_kernels.split.pretrained import minilm_classifier
-
-        torch.manual_seed(seed)
-        self.tokenizer, model = minilm_classifier(num_labels, minilm=minilm, seed=seed)
-        if config.split is not None:
-            model = SimulatedSplit(model, at=SPLIT_AT, seed=seed, **config.split)
-        self.model = model
-        self.split = config.split is not None
-        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: linear_warmup(s, total_steps, warmup_steps))
-        self._up = self._down = 0
-
-    def _counters(self) -> tuple[int, int]:
-        return (self.model.bytes_sent, self.model.bytes_received) if self.split else (0, 0)
-
-    def train_step(self, batch: dict[str, torch.Tensor]) -> float:
-        self.model.train()
-        up0, down0 = self._counters()
-        out = self.model(**{k: batch[k] for k in _MODEL_INPUTS}, labels=batch["labels"])
-        self.opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        self.opt.step()
-        self.sched.step()
-        up1, down1 = self._counters()
-        self._up += up1 - up0
-        self._down += down1 - down0
-        return float(out.loss.detach())
-
-    @torch.no_grad()
-    def predict(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        self.model.eval()
-        return self.model(**{k: batch[k] for k in _MODEL_INPUTS}).logits
-
-    @property
-    def bytes_up(self) -> int:
-        return self._up
-
-    @property
-    def bytes_down(self) -> int:
-        return self._down
-
-    def close(self) -> None:
-        self.model = self.opt = self.sched = None
-
-
-class TcpRunner:
-    """Runs a split config through the real runtime: an ``EdgeTrainer`` here, the cloud part in a
-    ``sft serve`` process on loopback (one per benchmark process, see :func:`_local_cloud`).
-
-    Same hyper-parameters, schedule, seeds and batches as :class:`SimulatedRunner`; dropout and codec
-    randomness are keyed by (seed, step, part) on both, so the two compute the same training run.
-    """
-
-    def __init__(self, config: Config, num_labels: int, seed: int, *, lr: float, weight_decay: float,
-                 total_steps: int, warmup_steps: int, max_length: int, batch_size: int, run_id: str) -> None:
-        from sft_kernels.runtime import EdgeTrainer, RunConfig
-
-        split = dict(config.split)
-        split.setdefault("rank", None)
-        cfg = RunConfig(task="glue", num_labels=num_labels, at=SPLIT_AT, seed=seed, lr=lr, weight_decay=weight_decay,
-                        warmup_steps=warmup_steps, total_steps=total_steps, batch_size=batch_size,
-                        max_length=max_length, run_id=run_id, **split)
-        cloud = _local_cloud()
-        self._batch: Optional[dict[str, torch.Tensor]] = None
-        self.trainer = EdgeTrainer(cfg, lambda step: self._batch, host=cloud.host, port=cloud.port,
-                                   client_id=cloud.client_id, token=cloud.token, progress=False)
-        self.tokenizer = self.trainer.tokenizer
-        self._evals = 0
-
-    def train_step(self, batch: dict[str, torch.Tensor]) -> float:
-        self._batch = batch
-        return self.trainer.train_step()
-
-    def predict(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = self.trainer.predict([{k: batch[k] for k in _MODEL_INPUTS}], start=self._evals)
-        self._evals += 1
-        return logits
-
-    @property
-    def bytes_up(self) -> int:
-        return self.trainer.summary.payload_up
-
-    @property
-    def bytes_down(self) -> int:
-        return self.trainer.summary.payload_down
-
-    def close(self) -> None:
-        try:
-            if self.trainer.step == self.trainer.cfg.total_steps:
-                self.trainer.finish()  # lets the server drop this session when it needs room
-        finally:
-            self.trainer.close()
-
-
-_CLOUD = None
-
-
-def _local_cloud():
-    """The ``sft serve`` process the TCP runner trains against (started on first use, stopped at exit)."""
-    global _CLOUD
-    if _CLOUD is None:
-        import atexit
-
-        from sft_kernels.runtime import LocalCloud
-
-        _CLOUD = LocalCloud(extra=["--any-split", "--quiet", "--max-sessions", "4"]).start()
-        atexit.register(_CLOUD.__exit__, None, None, None)
-    return _CLOUD
-
-
-def make_runner(config: Config, num_labels: int, seed: int, args: argparse.Namespace, total_steps: int,
-                minilm=None) -> Runner:
-    """The runner for one cell: :class:`TcpRunner` for split configs under ``--over-tcp``, else in-process."""
-    warmup = int(round(args.warmup * total_steps))
-    if getattr(args, "over_tcp", False) and config.split is not None:
-        return TcpRunner(config, num_labels, seed, lr=args.lr, weight_decay=args.weight_decay,
-                         total_steps=total_steps, warmup_steps=warmup, max_length=args.max_length,
-                         batch_size=args.batch_size, run_id=f"{config.name}-s{seed}-{time.time_ns()}")
-    return SimulatedRunner(config, num_labels, seed, lr=args.lr, weight_decay=args.weight_decay,
-                           total_steps=total_steps, warmup_steps=int(round(args.warmup * total_steps)),
-                           minilm=minilm)
+    return runners.make_runner(config.split, num_labels, seed, lr=args.lr, weight_decay=args.weight_decay,
+                               total_steps=total_steps, warmup_steps=int(round(args.warmup * total_steps)),
+                               batch_size=args.batch_size, max_length=args.max_length, at=SPLIT_AT,
+                               over_tcp=getattr(args, "over_tcp", False),
+                               run_id=f"{config.name}-s{seed}-{time.time_ns()}")
 
 
 # --------------------------------------------------------------------------------------------- one run
-_MINILM = None
-
-
-def _minilm():
-    """The pretrained (tokenizer, encoder) pair, loaded once per process."""
-    global _MINILM
-    if _MINILM is None:
-        from sft_kernels.split.pretrained import load_minilm
-
-        _MINILM = load_minilm()
-    return _MINILM
-
-
 def max_train_for(task: str, spec: dict[str, Optional[int]]) -> Optional[int]:
     """Cap for ``task`` from ``--max-train``'s parsed form (per-task value, else the default)."""
     return spec.get(task, spec.get("*"))
@@ -332,11 +177,11 @@ def run_one(task: str, config: str, seed: int, args: argparse.Namespace) -> dict
     train_ds = subsample(train_full, max_train_for(task, args.max_train))
     steps_per_epoch = num_batches(len(train_ds), args.batch_size)
     total = steps_per_epoch * args.epochs
-    tok = _minilm()[0]  # loaded once per process, outside the timed part
+    tok = runners.embedded_tokenizer()  # the model files are read once per process, outside the timed part
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     np.random.seed(seed)
-    runner = make_runner(cfg, spec.num_labels, seed, args, total, minilm=_minilm())
+    runner = make_runner(cfg, spec.num_labels, seed, args, total)
     losses: list[float] = []
     examples = 0
     try:
@@ -729,8 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--over-tcp", action="store_true",
-                   help="run split configs through the real TCP runtime (a `sft serve` process on loopback) "
-                        "instead of SimulatedSplit; (a) still runs in process. Writes results/glue_tcp.csv "
+                   help="run split configs' cloud parts in a `sft serve` process on loopback (real TCP) instead of "
+                        "in this process; (a) still runs in process. Writes results/glue_tcp.csv "
                         "unless --out is given")
     p.add_argument("--out", type=Path, default=None, help="CSV (default results/glue.csv, or glue_tcp.csv)")
     p.add_argument("--results-md", type=Path, default=None,
