@@ -38,7 +38,7 @@ def simulated_run(cfg, ds, steps):
     tok, model = minilm_classifier(cfg.num_labels, seed=cfg.seed)
     sim = SimulatedSplit(model, at=cfg.at, mode=cfg.mode, rank=cfg.rank, fwd_codec=cfg.fwd_codec,
                          bwd_codec=cfg.bwd_codec, eliminate_links=cfg.eliminate_links, seed=cfg.seed,
-                         u_split=cfg.u_split)
+                         u_split=cfg.u_split, pooled_codec=cfg.pooled_codec, pooled_grad_codec=cfg.pooled_grad_codec)
     opt, batches = make_optimizer(sim, cfg), StepBatches(tok, ds, cfg.batch_size, cfg.max_length, cfg.seed)
     sched = make_scheduler(opt, cfg)
     losses = []
@@ -66,18 +66,32 @@ def assert_same(a, b, tol=1e-6):
 REPLY_MARK = b'"loss"'
 
 
-class ReplyDroppingProxy:
-    """A TCP proxy (a flaky network) that drops the connection once, instead of forwarding the ``drop_at``-th
-    training reply (the edge must re-send that step), and counts the bytes it forwards each way (``up``,
-    ``down``: what a byte-counting middlebox sees)."""
+def close_sockets(*socks: socket.socket) -> None:
+    """Shut down and close each socket, ignoring those already closed."""
+    for sock in socks:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
 
-    def __init__(self, target, drop_at):
-        self.target, self.drop_at, self.replies = target, drop_at, 0
-        self.up = self.down = 0
+
+class Proxy:
+    """A TCP proxy on 127.0.0.1 in front of ``target`` (which may change between connections).
+
+    Each accepted connection gets a connection to ``target`` and the threads :meth:`_pipes` names,
+    ``[(function, args), ...]``.  Subclasses set their attributes before calling ``__init__``.
+    """
+
+    def __init__(self, target):
+        self.target = target
         self.lock = threading.Lock()
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.address = self.sock.getsockname()
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def _pipes(self, client, server) -> list:
+        raise NotImplementedError
 
     def _accept(self):
         while True:
@@ -85,9 +99,30 @@ class ReplyDroppingProxy:
                 c, _ = self.sock.accept()
             except OSError:
                 return
-            s = socket.create_connection(self.target)
-            threading.Thread(target=self._pipe, args=(c, s, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(s, c, True), daemon=True).start()
+            try:
+                s = socket.create_connection(self.target)
+            except OSError:
+                c.close()
+                continue
+            for fn, args in self._pipes(c, s):
+                threading.Thread(target=fn, args=args, daemon=True).start()
+
+    def close(self):
+        self.sock.close()
+
+
+class ReplyDroppingProxy(Proxy):
+    """A TCP proxy (a flaky network) that drops the connection once, instead of forwarding the ``drop_at``-th
+    training reply (the edge must re-send that step), and counts the bytes it forwards each way (``up``,
+    ``down``: what a byte-counting middlebox sees)."""
+
+    def __init__(self, target, drop_at):
+        self.drop_at, self.replies = drop_at, 0
+        self.up = self.down = 0
+        super().__init__(target)
+
+    def _pipes(self, client, server) -> list:
+        return [(self._pipe, (client, server, False)), (self._pipe, (server, client, True))]
 
     def _pipe(self, src, dst, from_server):
         try:
@@ -100,10 +135,7 @@ class ReplyDroppingProxy:
                         self.replies += data.count(REPLY_MARK)
                         drop = self.replies == self.drop_at
                     if drop:
-                        for sock in (src, dst):
-                            sock.shutdown(socket.SHUT_RDWR)
-                            sock.close()
-                        return
+                        break
                 dst.sendall(data)
                 with self.lock:
                     if from_server:
@@ -112,12 +144,4 @@ class ReplyDroppingProxy:
                         self.up += len(data)
         except OSError:
             pass
-        for sock in (src, dst):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-                sock.close()
-            except OSError:
-                pass
-
-    def close(self):
-        self.sock.close()
+        close_sockets(src, dst)

@@ -277,6 +277,8 @@ def test_sft_demo_runs_two_processes_and_prints_the_table():
     assert "synthetic sentiment task (generated, not GLUE)" in text
     assert "bottleneck r=4, int8 up, int8+SR down" in text and "layer split, uncompressed fp32" in text
     assert "reduction on the same first 2 batches" in text
+    assert "U-split r=4 int8, labels stay on the edge      2" in text  # 2 steps: --baseline-steps
+    assert "U-split reduction vs the fp32 layer split" in text
 
 
 def test_sft_demo_json():
@@ -288,6 +290,11 @@ def test_sft_demo_json():
     assert r["synthetic"] is True and r["steps"] == 2
     # rank-4 int8 codes vs fp32 hidden states of width 384: well over 50x less each way
     assert r["reduction_up"] > 50 and r["reduction_down"] > 50
+    # the U-split sends the same codes up, plus per example the pooled row's gradient (int8, d = 384), and gets the
+    # pooled row (int8) down beside the boundary gradient: still over 10x less than fp32 hidden states each way
+    u = r["usplit_bottleneck_r4_int8"]
+    assert u["steps"] == 1 and u["reduction_up"] > 10 and u["reduction_down"] > 10
+    assert u["bytes_up_per_example"] > 384 and u["bytes_down_per_example"] > 384
 
 
 @pytest.mark.parametrize("argv,msg", [

@@ -122,6 +122,11 @@ def _add_split(p: argparse.ArgumentParser) -> None:
                    help="codec of the gradients cloud->edge (default int8,sr: int8 with stochastic rounding)")
     g.add_argument("--u-split", action="store_true",
                    help="the U-shaped split: the edge keeps the head and the loss too, so no labels cross the link")
+    g.add_argument("--pooled-codec", default=None,
+                   help="U-split: codec of the pooled rows cloud->edge (default: --fwd-codec); "
+                        "lowrank:r=8+int8 sends about 170 instead of 460 B/example at batch 32 (bench/README.md)")
+    g.add_argument("--pooled-grad-codec", default=None,
+                   help="U-split: codec of the pooled rows' gradient edge->cloud (default: --bwd-codec)")
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -303,13 +308,18 @@ def _split_kwargs(a: argparse.Namespace) -> dict:
     """The split settings of the flags (:data:`~sft_kernels.runtime.config.SPLIT_FIELDS`); codecs checked."""
     from .codecs import from_spec
 
-    for flag, spec in (("--fwd-codec", a.fwd_codec), ("--bwd-codec", a.bwd_codec)):
+    for flag, spec in (("--fwd-codec", a.fwd_codec), ("--bwd-codec", a.bwd_codec), ("--pooled-codec", a.pooled_codec),
+                       ("--pooled-grad-codec", a.pooled_grad_codec)):
         try:
-            from_spec(spec)
+            if spec is not None:
+                from_spec(spec)
         except ValueError as exc:
             raise _BadInput(f"{flag}: {exc}") from None
+    if not a.u_split and (a.pooled_codec or a.pooled_grad_codec):
+        raise _BadInput("--pooled-codec / --pooled-grad-codec apply to the U-split only: add --u-split")
     return dict(at=a.at, mode=a.mode, rank=a.rank if a.mode == "bottleneck" else None,
-                eliminate_links=not a.keep_links, u_split=a.u_split, fwd_codec=a.fwd_codec, bwd_codec=a.bwd_codec)
+                eliminate_links=not a.keep_links, u_split=a.u_split, fwd_codec=a.fwd_codec, bwd_codec=a.bwd_codec,
+                pooled_codec=a.pooled_codec, pooled_grad_codec=a.pooled_grad_codec)
 
 
 def _model(a: argparse.Namespace) -> tuple[Optional[str], str]:
@@ -479,7 +489,7 @@ def _train(a: argparse.Namespace) -> int:
 
 #: What to do about a refused split, added to the edge's error.
 _SPLIT_HINT = ("; give sft train the server's split flags (--at, --mode, --rank, --keep-links, --u-split, --fwd-codec, "
-               "--bwd-codec) or start the server with --any-split")
+               "--bwd-codec, --pooled-codec, --pooled-grad-codec) or start the server with --any-split")
 
 
 def _run_train(a: argparse.Namespace) -> int:

@@ -9,10 +9,12 @@ concurrent sessions never perturb each other: each equals its run alone, bit for
 
 Exactly once: a session knows the next step it expects.  A request for the step it
 has just applied (the edge lost the reply) gets the cached reply back, never a second
-update; at ``OPEN`` both sides agree on the newest step both can resume from (the
-edge sends its checkpoint steps), and the session rolls back to it if it must.  The
-cached reply is part of every checkpoint, so it survives a crash of the server too.
-Checkpoints are the edge's choice: a TRAIN frame with ``ckpt`` asks for one after it.
+update (a repeated ``STEP`` of the general path is acknowledged again); at ``OPEN`` both
+sides agree on the newest step both can resume from (the edge sends its checkpoint
+steps), and the session rolls back to it if it must.  The cached reply is part of every
+checkpoint, so it survives a crash of the server too; graphs and gradients of a step in
+progress are not, so restoring a checkpoint drops them.  Checkpoints are the edge's
+choice: a TRAIN or STEP frame with ``ckpt`` asks for one after it.
 
 Failures: anything wrong in a request (structure, codec, shapes, sizes, NaN/Inf) is
 refused with an ERROR frame before the model is touched.  Every other failure also
@@ -39,7 +41,6 @@ from typing import Any, Mapping, Optional, Union
 import torch
 
 from ..channel import Connection, Limits, LinkLimiter, Listener, TLSConfig
-from ..codecs import from_spec
 from ..step import CloudWorker
 from ..step.cloud import bool_flag, dispatch
 from ..step.messages import BACKWARD, EVAL, FINISH, FORWARD, KIND_NAMES, OPEN, REPLY, STEP, TRAIN, StepRefused
@@ -110,9 +111,9 @@ class CloudSession(CheckpointedPart):
         del parts
         self.opt = make_optimizer(self.model, cfg)
         self.sched = make_scheduler(self.opt, cfg)
-        self.worker = CloudWorker(self.model, from_spec(cfg.fwd_codec), from_spec(cfg.bwd_codec), cfg.seed,
-                                  max_length=cfg.max_length, max_batch=cfg.batch_size, max_tokens=limits.max_tokens,
-                                  optimizer=self.opt, scheduler=self.sched)
+        fwd, bwd, pooled = cfg.codecs()
+        self.worker = CloudWorker(self.model, fwd, bwd, cfg.seed, max_length=cfg.max_length, max_batch=cfg.batch_size,
+                                  max_tokens=limits.max_tokens, optimizer=self.opt, scheduler=self.sched, pooled=pooled)
         self.last_reply: Optional[dict[str, Any]] = None
         self.save_pending = False  # the step was applied but its requested checkpoint is not written yet
         self.finished = False  # set by FINISH; a finished session is the first to make room for a new one
@@ -151,20 +152,24 @@ class CloudSession(CheckpointedPart):
     def _load_extra(self, state: dict[str, Any]) -> None:
         self.last_reply = state["reply"]
         self.save_pending = False
+        self.worker.discard_accumulation()  # graphs and gradients of a later step do not belong to this one
         log.info("session %s/%s: restored step %d", self.client_id, self.cfg.run_id, self.step)
 
     def _cannot_restore(self, step: int) -> Exception:
         return StepRefused(f"cannot roll back to step {step}: the server runs without --checkpoint-dir")
 
-    def resume_point(self, edge_step: int, edge_ckpts: list[int]) -> int:
+    def resume_point(self, edge_step: int, edge_ckpts: list[int], fresh: bool = False) -> int:
         """Agree on the next step with an edge at ``edge_step`` holding checkpoints ``edge_ckpts``.
 
         The newest step both sides can be at: the current one, a replay of the step just applied,
         or the newest checkpoint both have.  This side rolls back to it if it must; the edge rolls
-        back when the answer is below its step.
+        back when the answer is below its step.  A step applied by ``STEP`` is replayed (its ``STEP``
+        acknowledged again) only to an edge in the middle of it (not ``fresh``): a fresh edge would
+        run the step's forward again on the stepped parameters, so this side rolls back instead.
         """
-        c = self.step
-        if c == edge_step or (c == edge_step + 1 and self.last_reply and self.last_reply["step"] == edge_step):
+        c, last = self.step, self.last_reply
+        if c == edge_step or (c == edge_step + 1 and last and last["step"] == edge_step
+                              and not (fresh and last.get("kind") == STEP)):
             return edge_step
         common = (set(self.checkpoint_steps()) | {c}) & (set(edge_ckpts) | {edge_step})
         if not common:
@@ -192,7 +197,8 @@ class CloudSession(CheckpointedPart):
 
     def on_train(self, step: int, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> tuple[dict, dict]:
         """``TRAIN``: apply ``step`` once and return its reply; replay the cached reply for a repeated step."""
-        if self.last_reply is not None and step == self.last_reply["step"] and step == self.step - 1:
+        last = self.last_reply
+        if last is not None and step == last["step"] == self.step - 1 and last.get("kind", TRAIN) == TRAIN:
             log.info("session %s/%s: step %d repeated, replaying its reply", self.client_id, self.cfg.run_id, step)
             if self.save_pending:
                 self._save_requested()
@@ -212,8 +218,8 @@ class CloudSession(CheckpointedPart):
         want_ckpt = bool_flag(meta, "ckpt", False)
         applied = step == self.step
         out = self.worker.optimizer_step(step, tensors, meta)
-        if applied:
-            self.last_reply = None  # a TRAIN replay cache would describe an older step
+        if applied:  # remembered (and checkpointed) so that an edge which lost the reply can resume and re-send it
+            self.last_reply = {"step": step, "kind": STEP, "tensors": {}, "meta": out}
             self._after_step(want_ckpt)
         return out
 
@@ -400,9 +406,10 @@ class CloudServer:
                 s.active += 1
         try:
             self._check_hashes(s, hashes)
+            fresh = bool_flag(meta, "fresh", False)
             with s.lock:
-                resume = s.resume_point(step, ckpts)
-                if bool_flag(meta, "fresh", False):  # the edge starts this step afresh: drop what an earlier
+                resume = s.resume_point(step, ckpts, fresh)
+                if fresh:  # the edge starts this step afresh: drop what an earlier
                     s.worker.discard_accumulation()   # process of it left half-accumulated
                 s.last_used = time.monotonic()
         except BaseException:

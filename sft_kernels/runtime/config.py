@@ -15,12 +15,14 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from ..codecs import from_spec
+from ..codecs import Codec, from_spec
+from ..step.edge import pooled_codecs
 
 __all__ = ["RunConfig", "SPLIT_FIELDS", "state_hash"]
 
 #: Fields a server pins with its own flags; a session asking for other values is refused.
-SPLIT_FIELDS = ("at", "mode", "rank", "eliminate_links", "u_split", "fwd_codec", "bwd_codec")
+SPLIT_FIELDS = ("at", "mode", "rank", "eliminate_links", "u_split", "fwd_codec", "bwd_codec", "pooled_codec",
+                "pooled_grad_codec")
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _MODES = ("layer", "bottleneck")
@@ -40,6 +42,8 @@ class RunConfig:
         mode / rank / eliminate_links / u_split: as in :func:`sft_kernels.split_model` (``u_split``: the
             head and the loss stay on the edge; no label crosses).
         fwd_codec / bwd_codec: codec specs of the activations (edge -> cloud) and gradients (back).
+        pooled_codec / pooled_grad_codec: the U-split's codecs of the pooled rows (cloud -> edge) and of
+            their gradient (back up); None: ``fwd_codec`` / ``bwd_codec``.
         seed: keys the head init, the bottleneck factors, data order, dropout and codecs.
         lr / weight_decay / warmup_steps / total_steps: AdamW and a linear warmup-then-decay schedule.
         batch_size / max_length: batching on the edge.
@@ -56,6 +60,8 @@ class RunConfig:
     u_split: bool = False
     fwd_codec: str = "int8"
     bwd_codec: str = "int8,sr"
+    pooled_codec: Optional[str] = None
+    pooled_grad_codec: Optional[str] = None
     seed: int = 0
     lr: float = 1e-4
     weight_decay: float = 0.01
@@ -69,7 +75,7 @@ class RunConfig:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             want = {"int": int, "float": (int, float), "str": str, "bool": bool,
-                    "Optional[int]": (int, type(None))}[str(f.type)]
+                    "Optional[int]": (int, type(None)), "Optional[str]": (str, type(None))}[str(f.type)]
             if not isinstance(v, want) or (isinstance(v, bool) and str(f.type) != "bool"):
                 raise ValueError(f"RunConfig.{f.name} must be {f.type}, got {v!r}")
         checks = [
@@ -90,13 +96,18 @@ class RunConfig:
         for name, ok, valid in checks:
             if not ok:
                 raise ValueError(f"RunConfig.{name} must be {valid}, got {getattr(self, name)!r}")
-        for name in ("fwd_codec", "bwd_codec"):
-            from_spec(getattr(self, name))  # raises ValueError naming the bad part
+        for name in ("fwd_codec", "bwd_codec", "pooled_codec", "pooled_grad_codec"):
+            if getattr(self, name) is not None:
+                from_spec(getattr(self, name))  # raises ValueError naming the bad part
+        if not self.u_split and (self.pooled_codec is not None or self.pooled_grad_codec is not None):
+            raise ValueError("RunConfig.pooled_codec / pooled_grad_codec apply to the U-split only (u_split=True)")
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict (codec specs canonical)."""
         d = dataclasses.asdict(self)
-        d["fwd_codec"], d["bwd_codec"] = str(from_spec(self.fwd_codec)), str(from_spec(self.bwd_codec))
+        for name in ("fwd_codec", "bwd_codec", "pooled_codec", "pooled_grad_codec"):
+            if d[name] is not None:
+                d[name] = str(from_spec(d[name]))
         return d
 
     @classmethod
@@ -114,6 +125,12 @@ class RunConfig:
         """The :data:`SPLIT_FIELDS` on which ``self`` (the edge's) and ``other`` (the server's) differ, as text."""
         a, b = self.to_dict(), other.to_dict()
         return [f"{k}: edge asks {a[k]!r}, server serves {b[k]!r}" for k in SPLIT_FIELDS if a[k] != b[k]]
+
+    def codecs(self) -> tuple[Codec, Codec, tuple[Codec, Codec]]:
+        """``(fwd, bwd, (pooled, pooled_grad))``: the run's codec objects (the U-split's pooled pair defaults to
+        ``(fwd, bwd)``)."""
+        fwd, bwd = from_spec(self.fwd_codec), from_spec(self.bwd_codec)
+        return fwd, bwd, pooled_codecs(fwd, bwd, self.pooled_codec, self.pooled_grad_codec)
 
     def digest(self) -> str:
         """SHA-256 of the canonical JSON form."""

@@ -11,7 +11,8 @@ replays its cached reply if it had applied it) or, when the cloud restarted from
 checkpoint, rolls back to that checkpoint itself and recomputes from there.  Because dropout and
 codec randomness are keyed by step and the data order by (seed, epoch), recomputed steps are the
 same computation.  The edge chooses the checkpoint steps (``checkpoint_every``) and asks the cloud
-to checkpoint the same ones.
+to checkpoint the same ones.  In the U-split the edge's checkpoints hold its top too, and a step
+whose cloud half a restarted server lost runs again from its forward (:meth:`EdgeTrainer._general_step`).
 
 Byte counts: ``TrainSummary`` holds payload bytes (encoded tensors) and wire bytes (every byte of
 the step's frames on the socket) of the training steps; :meth:`EdgeTrainer.wire_bytes` counts every
@@ -19,6 +20,7 @@ byte of every connection, handshakes and reconnects included.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -28,7 +30,6 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Union
 import torch
 
 from ..channel import Limits, LinkLimiter, TLSConfig
-from ..codecs import from_spec
 from ..step import CloudWorker, EdgeClient, InProcessLink
 from ..step.messages import FINISH, STEP, payload_nbytes
 from .checkpoint import CheckpointedPart, CheckpointStore
@@ -99,26 +100,27 @@ class EdgeTrainer(CheckpointedPart):
         self.tokenizer, self.model, self.top = parts.tokenizer, parts.edge, parts.top
         self._input_names = model_inputs(self.model)  # what this family takes (no token_type_ids for GPT-2)
         self.init_hashes = parts.hashes()
-        trained = self.model if self.top is None else torch.nn.ModuleDict({"edge": self.model, "top": self.top})
-        self.opt = make_optimizer(trained, cfg)
+        # what this side trains and checkpoints: the bottom and, in the U-split, the top
+        self.trained = self.model if self.top is None else torch.nn.ModuleDict({"edge": self.model, "top": self.top})
+        self.opt = make_optimizer(self.trained, cfg)
         self.sched = make_scheduler(self.opt, cfg)
+        fwd, bwd, pooled = cfg.codecs()
         if host is None:  # the cloud part in this process: the same step over an in-process link
             cloud_opt = make_optimizer(parts.cloud, cfg)
-            self.link = InProcessLink(CloudWorker(parts.cloud, from_spec(cfg.fwd_codec), from_spec(cfg.bwd_codec),
-                                                  cfg.seed, optimizer=cloud_opt,
-                                                  scheduler=make_scheduler(cloud_opt, cfg)))
+            self.link = InProcessLink(CloudWorker(parts.cloud, fwd, bwd, cfg.seed, optimizer=cloud_opt,
+                                                  scheduler=make_scheduler(cloud_opt, cfg), pooled=pooled))
         else:
             if port is None or token is None:
                 raise ValueError("a cloud at host needs port and token too (or host=None for an in-process cloud)")
             self.link = TcpLink(host, port, client_id, token, open_meta=self._open_meta, on_resume=self._rewind,
                                 retries=retries, backoff_s=backoff_s, tls=tls, limits=limits, link=link,
                                 timeout=timeout)
-        self.client = EdgeClient(self.model, self.link, from_spec(cfg.fwd_codec), from_spec(cfg.bwd_codec), cfg.seed,
-                                 top=self.top)
+        self.client = EdgeClient(self.model, self.link, fwd, bwd, cfg.seed, top=self.top, pooled=pooled)
         del parts
         self.progress = progress
         self.every = checkpoint_every
         self.step = 0
+        self._mid_step = False  # U-split: this step's FORWARD was answered, its STEP not yet acknowledged
         self.summary = TrainSummary()
         self.store = CheckpointStore(checkpoint_dir) if checkpoint_dir is not None else None
         self._open_store()
@@ -144,14 +146,37 @@ class EdgeTrainer(CheckpointedPart):
         self.summary.examples = sm["examples"]
         self.summary.wire_up, self.summary.wire_down = sm["wire_up"], sm["wire_down"]
 
+    @contextlib.contextmanager
+    def _checkpointed(self):
+        """``model`` as :class:`CheckpointedPart` saves, loads and hashes it: everything this side trains.
+
+        In the U-split that is the bottom and the top (the handshake's edge hash covers both).
+        """
+        edge, self.model = self.model, self.trained
+        try:
+            yield
+        finally:
+            self.model = edge
+
+    def state(self) -> dict[str, Any]:
+        with self._checkpointed():
+            return super().state()
+
+    def restore(self, step: int) -> None:
+        with self._checkpointed():
+            super().restore(step)
+
     def _cannot_restore(self, step: int) -> Exception:
         return CloudError(f"the cloud resumes at step {step}, but this edge runs without a checkpoint directory "
                           f"and is at step {self.step}; cannot roll back")
 
     # ---------------------------------------------------------------- link
     def _open_meta(self) -> dict[str, Any]:
-        return {"config": self.cfg.to_dict(), "hashes": self.init_hashes, "step": self.step,
+        meta = {"config": self.cfg.to_dict(), "hashes": self.init_hashes, "step": self.step,
                 "ckpts": self.checkpoint_steps()}
+        if self.top is not None:  # the general path: the cloud may hold half of this step (see _general_step)
+            meta["fresh"] = not self._mid_step
+        return meta
 
     def _rewind(self, resume: int) -> None:
         log.warning("cloud resumes at step %d, edge was at %d: rolling back", resume, self.step)
@@ -187,6 +212,7 @@ class EdgeTrainer(CheckpointedPart):
         step = self.step
         batch = self.batch_at(step)
         ckpt = self.store is not None and self._checkpoint_due(step + 1)
+        self.opt.zero_grad(set_to_none=True)  # a step rolled back half way (Rewind) left gradients behind
         if self.top is None:
             extra = {"ckpt": True} if ckpt else {}  # the cloud checkpoints the same steps as this edge
             loss, reply, up = self.client.fused_step(step, self._inputs(batch), batch["labels"], self.cfg.num_labels,
@@ -194,15 +220,7 @@ class EdgeTrainer(CheckpointedPart):
             down = payload_nbytes(reply.tensors)
             wire_up, wire_down = getattr(self.link, "last_wire", (up, down))
         else:
-            up0, down0 = self.link.traffic.up, self.link.traffic.down
-            wire0 = self.wire_bytes()
-            out = self.client.forward(step, self._inputs(batch), batch["labels"], self.cfg.num_labels)
-            out.loss.backward()
-            self.link.request(STEP, {}, {"hp": self._hyperparameters(), "ckpt": ckpt}, step)
-            loss = float(out.loss.detach())
-            up, down = self.link.traffic.up - up0, self.link.traffic.down - down0
-            wire1 = self.wire_bytes()
-            wire_up, wire_down = wire1[0] - wire0[0], wire1[1] - wire0[1]
+            loss, up, down, wire_up, wire_down = self._general_step(step, batch, ckpt)
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
@@ -220,6 +238,42 @@ class EdgeTrainer(CheckpointedPart):
         if self._checkpoint_due(self.step):
             self.save()
         return loss
+
+    def _general_step(self, step: int, batch: Mapping[str, torch.Tensor], ckpt: bool
+                      ) -> tuple[float, int, int, int, int]:
+        """The U-split's step: ``FORWARD``, ``BACKWARD`` (the loss is this side's), ``STEP``.
+
+        Returns ``(loss, payload up, payload down, wire up, wire down)``.  A server that restarted
+        in the middle of the step lost the forward's graph or the accumulated gradient and refuses
+        the re-sent ``BACKWARD`` or ``STEP``: after a reconnect within the step, such a refusal runs
+        the step once more from its forward, the session re-opened ``fresh`` (the cloud drops what is
+        left of the step).  Until the step's ``FORWARD`` is answered OPEN is ``fresh`` too (a new edge
+        process: the cloud drops what an earlier one left; a forward is safe to recompute); later in the
+        step it is not (the cloud replays what it answered).
+        """
+        for attempt in (0, 1):
+            reconnects = getattr(self.link, "reconnects", 0)
+            up0, down0 = self.link.traffic.up, self.link.traffic.down
+            wire0 = self.wire_bytes()
+            try:
+                out = self.client.forward(step, self._inputs(batch), batch["labels"], self.cfg.num_labels)
+                self._mid_step = True  # from here the cloud holds a part of this step
+                out.loss.backward()
+                self.link.request(STEP, {}, {"hp": self._hyperparameters(), "n": 1, "ckpt": ckpt}, step)
+            except CloudError as exc:
+                if attempt or getattr(self.link, "reconnects", 0) == reconnects:
+                    raise
+                log.warning("step %d: the cloud lost its half of the step across a reconnect (%s); running the step "
+                            "again", step, exc)
+                self.opt.zero_grad(set_to_none=True)
+                self.close()  # the next request re-opens the session, fresh
+                continue
+            finally:
+                self._mid_step = False
+            break
+        wire1 = self.wire_bytes()
+        return (float(out.loss.detach()), self.link.traffic.up - up0, self.link.traffic.down - down0,
+                wire1[0] - wire0[0], wire1[1] - wire0[1])
 
     def _hyperparameters(self) -> dict[str, Any]:
         """The edge optimizer's current hyper-parameters, for the cloud's (``STEP``)."""

@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -346,7 +347,9 @@ def run_demo(steps: int = 60, baseline_steps: int = 3, task: str = "auto", data_
 
     Trains MiniLM with the bottleneck split (rank 4, int8 activations, int8 stochastic-rounded
     gradients) for ``steps`` steps and evaluates on the dev set; then runs ``baseline_steps`` steps of
-    the uncompressed layer split on the same first batches to measure the bytes it would send.
+    the uncompressed layer split on the same first batches to measure the bytes it would send, and
+    ``baseline_steps`` steps of the U-split with the same bottleneck and codecs (the head and the loss
+    on the edge, no label sent; the pooled rows and their gradient cross too) to measure its bytes.
     """
     t0 = time.perf_counter()
     task = resolve_task(task, data_dir)
@@ -360,17 +363,22 @@ def run_demo(steps: int = 60, baseline_steps: int = 3, task: str = "auto", data_
                          fwd_codec="int8", bwd_codec="int8,sr", run_id="demo-bottleneck")
     base_cfg = RunConfig(**common, total_steps=baseline_steps, mode="layer", rank=None, fwd_codec="none",
                          bwd_codec="none", run_id="demo-layer")
+    u_cfg = dataclasses.replace(main_cfg, total_steps=baseline_steps, warmup_steps=0, u_split=True,
+                                run_id="demo-usplit")
     with tempfile.TemporaryDirectory(prefix="sft-demo-") as wd, \
             LocalCloud(Path(wd) / "cloud", extra=["--any-split", "--quiet", "--checkpoint-dir",
                                                  str(Path(wd) / "cloud" / "ckpt")]) as cloud:
         kw = dict(host=cloud.host, port=cloud.port, client_id=cloud.client_id, token=cloud.token, progress=progress)
         run = train_and_evaluate(main_cfg, train, dev, checkpoint_dir=Path(wd) / "edge", **kw)
         base = train_and_evaluate(base_cfg, train, None, **kw)
+        u_run = train_and_evaluate(u_cfg, train, None, **kw)
     k = min(baseline_steps, steps)
     m_up, m_down = _first_steps_bytes(run.summary, k)
     b_up, b_down = _first_steps_bytes(base.summary, k)
+    u_up, u_down = _first_steps_bytes(u_run.summary, k)
     mw_up, mw_down = _first_steps_bytes(run.summary, k, wire=True)
     bw_up, bw_down = _first_steps_bytes(base.summary, k, wire=True)
+    uw_up, uw_down = _first_steps_bytes(u_run.summary, k, wire=True)
     up, down = run.summary.per_example()
     wup, wdown = run.summary.wire_per_example()
     metric_name = "/".join(spec.metric_names)
@@ -386,6 +394,11 @@ def run_demo(steps: int = 60, baseline_steps: int = 3, task: str = "auto", data_
         "layer_none": {"steps": base.summary.steps, "bytes_up_per_example": b_up, "bytes_down_per_example": b_down,
                        "wire_bytes_up_per_example": bw_up, "wire_bytes_down_per_example": bw_down,
                        "seconds": base.summary.seconds},
+        "usplit_bottleneck_r4_int8": {"steps": u_run.summary.steps, "bytes_up_per_example": u_up,
+                                      "bytes_down_per_example": u_down, "wire_bytes_up_per_example": uw_up,
+                                      "wire_bytes_down_per_example": uw_down, "seconds": u_run.summary.seconds,
+                                      "reduction_up": b_up / u_up, "reduction_down": b_down / u_down,
+                                      "wire_reduction_up": bw_up / uw_up, "wire_reduction_down": bw_down / uw_down},
         "reduction_up": b_up / m_up, "reduction_down": b_down / m_down,
         "wire_reduction_up": bw_up / mw_up, "wire_reduction_down": bw_down / mw_down,
         "wall_seconds": time.perf_counter() - t0,
@@ -394,10 +407,23 @@ def run_demo(steps: int = 60, baseline_steps: int = 3, task: str = "auto", data_
     return rows
 
 
+def _bytes_row(label: str, steps: int, metric: str, d: dict) -> str:
+    """A row of the demo's table: bytes per example of one setting (``d``: its entry of the demo's rows)."""
+    return (f"{label:42s} {steps:5d} {metric:>12s} {d['bytes_up_per_example']:10.1f} "
+            f"{d['bytes_down_per_example']:8.1f} {d['wire_bytes_up_per_example']:9.1f} "
+            f"{d['wire_bytes_down_per_example']:8.1f} {d['seconds']:6.1f}")
+
+
+def _reduction_row(label: str, d: dict) -> str:
+    """A row of the demo's table: the fp32 layer split's bytes over a setting's (``d`` holds ``*reduction_*``)."""
+    return (f"{label:42s} {'':5s} {'':>12s} {d['reduction_up']:9.1f}x {d['reduction_down']:7.1f}x "
+            f"{d['wire_reduction_up']:8.1f}x {d['wire_reduction_down']:7.1f}x")
+
+
 def _print_demo(r: dict, metric_names: Sequence[str], emit: bool) -> None:
     if not emit:
         return
-    m, b = r["bottleneck_r4_int8"], r["layer_none"]
+    m, b, u = r["bottleneck_r4_int8"], r["layer_none"], r["usplit_bottleneck_r4_int8"]
     metric = " / ".join(f"{r['metrics'][k]:.3f}" for k in metric_names)
     label = _task_label(r["task"])
     print()
@@ -406,13 +432,11 @@ def _print_demo(r: dict, metric_names: Sequence[str], emit: bool) -> None:
           "their replies on the TCP socket")
     print(f"{'setting':42s} {'steps':>5s} {'/'.join(metric_names):>12s} {'payload up':>10s} {'down':>8s} "
           f"{'wire up':>9s} {'down':>8s} {'s':>6s}")
-    print(f"{'bottleneck r=4, int8 up, int8+SR down':42s} {r['steps']:5d} {metric:>12s} "
-          f"{m['bytes_up_per_example']:10.1f} {m['bytes_down_per_example']:8.1f} "
-          f"{m['wire_bytes_up_per_example']:9.1f} {m['wire_bytes_down_per_example']:8.1f} {m['seconds']:6.1f}")
-    print(f"{'layer split, uncompressed fp32 (measured)':42s} {b['steps']:5d} {'-':>12s} "
-          f"{b['bytes_up_per_example']:10.1f} {b['bytes_down_per_example']:8.1f} "
-          f"{b['wire_bytes_up_per_example']:9.1f} {b['wire_bytes_down_per_example']:8.1f} {b['seconds']:6.1f}")
-    k = b["steps"]
-    print(f"{f'reduction on the same first {k} batches':42s} {'':5s} {'':>12s} {r['reduction_up']:9.1f}x "
-          f"{r['reduction_down']:7.1f}x {r['wire_reduction_up']:8.1f}x {r['wire_reduction_down']:7.1f}x")
+    print(_bytes_row("bottleneck r=4, int8 up, int8+SR down", r["steps"], metric, m))
+    print(_bytes_row("layer split, uncompressed fp32 (measured)", b["steps"], "-", b))
+    print(_reduction_row(f"reduction on the same first {b['steps']} batches", r))
+    print(_bytes_row("U-split r=4 int8, labels stay on the edge", u["steps"], "-", u))
+    print(_reduction_row("U-split reduction vs the fp32 layer split", u))
+    print("U-split: head and loss stay on the edge, no label sent; its pooled rows (down) and their gradient (up) "
+          "cross too")
     print(f"wall time (both processes, model loading included): {r['wall_seconds']:.1f} s")

@@ -60,6 +60,7 @@ from ..channel import TLSConfig
 from ..codecs import from_spec
 from ..split import split_model
 from ..step import EdgeClient
+from ..step.edge import pooled_codecs
 from ..step.link import CountsTraffic
 from ..step.messages import FINISH, STEP
 from .config import RunConfig, state_hash
@@ -128,7 +129,8 @@ class RemoteSplit(CountsTraffic, nn.Module):
         client_id, token / token_file: this edge's credentials (a line of the server's tokens file).
         tls_ca, tls_cert, tls_key, server_hostname: TLS (``tls_ca`` verifies the server and turns TLS
             on; cert and key for mutual TLS).
-        at, mode, rank, eliminate_links, u_split, fwd_codec, bwd_codec, seed: the split, as
+        at, mode, rank, eliminate_links, u_split, fwd_codec, bwd_codec, pooled_codec, pooled_grad_codec,
+            seed: the split, as
             :class:`~sft_kernels.SimulatedSplit`'s (they must match what the server serves).
         run_id: names the session on the server (with ``client_id``); a second RemoteSplit with the
             same names resumes it.
@@ -143,7 +145,8 @@ class RemoteSplit(CountsTraffic, nn.Module):
     def __init__(self, model: nn.Module, connect: str, client_id: str = "edge", token: Union[str, bytes, None] = None,
                  token_file: Union[str, Path, None] = None, *, at: int, mode: str = "layer",
                  rank: Optional[int] = None, eliminate_links: bool = True, u_split: bool = False,
-                 fwd_codec: str = "int8", bwd_codec: str = "int8,sr", seed: int = 0, run_id: str = "remote",
+                 fwd_codec: str = "int8", bwd_codec: str = "int8,sr", pooled_codec: Optional[str] = None,
+                 pooled_grad_codec: Optional[str] = None, seed: int = 0, run_id: str = "remote",
                  max_length: int = 128, max_batch_size: int = 32, max_grad_norm: Optional[float] = None,
                  tls_ca: Union[str, Path, None] = None, tls_cert: Union[str, Path, None] = None,
                  tls_key: Union[str, Path, None] = None, server_hostname: Optional[str] = None,
@@ -156,7 +159,8 @@ class RemoteSplit(CountsTraffic, nn.Module):
         name = Path(str(getattr(model.config, "_name_or_path", "") or "model")).name or "model"
         self.cfg = RunConfig(model=name[:200], task="remote", num_labels=int(model.config.num_labels), at=at,
                              mode=mode, rank=rank, eliminate_links=eliminate_links, u_split=u_split,
-                             fwd_codec=str(fwd_codec), bwd_codec=str(bwd_codec), seed=seed, total_steps=10**8,
+                             fwd_codec=str(fwd_codec), bwd_codec=str(bwd_codec), pooled_codec=pooled_codec,
+                             pooled_grad_codec=pooled_grad_codec, seed=seed, total_steps=10**8,
                              batch_size=max_batch_size, max_length=max_length, run_id=run_id)
         parts = split_model(model, at=at, mode=mode, rank=rank, eliminate_links=eliminate_links, seed=seed,
                             u_split=u_split)
@@ -179,7 +183,8 @@ class RemoteSplit(CountsTraffic, nn.Module):
         self.link = TcpLink(host, port, client_id, secret, open_meta=self._open_meta, on_resume=self._cannot_rewind,
                             retries=retries, tls=tls, timeout=timeout)
         fwd, bwd = from_spec(fwd_codec), from_spec(bwd_codec)
-        self.client = EdgeClient(self.edge, self.link, fwd, bwd, seed, top=self.top)
+        self.client = EdgeClient(self.edge, self.link, fwd, bwd, seed, top=self.top,
+                                 pooled=pooled_codecs(fwd, bwd, pooled_codec, pooled_grad_codec))
         self.client.on_backward = self._count_backward
         self.link.open()  # connect now: a wrong address, token, model or split surfaces here
         _install_hooks()

@@ -89,8 +89,10 @@ class CloudWorker:
 
     def __init__(self, model: nn.Module, fwd: Codec, bwd: Codec, seed: int, *, max_length: int = _LIMIT, max_batch: int = _LIMIT, max_tokens: int = _LIMIT,
                  optimizer: Optional[torch.optim.Optimizer] = None,
-                 scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None) -> None:
+                 scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
+                 pooled: Optional[tuple[Codec, Codec]] = None) -> None:
         self.model, self.fwd, self.bwd, self.seed = model, fwd, bwd, seed
+        self.pooled_fwd, self.pooled_bwd = pooled or (fwd, bwd)
         self.u_split = bool(getattr(model, "u_split", False))
         self.max_length, self.max_batch, self.max_tokens = max_length, max_batch, max_tokens
         self.opt, self.sched = optimizer, scheduler
@@ -155,7 +157,8 @@ class CloudWorker:
         if self.u_split:
             pooled = out.detach()
             check_finite(pooled, f"micro-batch {seq}: the pooled rows")
-            t, m = packet_to_wire(self.fwd.encode(pooled, codec_seed(self.seed, seq) + POOLED_SEED_OFFSET), "o.pooled")
+            seed = codec_seed(self.seed, seq) + POOLED_SEED_OFFSET
+            t, m = packet_to_wire(self.pooled_fwd.encode(pooled, seed), "o.pooled")
             return t, {"o": {"pooled": m}}
         tensors, names = {}, []
         for name, v in _output_tensors(out).items():
@@ -245,8 +248,8 @@ class CloudWorker:
         for name in names:
             y = outs[name]
             if self.u_split:
-                p = packet_from_wire(tensors, meta.get("d"), "d." + name, self.bwd, y.numel())
-                g = decode_packet(self.bwd, p, f"micro-batch {seq}: gradient of {name}")
+                p = packet_from_wire(tensors, meta.get("d"), "d." + name, self.pooled_bwd, y.numel())
+                g = decode_packet(self.pooled_bwd, p, f"micro-batch {seq}: gradient of {name}")
             else:
                 g = tensors.get("d." + name)
                 if g is None or g.dtype != torch.float32 or g.numel() != y.numel():

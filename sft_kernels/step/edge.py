@@ -18,19 +18,26 @@ Knows the split's parts, codecs, messages and a link; no sockets or sessions.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling, SequenceClassifierOutput
 
-from ..codecs import BWD_SEED_OFFSET, Codec
+from ..codecs import BWD_SEED_OFFSET, Codec, from_spec
 from ..split import BoundaryOutput, codec_seed, part_rng
 from .link import Link, Reply
 from .messages import (BACKWARD, EVAL, FORWARD, POOLED_SEED_OFFSET, TRAIN, StepRefused, boundary_to_wire,
                        decode_packet, packet_from_wire, packet_to_wire, payload_nbytes)
 
-__all__ = ["EdgeClient", "StepBytes"]
+__all__ = ["EdgeClient", "StepBytes", "pooled_codecs"]
+
+
+def pooled_codecs(fwd: Codec, bwd: Codec, pooled: Union[str, Codec, None] = None,
+                  pooled_grad: Union[str, Codec, None] = None) -> tuple[Codec, Codec]:
+    """The U-split's codecs of the pooled rows (down) and their gradient (up): each defaults to the run's
+    activation (``fwd``) and gradient (``bwd``) codec."""
+    return (fwd if pooled is None else from_spec(pooled)), (bwd if pooled_grad is None else from_spec(pooled_grad))
 
 
 @dataclass
@@ -77,12 +84,16 @@ class EdgeClient:
         fwd, bwd: the run's codecs.
         seed: the run's seed (dropout and codec keys).
         top: the U-split's top (head and loss on the edge), or None.
+        pooled: the U-split's codecs of the pooled rows (down) and of their gradient (up); default
+            ``(fwd, bwd)``.
         head: whether the cloud holds a task head (outside the U-split): picks the output type.
     """
 
     def __init__(self, edge: nn.Module, link: Link, fwd: Codec, bwd: Codec, seed: int, *,
-                 top: Optional[nn.Module] = None, head: bool = True) -> None:
+                 top: Optional[nn.Module] = None, head: bool = True,
+                 pooled: Optional[tuple[Codec, Codec]] = None) -> None:
         self.edge, self.link, self.fwd, self.bwd, self.seed, self.top = edge, link, fwd, bwd, seed, top
+        self.pooled_fwd, self.pooled_bwd = pooled or (fwd, bwd)
         self.head = head
         self.last_step = StepBytes()
         self.aux_bytes = 0  # auxiliary bytes of every boundary sent
@@ -133,8 +144,8 @@ class EdgeClient:
         if self.top is not None:
             if not isinstance(o, dict) or set(o) != {"pooled"}:
                 raise StepRefused(f"micro-batch {index}: the reply holds no pooled rows")
-            p = packet_from_wire(reply.tensors, o["pooled"], "o.pooled", self.fwd, 1 << 34)
-            return ["pooled"], [decode_packet(self.fwd, p, f"micro-batch {index}: pooled rows")]
+            p = packet_from_wire(reply.tensors, o["pooled"], "o.pooled", self.pooled_fwd, 1 << 34)
+            return ["pooled"], [decode_packet(self.pooled_fwd, p, f"micro-batch {index}: pooled rows")]
         if not isinstance(o, list) or not all(isinstance(x, list) and len(x) == 2 for x in o):
             raise StepRefused(f"micro-batch {index}: the reply lists no outputs")
         names, outs = [], []
@@ -153,7 +164,7 @@ class EdgeClient:
         for name, g in given:
             if self.top is not None:
                 seed = codec_seed(self.seed, index) + POOLED_SEED_OFFSET + BWD_SEED_OFFSET
-                t, m = packet_to_wire(self.bwd.encode(g.detach().contiguous(), seed), "d." + name)
+                t, m = packet_to_wire(self.pooled_bwd.encode(g.detach().contiguous(), seed), "d." + name)
                 tensors.update(t)
                 meta["d"] = m
             else:

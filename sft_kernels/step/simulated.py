@@ -29,7 +29,7 @@ from torch import nn
 from ..codecs import Codec, from_spec
 from ..split import split_model
 from .cloud import CloudWorker
-from .edge import EdgeClient, StepBytes
+from .edge import EdgeClient, StepBytes, pooled_codecs
 from .link import CountsTraffic, InProcessLink
 
 __all__ = ["SimulatedSplit", "StepBytes"]
@@ -55,7 +55,8 @@ class SimulatedSplit(CountsTraffic, nn.Module):
 
     def __init__(self, model: nn.Module, at: int, mode: str = "layer", rank: Optional[int] = None,
                  fwd_codec: Union[str, Codec] = "int8", bwd_codec: Union[str, Codec] = "int8,sr",
-                 eliminate_links: bool = True, seed: int = 0, u_split: bool = False) -> None:
+                 eliminate_links: bool = True, seed: int = 0, u_split: bool = False,
+                 pooled_codec: Union[str, Codec, None] = None, pooled_grad_codec: Union[str, Codec, None] = None) -> None:
         super().__init__()
         self.fwd_codec, self.bwd_codec = from_spec(fwd_codec), from_spec(bwd_codec)
         parts = split_model(model, at=at, mode=mode, rank=rank, eliminate_links=eliminate_links, seed=seed,
@@ -64,9 +65,10 @@ class SimulatedSplit(CountsTraffic, nn.Module):
         self.top = parts[2] if u_split else None
         self.seed, self.steps = seed, 0
         self.num_labels = int(getattr(model.config, "num_labels", 2))
-        self.link = InProcessLink(CloudWorker(self.cloud, self.fwd_codec, self.bwd_codec, seed))
+        pooled = pooled_codecs(self.fwd_codec, self.bwd_codec, pooled_codec, pooled_grad_codec)
+        self.link = InProcessLink(CloudWorker(self.cloud, self.fwd_codec, self.bwd_codec, seed, pooled=pooled))
         self.client = EdgeClient(self.edge, self.link, self.fwd_codec, self.bwd_codec, seed, top=self.top,
-                                 head=self.cloud.head is not None)
+                                 head=self.cloud.head is not None, pooled=pooled)
 
     @property
     def aux_bytes(self) -> int:
