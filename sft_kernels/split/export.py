@@ -6,8 +6,14 @@ saved model is a directory of three files:
 
 * ``config.json``: the transformers config (``config.save_pretrained``);
 * ``sft_split.json``: where the bottleneck is (``at``, ``rank``, ``eliminate_links``, ``family``,
-  ``model_class``, ``factor_bias``);
+  ``model_class``, ``factor_bias``) and, since format 2, how it is built (``init``: ``"svd"`` or
+  ``"calibrated"``; ``code``: ``"ffn_input"`` or ``"stream"`` (the pre-LN calibrated form);
+  ``edge_bias``: the edge factor has a bias; ``decoder``: the cloud rebuilds the residual or
+  stream with a decoder Linear);
 * ``model.safetensors``: the full state dict (``safetensors``, no pickle).
+
+Format 1 files (written before the calibrated bottleneck) still load: they are ``init="svd"``,
+``code="ffn_input"``, no edge bias, no decoder.  Saving always writes the current format.
 
 Loading rebuilds the model from the config offline, re-installs the bottleneck and loads the
 weights strictly.  A layer-split merge is the original transformers class: use its own
@@ -32,9 +38,13 @@ __all__ = ["save_split_model", "load_split_model", "SPLIT_FILE", "WEIGHTS_FILE"]
 SPLIT_FILE = "sft_split.json"
 #: The weights file.
 WEIGHTS_FILE = "model.safetensors"
-_FORMAT = 1
+_FORMAT = 2
 _KEYS = {"format": int, "family": str, "model_class": str, "at": int, "rank": int, "eliminate_links": bool,
          "factor_bias": bool}
+#: Keys added by format 2, with the values that format 1 files mean.
+_KEYS_2 = {"init": (str, "svd"), "code": (str, "ffn_input"), "edge_bias": (bool, False), "decoder": (bool, False)}
+_CODES = ("ffn_input", "stream")
+_INITS = ("svd", "calibrated")
 
 
 def _bottleneck_of(model: nn.Module) -> tuple[Any, nn.Module, int, BottleneckLayer]:
@@ -67,7 +77,10 @@ def save_split_model(model: nn.Module, path: Union[str, Path]) -> Path:
     model.config.save_pretrained(out)
     meta = {"format": _FORMAT, "family": adapter.name, "model_class": type(model).__name__, "at": at,
             "rank": layer.rank, "eliminate_links": not layer.keep_link,
-            "factor_bias": layer.cloud_factor.bias is not None}
+            "factor_bias": layer.cloud_factor is not None and layer.cloud_factor.bias is not None,
+            "init": "calibrated" if layer.decoder is not None else "svd",
+            "code": "stream" if layer.stream else "ffn_input",
+            "edge_bias": layer.edge_factor.bias is not None, "decoder": layer.decoder is not None}
     (out / SPLIT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -86,8 +99,19 @@ def _read_meta(file: Path) -> dict[str, Any]:
             raise ValueError(f"{file}: missing key {key!r} (expected {sorted(_KEYS)})")
         if not isinstance(meta[key], typ) or (typ is int and isinstance(meta[key], bool)):
             raise ValueError(f"{file}: {key} must be a {typ.__name__}, got {meta[key]!r}")
-    if meta["format"] != _FORMAT:
-        raise ValueError(f"{file}: format {meta['format']} is not supported (this version reads {_FORMAT})")
+    if meta["format"] not in (1, _FORMAT):
+        raise ValueError(f"{file}: format {meta['format']} is not supported (this version reads 1 and {_FORMAT})")
+    for key, (typ, old) in _KEYS_2.items():
+        if meta["format"] == 1:
+            meta[key] = old
+        elif not isinstance(meta.get(key), typ):
+            raise ValueError(f"{file}: {key} must be a {typ.__name__} (format {_FORMAT}), got {meta.get(key)!r}")
+    if meta["code"] not in _CODES:
+        raise ValueError(f"{file}: code must be one of {_CODES}, got {meta['code']!r}")
+    if meta["init"] not in _INITS:
+        raise ValueError(f"{file}: init must be one of {_INITS}, got {meta['init']!r}")
+    if meta["code"] == "stream" and (not meta["decoder"] or not meta["eliminate_links"]):
+        raise ValueError(f"{file}: code 'stream' needs decoder=true and eliminate_links=true")
     return meta
 
 
@@ -125,11 +149,20 @@ def load_split_model(path: Union[str, Path]) -> nn.Module:
     rows, d = weight.shape
     if not 1 <= rank <= min(rows, d):
         raise ValueError(f"{src / SPLIT_FILE}: rank={rank} is not in [1, {min(rows, d)}]")
-    # skip_init: the saved weights overwrite every value, so draw nothing from the global RNG
-    edge_factor = nn.utils.skip_init(nn.Linear, d, rank, bias=False, dtype=weight.dtype)
-    cloud_factor = nn.utils.skip_init(nn.Linear, rank, rows, bias=meta["factor_bias"], dtype=weight.dtype)
+    stream = meta["code"] == "stream"
+    if stream and not adapter.pre_norm:
+        raise ValueError(f"{src / SPLIT_FILE}: code 'stream' is the pre-LN form, but {adapter.name!r} is post-LN")
+
+    def linear(d_in: int, d_out: int, bias: bool) -> nn.Linear:
+        # skip_init: the saved weights overwrite every value, so draw nothing from the global RNG
+        return nn.utils.skip_init(nn.Linear, d_in, d_out, bias=bias, dtype=weight.dtype)
+
+    edge_factor = linear(d, rank, meta["edge_bias"])
+    cloud_factor = None if stream else linear(rank, rows, meta["factor_bias"])
+    decoder = linear(rank, d, True) if meta["decoder"] else None
     replace_module(base, layer, adapter.install_bottleneck(layer, edge_factor, cloud_factor,
-                                                           not meta["eliminate_links"]))
+                                                           not meta["eliminate_links"], decoder=decoder,
+                                                           stream=stream))
     state: dict[str, torch.Tensor] = load_file(str(src / WEIGHTS_FILE))
     try:
         model.load_state_dict(state, strict=True)

@@ -8,6 +8,30 @@
   layers after it.  With ``eliminate_links=True`` the residual around that FFN is dropped;
   with ``False`` the residual stream crosses too (``BoundaryOutput.residual``).
 
+* ``init`` (bottleneck only) chooses the code:
+
+  - ``"svd"`` (the default; the paper's): ``z = Σ_r V_rᵀ a`` from a randomized SVD of W1
+    alone, the residual dropped (links eliminated).
+  - ``"calibrated"``: the code is fitted to activations of the user's own unlabelled text
+    (``calibration=``, see :mod:`.calibrate`), ``z = A (x − μ)`` sent by an edge Linear with
+    bias, and the cloud rebuilds from ``z`` what the eliminated link would carry.  Post-LN
+    (BERT family, DistilBERT): ``x`` is the FFN input ``a`` (also the residual); the cloud
+    computes ``B z + b`` in place of ``W1 a + b1`` and adds ``D z + c`` where the paper drops
+    ``+ a``.  Pre-LN (GPT-2, Llama-style): the dropped residual is the stream ``x`` before
+    the FFN's norm, so ``x`` itself is coded: the split sits before the norm, and the cloud
+    rebuilds ``x̂ = D z + c`` and runs the norm, the full FFN (W1 stays dense, on the cloud)
+    and the residual on ``x̂``.  At full rank (r = d) the calibrated split is the unsplit
+    model.  ``A``/bias, ``B``/``b`` and ``D``/``c`` are ordinary trainable parameters of the
+    parts (``edge.factor``, ``cloud.factor`` -- None in the pre-LN form -- and
+    ``cloud.decoder``); weight decay applies to them as the optimizer's parameter groups say
+    (e.g. transformers' Trainer exempts the biases ``−Aμ``, ``b`` and ``c``, not the weights).
+    The fit's report is ``edge.calibration`` / ``cloud.calibration`` (a
+    :class:`~.calibrate.CalibrationReport`), also logged at INFO.  Refused: with
+    ``mode="layer"``, and with ``eliminate_links=False`` (the residual would then cross
+    exactly, so the decoder has nothing to rebuild and, pre-LN, the code would be redundant
+    with the stream: use ``init="svd"``).  ``calibration`` with ``init="svd"`` is refused too
+    (ignoring data the caller passed would hide a mistake).
+
 * ``u_split=True`` (either mode, task models only): the U-shaped split, three parts
   ``(edge, cloud, top)``.  The edge is the same; the cloud runs the middle and the
   family's final per-token modules (GPT-2's ``ln_f``, Llama's norm) and returns only the
@@ -31,7 +55,9 @@ know channels, data loading or the runtime.
 from __future__ import annotations
 
 import copy
+import logging
 import weakref
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal, Optional, Union, overload
 
 import torch
@@ -40,10 +66,18 @@ from torch import nn
 from .. import ops
 from .adapters import Adapter, BottleneckLayer, adapter_for, base_model_of, replace_module
 from .boundary_output import BoundaryOutput
+from .calibrate import (CalibrationOptions, CalibrationReport, calibration_batches, check_activations, fit_code,
+                        heldout_errors, sample_tokens)
 
-__all__ = ["split_model", "merge", "EdgeModel", "CloudModel", "TopModel", "MODES", "DEFAULT_POWER_ITERS"]
+__all__ = ["split_model", "merge", "EdgeModel", "CloudModel", "TopModel", "MODES", "INITS", "DEFAULT_POWER_ITERS",
+           "Calibration"]
 
 MODES = ("layer", "bottleneck")
+#: How the bottleneck's code is initialised (see the module docstring).
+INITS = ("svd", "calibrated")
+#: What ``calibration=`` takes: tokenized batches (dicts the model takes) or strings (with ``tokenizer=``).
+Calibration = Union[Iterable[Mapping[str, torch.Tensor]], Iterable[str]]
+_log = logging.getLogger(__name__)
 #: Power iterations of the randomized SVD that initialises the bottleneck factors.
 DEFAULT_POWER_ITERS = 16
 _OVERSAMPLE = 16
@@ -113,18 +147,22 @@ class EdgeModel(nn.Module):
 
     def __init__(self, adapter: Adapter, config: Any, mods: dict[str, nn.Module], layers: list[nn.Module],
                  bottleneck: Optional[tuple[dict[str, nn.Module], nn.Linear]], eliminate_links: bool,
-                 send_pool_index: bool) -> None:
+                 send_pool_index: bool, stream: bool = False) -> None:
         super().__init__()
-        self.adapter, self.config, self.eliminate_links = adapter, config, eliminate_links
+        self.adapter, self.config, self.eliminate_links, self.stream = adapter, config, eliminate_links, stream
         self.send_pool_index = send_pool_index and adapter.sends_pool_index
         self.mods = nn.ModuleDict(mods)
         self.layers = nn.ModuleList(layers)
         self.attn = nn.ModuleDict(bottleneck[0]) if bottleneck else None
         self.factor = bottleneck[1] if bottleneck else None
+        #: The calibrated fit's report (``init="calibrated"``), else None.
+        self.calibration: Optional[CalibrationReport] = None
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                **inputs: Optional[torch.Tensor]) -> BoundaryOutput:
-        """Run the edge on a right-padded batch; ``inputs``: the family's extra inputs (e.g. token_type_ids)."""
+    def _split_inputs(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                      inputs: dict[str, Optional[torch.Tensor]]
+                      ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """``(code input, residual, mask, lengths)`` on the padded batch: what the edge factor reads and the
+        residual stream around the FFN (bottleneck; None for the stream form), or the hidden states (layer)."""
         bad = [k for k in inputs if k not in self.adapter.extra_inputs]
         if bad:
             raise TypeError(f"edge got unexpected inputs {bad}; accepted: input_ids, attention_mask, "
@@ -137,15 +175,26 @@ class EdgeModel(nn.Module):
         kw = self.adapter.layer_kwargs(self.mods, self.config, hidden, attention_mask)
         for layer in self.layers:
             hidden = self.adapter.run_layer(layer, hidden, kw)
+        if self.factor is None:
+            return hidden, None, attention_mask, lengths
+        if self.stream:
+            return self.adapter.attention_output(self.attn, hidden, kw), None, attention_mask, lengths
+        x, res = self.adapter.ffn_input(self.attn, hidden, kw)
+        return x, res, attention_mask, lengths
+
+    def code_input(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                   **inputs: Optional[torch.Tensor]) -> torch.Tensor:
+        """``(real tokens, d)``: what the edge factor is applied to (the calibration's activations)."""
+        x, _, mask, _ = self._split_inputs(input_ids, attention_mask, inputs)
+        return x[mask.bool()]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                **inputs: Optional[torch.Tensor]) -> BoundaryOutput:
+        """Run the edge on a right-padded batch; ``inputs``: the family's extra inputs (e.g. token_type_ids)."""
+        x, res, attention_mask, lengths = self._split_inputs(input_ids, attention_mask, inputs)
         keep = attention_mask.bool()
-        residual = None
-        if self.factor is not None:
-            x, res = self.adapter.ffn_input(self.attn, hidden, kw)
-            send = self.factor(x[keep])
-            if not self.eliminate_links:
-                residual = res[keep]
-        else:
-            send = hidden[keep]
+        send = x[keep] if self.factor is None else self.factor(x[keep])
+        residual = res[keep] if self.factor is not None and not self.eliminate_links else None
         pool = self.adapter.pool_index(self.config, input_ids, lengths) if self.send_pool_index else None
         if pool is not None and bool((pool.long() >= lengths).any()):
             raise ValueError(f"the task head would pool from a padding position: decoder heads pool at the last "
@@ -162,26 +211,33 @@ class CloudModel(nn.Module):
     """
 
     def __init__(self, adapter: Adapter, config: Any, mods: dict[str, nn.Module], layers: list[nn.Module],
-                 bottleneck: Optional[tuple[dict[str, nn.Module], nn.Linear]], eliminate_links: bool,
-                 head: Optional[nn.Module], stub: Optional[_BaseOutputStub], u_split: bool = False) -> None:
+                 bottleneck: Optional[tuple[dict[str, nn.Module], Optional[nn.Linear]]], eliminate_links: bool,
+                 head: Optional[nn.Module], stub: Optional[_BaseOutputStub], u_split: bool = False,
+                 decoder: Optional[nn.Linear] = None, stream: bool = False) -> None:
         super().__init__()
         self.adapter, self.config, self.eliminate_links, self.u_split = adapter, config, eliminate_links, u_split
+        self.stream = stream
         self.mods = nn.ModuleDict(mods)
         self.layers = nn.ModuleList(layers)
         self.ffn = nn.ModuleDict(bottleneck[0]) if bottleneck else None
         self.factor = bottleneck[1] if bottleneck else None
+        #: ``D z + c``: the calibrated bottleneck's rebuild of the residual (post-LN) or stream (pre-LN).
+        self.decoder = decoder
         self.head = head
         self._stub = stub
+        #: The calibrated fit's report (``init="calibrated"``), else None.
+        self.calibration: Optional[CalibrationReport] = None
 
     @property
     def width(self) -> int:
         """Values per token of ``BoundaryOutput.hidden``."""
-        return self.factor.in_features if self.factor is not None else self.config.hidden_size
+        first = self.factor if self.factor is not None else self.decoder
+        return first.in_features if first is not None else self.config.hidden_size
 
     @property
     def residual_width(self) -> Optional[int]:
         """Values per token of ``BoundaryOutput.residual`` when the split keeps the link, else None."""
-        return self.config.hidden_size if self.factor is not None and not self.eliminate_links else None
+        return self.config.hidden_size if self.ffn is not None and not self.eliminate_links else None
 
     @property
     def takes_pool_index(self) -> bool:
@@ -238,8 +294,13 @@ class CloudModel(nn.Module):
             raise ValueError("labels given, but the split model is a base model without a task head")
         mask = _mask_of(boundary.lengths, boundary.seq_len)
         flat = boundary.hidden
-        if self.factor is not None:
-            flat = self.adapter.ffn_output(self.ffn, self.factor(flat), boundary.residual)
+        if self.stream:
+            flat = self.adapter.stream_output(self.ffn, self.decoder(flat))
+        elif self.factor is not None:
+            residual = boundary.residual
+            if self.eliminate_links and self.decoder is not None:
+                residual = self.decoder(flat)
+            flat = self.adapter.ffn_output(self.ffn, self.factor(flat), residual)
         hidden = _pad(flat, mask)
         kw = self.adapter.layer_kwargs(self.mods, self.config, hidden, mask)
         for layer in self.layers:
@@ -320,27 +381,118 @@ def _factors(weight: torch.Tensor, bias: Optional[torch.Tensor], rank: int, seed
     return edge, cloud
 
 
-@overload
-def split_model(model: nn.Module, at: int, mode: str = ..., rank: Optional[int] = ..., eliminate_links: bool = ...,
-                seed: int = ..., power_iters: int = ..., *,
-                u_split: Literal[False] = ...) -> tuple[EdgeModel, CloudModel]: ...
+def _linear(d_in: int, d_out: int, like: torch.Tensor) -> nn.Linear:
+    """A Linear with a bias, zero-filled (the calibration overwrites it; draws nothing from the global RNG)."""
+    lin = nn.utils.skip_init(nn.Linear, d_in, d_out, bias=True, device=like.device, dtype=like.dtype)
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.bias.zero_()
+    return lin
+
+
+def _check_init(init: str, mode: str, eliminate_links: bool, calibration: Any, tokenizer: Any,
+                options: Optional[CalibrationOptions]) -> Optional[CalibrationOptions]:
+    """The calibration options to use (None for ``init="svd"``); ``ValueError`` naming the bad argument."""
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if init == "svd":
+        for name, value in (("calibration", calibration), ("tokenizer", tokenizer),
+                            ("calibration_options", options)):
+            if value is not None:
+                raise ValueError(f"{name} applies to init='calibrated' only (init='svd' fits nothing to data); "
+                                 f"pass init='calibrated' or drop {name}")
+        return None
+    if mode != "bottleneck":
+        raise ValueError(f"init='calibrated' applies to mode='bottleneck' only, got mode={mode!r}: a layer split "
+                         f"sends the hidden states whole and has no code to calibrate")
+    if not eliminate_links:
+        raise ValueError("init='calibrated' needs eliminate_links=True: it rebuilds on the cloud the residual the "
+                         "eliminated link would carry; with eliminate_links=False the residual crosses exactly, so "
+                         "there is nothing to rebuild -- use init='svd'")
+    if calibration is None:
+        raise ValueError("init='calibrated' needs calibration=: an iterable of tokenized batches, or a list of "
+                         "strings with tokenizer=")
+    if isinstance(calibration, (str, bytes, Mapping)) or not isinstance(calibration, Iterable):
+        raise ValueError(f"calibration must be an iterable of tokenized batches (dicts) or of strings, got "
+                         f"{type(calibration).__name__}")
+    if options is None:
+        return CalibrationOptions()
+    if not isinstance(options, CalibrationOptions):
+        raise ValueError(f"calibration_options must be a CalibrationOptions, got {type(options).__name__}")
+    return options
+
+
+def _calibrate(edge: EdgeModel, cloud: CloudModel, layer: nn.Module, calibration: Calibration, tokenizer: Any,
+               options: CalibrationOptions, rank: int, seed: int,
+               svd: Optional[tuple[nn.Linear, nn.Linear]]) -> CalibrationReport:
+    """Run the edge on ``calibration``, fit the code and fill the parts' factors; returns the fit's report."""
+    from tqdm import tqdm
+
+    adapter = edge.adapter
+    modes = {m: m.training for m in (*edge.modules(), *layer.modules())}
+    edge.eval(), layer.eval()
+    try:
+        batches = calibration_batches(calibration, tokenizer, ("input_ids", "attention_mask", *adapter.extra_inputs),
+                                      options)
+        with torch.no_grad():
+            bar = tqdm(batches, desc="calibration", unit="batch", disable=not options.progress, leave=False)
+            chunks = [edge.code_input(**batch) for batch in bar]
+            x = torch.cat(chunks) if chunks else torch.zeros(0)
+            if x.shape[0] < 2:
+                raise ValueError(f"calibration is empty: it gave {x.shape[0]} real tokens; pass at least a few "
+                                 f"hundred tokens of the edge's unlabelled text")
+            check_activations(x)
+            fit_rows, held = sample_tokens(x.shape[0], options.max_tokens, options.heldout, seed)
+            ffn_in = adapter.ffn_norm(layer)(x) if adapter.pre_norm else x
+        weight, bias = adapter.factorised_weight(layer)
+        ffn_mods = adapter.split_layer(layer)[1]
+        code = fit_code(x[fit_rows], ffn_in[fit_rows], weight, bias, rank, options.fit, pre_norm=adapter.pre_norm,
+                        null_dims=0 if adapter.pre_norm else 1,
+                        svd_factors=None if svd is None else (svd[0].weight, svd[1].weight),
+                        layer_out=lambda pre, res: adapter.ffn_output(ffn_mods, pre, res), seed=seed)
+        errors = heldout_errors(code, x[held], ffn_in[held], weight, bias, pre_norm=adapter.pre_norm)
+    finally:
+        for m, training in modes.items():
+            m.train(training)
+    with torch.no_grad():
+        edge.factor.weight.copy_(code.A)
+        edge.factor.bias.copy_(-(code.A @ code.mu))
+        if cloud.factor is not None:
+            cloud.factor.weight.copy_(code.B)
+            cloud.factor.bias.copy_(code.b)
+        cloud.decoder.weight.copy_(code.D)
+        cloud.decoder.bias.copy_(code.c)
+    return CalibrationReport(options.fit, rank, "stream" if edge.stream else "ffn_input", len(fit_rows), len(held),
+                             errors)
 
 
 @overload
 def split_model(model: nn.Module, at: int, mode: str = ..., rank: Optional[int] = ..., eliminate_links: bool = ...,
-                seed: int = ..., power_iters: int = ..., *,
-                u_split: Literal[True]) -> tuple[EdgeModel, CloudModel, TopModel]: ...
+                seed: int = ..., power_iters: int = ..., *, u_split: Literal[False] = ..., init: str = ...,
+                calibration: Optional[Calibration] = ..., tokenizer: Any = ...,
+                calibration_options: Optional[CalibrationOptions] = ...) -> tuple[EdgeModel, CloudModel]: ...
 
 
 @overload
 def split_model(model: nn.Module, at: int, mode: str = ..., rank: Optional[int] = ..., eliminate_links: bool = ...,
-                seed: int = ..., power_iters: int = ..., *,
-                u_split: bool) -> Union[tuple[EdgeModel, CloudModel], tuple[EdgeModel, CloudModel, TopModel]]: ...
+                seed: int = ..., power_iters: int = ..., *, u_split: Literal[True], init: str = ...,
+                calibration: Optional[Calibration] = ..., tokenizer: Any = ...,
+                calibration_options: Optional[CalibrationOptions] = ...) -> tuple[EdgeModel, CloudModel, TopModel]: ...
+
+
+@overload
+def split_model(model: nn.Module, at: int, mode: str = ..., rank: Optional[int] = ..., eliminate_links: bool = ...,
+                seed: int = ..., power_iters: int = ..., *, u_split: bool, init: str = ...,
+                calibration: Optional[Calibration] = ..., tokenizer: Any = ...,
+                calibration_options: Optional[CalibrationOptions] = ...
+                ) -> Union[tuple[EdgeModel, CloudModel], tuple[EdgeModel, CloudModel, TopModel]]: ...
 
 
 def split_model(model: nn.Module, at: int, mode: str = "layer", rank: Optional[int] = None,
                 eliminate_links: bool = True, seed: int = 0, power_iters: int = DEFAULT_POWER_ITERS, *,
-                u_split: bool = False) -> Union[tuple[EdgeModel, CloudModel], tuple[EdgeModel, CloudModel, TopModel]]:
+                u_split: bool = False, init: str = "svd", calibration: Optional[Calibration] = None,
+                tokenizer: Any = None, calibration_options: Optional[CalibrationOptions] = None,
+                ) -> Union[tuple[EdgeModel, CloudModel], tuple[EdgeModel, CloudModel, TopModel]]:
     """Split ``model`` (a base model or a ``*ForSequenceClassification``) at layer ``at``.
 
     Args:
@@ -349,9 +501,17 @@ def split_model(model: nn.Module, at: int, mode: str = "layer", rank: Optional[i
         mode: ``"layer"`` or ``"bottleneck"``.
         rank: bottleneck rank, ``1 <= rank <= min(d, rows of the factorised matrix)``; bottleneck only.
         eliminate_links: drop the residual around the bottleneck FFN (else it crosses too).
-        seed: seeds the randomized SVD, so a split is deterministic.
+        seed: seeds the randomized SVD and the calibration's token sample, so a split is deterministic.
         power_iters: power iterations of that SVD.
         u_split: the U-shaped split (task models only): three parts, the head and the loss on the edge.
+        init: ``"svd"`` (the paper's code) or ``"calibrated"`` (fitted to ``calibration``; bottleneck
+            with ``eliminate_links=True`` only); see the module docstring.
+        calibration: ``init="calibrated"`` only: an iterable of tokenized batches (dicts of what the
+            edge takes; other keys, e.g. labels, are ignored) or of strings (with ``tokenizer``).  The
+            edge runs on all of it in eval mode without gradients (a tqdm bar); at most
+            ``calibration_options.max_tokens`` real tokens, a sample fixed by ``seed``, are kept.
+        tokenizer: tokenizes string calibration (right padding, truncation).
+        calibration_options: a :class:`~.calibrate.CalibrationOptions` (fit method, sample size...).
 
     Returns ``(edge, cloud)``: ``cloud(edge(**batch), labels)`` is the model's forward.  With
     ``u_split=True``, ``(edge, cloud, top)``: ``top(cloud(edge(**batch)), labels)`` is the model's
@@ -364,6 +524,7 @@ def split_model(model: nn.Module, at: int, mode: str = "layer", rank: Optional[i
                          "first, or split a copy.deepcopy of the original")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    options = _check_init(init, mode, eliminate_links, calibration, tokenizer, calibration_options)
     base, prefix = base_model_of(model)
     adapter = adapter_for(base)
     if u_split and not prefix:
@@ -377,15 +538,22 @@ def split_model(model: nn.Module, at: int, mode: str = "layer", rank: Optional[i
                          "again; evaluate or fine-tune it whole, or split the original model")
     if isinstance(at, bool) or not isinstance(at, int) or not 1 <= at < n:
         raise ValueError(f"at must be an int in [1, {n - 1}] (1 <= at < num_layers={n}), got {at!r}")
-    bottleneck_edge = bottleneck_cloud = None
+    bottleneck_edge = bottleneck_cloud = decoder = None
+    stream = False
     if mode == "bottleneck":
         weight, bias = adapter.factorised_weight(layers[at])
         limit = min(weight.shape)
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= limit:
             raise ValueError(f"rank must be an int in [1, {limit}] (min(d, rows) of the {tuple(weight.shape)} "
                              f"factorised weight), got {rank!r}")
-        e_mods, c_mods = adapter.split_layer(layers[at])
-        e_fac, c_fac = _factors(weight, bias, rank, seed, power_iters)
+        stream = options is not None and adapter.pre_norm
+        e_mods, c_mods = adapter.split_layer_stream(layers[at]) if stream else adapter.split_layer(layers[at])
+        if options is None:
+            e_fac, c_fac = _factors(weight, bias, rank, seed, power_iters)
+        else:  # filled by _calibrate below
+            e_fac = _linear(weight.shape[1], rank, weight)
+            c_fac = None if stream else _linear(rank, weight.shape[0], weight)
+            decoder = _linear(rank, weight.shape[1], weight)
         bottleneck_edge, bottleneck_cloud = (e_mods, e_fac), (c_mods, c_fac)
         cloud_layers = layers[at + 1:]
     else:
@@ -393,18 +561,23 @@ def split_model(model: nn.Module, at: int, mode: str = "layer", rank: Optional[i
             raise ValueError(f"rank applies to mode='bottleneck' only, got rank={rank!r} with mode='layer'")
         cloud_layers = layers[at:]
     edge = EdgeModel(adapter, base.config, adapter.edge_modules(base), layers[:at], bottleneck_edge, eliminate_links,
-                     send_pool_index=bool(prefix))
+                     send_pool_index=bool(prefix), stream=stream)
     top = None
     if u_split:
         top_mods = adapter.top_modules(base)
         cloud_mods = {k: m for k, m in adapter.cloud_modules(base).items() if k not in top_mods}
         cloud = CloudModel(adapter, base.config, cloud_mods, cloud_layers, bottleneck_cloud, eliminate_links,
-                           None, None, u_split=True)
+                           None, None, u_split=True, decoder=decoder, stream=stream)
         top = TopModel(adapter, base.config, top_mods, *_head_of(model, prefix, "top"))
     else:
         head, stub = _head_of(model, prefix, "cloud") if prefix else (None, None)
         cloud = CloudModel(adapter, base.config, adapter.cloud_modules(base), cloud_layers, bottleneck_cloud,
-                           eliminate_links, head, stub)
+                           eliminate_links, head, stub, decoder=decoder, stream=stream)
+    if options is not None:
+        svd = _factors(weight, bias, rank, seed, power_iters) if options.fit == "svd" else None
+        report = _calibrate(edge, cloud, layers[at], calibration, tokenizer, options, rank, seed, svd)
+        edge.calibration = cloud.calibration = report
+        _log.info("%s", report)
     _SPLIT_MODELS.add(model)
     origin = _Origin(model, at, mode, eliminate_links, u_split)
     edge._origin = cloud._origin = origin  # plain attribute: not a submodule, adds no parameters
@@ -433,7 +606,8 @@ def merge(edge: EdgeModel, cloud: CloudModel, top: Optional[TopModel] = None) ->
       it may be split again.
     * Bottleneck split (``eliminate_links`` True or False): that model with layer K replaced
       by a :class:`~.adapters.BottleneckLayer` holding layer K's modules and the two trained
-      factors (and no residual around the FFN when the links were eliminated).  Its forward is
+      factors (and no residual around the FFN when the links were eliminated; a calibrated
+      split's decoder and, pre-LN, its stream form: see the class).  Its forward is
       the usual transformers forward and gives the split pair's outputs; save and load it with
       :func:`~.export.save_split_model` / :func:`~.export.load_split_model`.
 
@@ -453,7 +627,8 @@ def merge(edge: EdgeModel, cloud: CloudModel, top: Optional[TopModel] = None) ->
         base, _ = base_model_of(origin.model)
         layer = edge.adapter.layers(base)[origin.at]
         if not isinstance(layer, BottleneckLayer):  # a second merge of the same pair returns the same model
-            new = edge.adapter.install_bottleneck(layer, edge.factor, cloud.factor, not origin.eliminate_links)
+            new = edge.adapter.install_bottleneck(layer, edge.factor, cloud.factor, not origin.eliminate_links,
+                                                  decoder=cloud.decoder, stream=cloud.stream)
             replace_module(base, layer, new)
     _SPLIT_MODELS.discard(origin.model)
     return origin.model

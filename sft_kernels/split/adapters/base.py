@@ -4,7 +4,9 @@ An adapter wraps the transformers modules of one family (it never re-implements
 them): it says where the embeddings, the layer stack and the final modules live,
 how to rebuild what the base model's ``forward`` builds before the layers (the
 attention mask, rotary position embeddings) from a right-padded 0/1 mask, and,
-for the bottleneck split, how layer K's FFN is cut around its up-projection.
+for the bottleneck split, how layer K's FFN is cut around its up-projection.  Pre-LN
+families (``pre_norm = True``) also say how layer K is cut *before* the FFN's norm, for the
+calibrated bottleneck, which codes the residual stream itself (see :mod:`..calibrate`).
 
 To add a family: subclass :class:`Adapter` in a new file of this package and add
 an instance to ``ADAPTERS`` in ``adapters/__init__.py``.
@@ -29,24 +31,36 @@ class BottleneckLayer(nn.Module):
     """Layer K of a merged bottleneck model: the split's edge and cloud halves of the layer, run in one place.
 
     It replaces the transformers layer in the model's layer stack and is called as that layer
-    was (same arguments, returns the hidden states): ``ffn_output(cloud_factor(edge_factor(x)),
-    residual or None)`` with ``x, residual = ffn_input(hidden)`` -- the very computation of the
-    split pair, so a merged model gives the split pair's outputs.  ``keep_link=False`` drops the
-    residual around the FFN (``eliminate_links=True``).  The dense up-projection is gone.
+    was (same arguments, returns the hidden states), computing exactly what the split pair
+    computes, so a merged model gives the split pair's outputs.  Two forms:
+
+    * the FFN form (``init="svd"``, and ``"calibrated"`` for post-LN families):
+      ``x, residual = ffn_input(hidden)``, ``z = edge_factor(x)``, output
+      ``ffn_output(cloud_factor(z), r)`` with ``r`` the residual (``keep_link=True``), the
+      decoder's rebuild ``decoder(z)`` (calibrated) or None (the link dropped).  The dense
+      up-projection is gone.
+    * the stream form (``stream=True``: ``"calibrated"`` for pre-LN families):
+      ``z = edge_factor(attention_output(hidden))``, output ``stream_output(decoder(z))``
+      (the norm, the full FFN and the residual on the rebuilt stream); ``cloud_factor`` is None.
     """
 
-    def __init__(self, adapter: "Adapter", layer: nn.Module, edge_factor: nn.Linear, cloud_factor: nn.Linear,
-                 keep_link: bool) -> None:
+    def __init__(self, adapter: "Adapter", layer: nn.Module, edge_factor: nn.Linear,
+                 cloud_factor: Optional[nn.Linear], keep_link: bool, decoder: Optional[nn.Linear] = None,
+                 stream: bool = False) -> None:
         super().__init__()
-        self.adapter, self.keep_link = adapter, keep_link
+        if stream and (decoder is None or cloud_factor is not None or keep_link):
+            raise ValueError("the stream form needs a decoder, no cloud factor and no link")
+        if not stream and cloud_factor is None:
+            raise ValueError("the FFN form needs a cloud factor")
+        self.adapter, self.keep_link, self.stream = adapter, keep_link, stream
         self._signature = inspect.signature(layer.forward)
-        edge, cloud = adapter.split_layer(layer)
+        edge, cloud = adapter.split_layer_stream(layer) if stream else adapter.split_layer(layer)
         self.edge, self.cloud = nn.ModuleDict(edge), nn.ModuleDict(cloud)
-        self.edge_factor, self.cloud_factor = edge_factor, cloud_factor
+        self.edge_factor, self.cloud_factor, self.decoder = edge_factor, cloud_factor, decoder
 
     @property
     def rank(self) -> int:
-        """Values per token between the two factors."""
+        """Values per token between the two halves."""
         return self.edge_factor.out_features
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -56,9 +70,14 @@ class BottleneckLayer(nn.Module):
             if param.kind is inspect.Parameter.VAR_KEYWORD:
                 named.update(named.pop(name, {}))
         kw = self.adapter.bottleneck_kwargs(self.edge, named)
+        if self.stream:
+            x = self.adapter.attention_output(self.edge, hidden_states, kw)
+            return self.adapter.stream_output(self.cloud, self.decoder(self.edge_factor(x)))
         x, residual = self.adapter.ffn_input(self.edge, hidden_states, kw)
-        return self.adapter.ffn_output(self.cloud, self.cloud_factor(self.edge_factor(x)),
-                                       residual if self.keep_link else None)
+        z = self.edge_factor(x)
+        if not self.keep_link:
+            residual = self.decoder(z) if self.decoder is not None else None
+        return self.adapter.ffn_output(self.cloud, self.cloud_factor(z), residual)
 
 
 class Adapter:
@@ -76,6 +95,10 @@ class Adapter:
     extra_inputs: tuple[str, ...] = ()
     #: True when the edge sends ``BoundaryOutput.pool_index`` (decoders' classification heads need it).
     sends_pool_index: bool = False
+    #: True for pre-LN families: the FFN reads a norm of the residual stream, and the calibrated
+    #: bottleneck codes the stream itself (:meth:`split_layer_stream`, :meth:`attention_output`,
+    #: :meth:`stream_output`); False for post-LN families, whose FFN input is the residual.
+    pre_norm: bool = False
 
     # ---------------------------------------------------------------- structure
     def layers(self, base: nn.Module) -> nn.ModuleList:
@@ -149,10 +172,15 @@ class Adapter:
         """The ``(rows, d)`` up-projection weight that the bottleneck factorises, and its bias (or None)."""
         raise NotImplementedError
 
-    def install_bottleneck(self, layer: nn.Module, edge_factor: nn.Linear, cloud_factor: nn.Linear,
-                           keep_link: bool) -> BottleneckLayer:
-        """Layer K rebuilt around the factors (sharing ``layer``'s modules), to put in the stack in its place."""
-        return BottleneckLayer(self, layer, edge_factor, cloud_factor, keep_link)
+    def install_bottleneck(self, layer: nn.Module, edge_factor: nn.Linear, cloud_factor: Optional[nn.Linear],
+                           keep_link: bool, decoder: Optional[nn.Linear] = None,
+                           stream: bool = False) -> BottleneckLayer:
+        """Layer K rebuilt around the factors (sharing ``layer``'s modules), to put in the stack in its place.
+
+        ``decoder``: the calibrated bottleneck's rebuild of the residual (FFN form) or of the
+        stream (``stream=True``); see :class:`BottleneckLayer`.
+        """
+        return BottleneckLayer(self, layer, edge_factor, cloud_factor, keep_link, decoder, stream)
 
     def bottleneck_kwargs(self, edge_part: nn.ModuleDict, named: dict[str, Any]) -> LayerKwargs:
         """:meth:`ffn_input`'s ``kwargs`` from the arguments the base model called layer K with (by name)."""
@@ -167,3 +195,21 @@ class Adapter:
                    residual: Optional[torch.Tensor]) -> torch.Tensor:
         """Layer K's output from ``pre = U_r z (+ b1)`` (tokens, rows); ``residual`` None drops the link."""
         raise NotImplementedError
+
+    # ---------------------------------------------------------------- calibrated bottleneck, pre-LN families
+    def ffn_norm(self, layer: nn.Module) -> nn.Module:
+        """Layer K's norm in front of its FFN (pre-LN families only)."""
+        raise NotImplementedError(f"{self.name} is a post-LN family: its FFN input is the residual itself")
+
+    def split_layer_stream(self, layer: nn.Module) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+        """Cut layer K before the FFN's norm: ``(edge: the attention block, cloud: {"norm", "mlp"})``."""
+        raise NotImplementedError(f"{self.name} is a post-LN family: it has no stream form")
+
+    def attention_output(self, edge_part: nn.ModuleDict, hidden: torch.Tensor, kwargs: LayerKwargs) -> torch.Tensor:
+        """Layer K's residual stream after its attention block, ``(batch, seq, d)`` (pre-LN families only)."""
+        raise NotImplementedError(f"{self.name} is a post-LN family: it has no stream form")
+
+    def stream_output(self, cloud_part: nn.ModuleDict, stream: torch.Tensor) -> torch.Tensor:
+        """Layer K's output from its (rebuilt) stream: ``stream + mlp(norm(stream))``; ``cloud_part`` from
+        :meth:`split_layer_stream`."""
+        return stream + cloud_part["mlp"](cloud_part["norm"](stream))

@@ -3,7 +3,9 @@
 DistilBERT reuses its masks in :mod:`.distilbert`.
 
 Bottleneck form (post-LN): edge ``z = Σ_r V_rᵀ h`` with ``h`` the attention output of
-layer K; cloud ``LayerNorm(W2 · act(U_r z + b1) + b2 [+ h])``.
+layer K; cloud ``LayerNorm(W2 · act(U_r z + b1) + b2 [+ h])``.  Calibrated: edge
+``z = A (h − μ)``; cloud ``LayerNorm(W2 · act(B z + b) + b2 + D z + c)`` (the residual rebuilt
+from the code instead of dropped).
 
 Knows transformers' BERT/RoBERTa modules only; no codecs, channels or training.
 """

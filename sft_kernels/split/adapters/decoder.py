@@ -9,6 +9,10 @@ pick the same positions, so the head and its loss run unchanged.  In a U-split t
 cloud picks those rows itself (:meth:`DecoderAdapter.pool_rows`, after the final norm)
 and the top's head sees one-token sequences.
 
+Both families are pre-LN: the calibrated bottleneck cuts layer K before the FFN's norm
+(:meth:`DecoderAdapter.split_layer_stream`): the edge keeps the attention block, the cloud
+the norm and the whole MLP, which run on the stream the cloud rebuilds from the code.
+
 Knows transformers' mask utilities; no codecs, channels or training.
 """
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+from torch import nn
 
 from .base import Adapter
 
@@ -31,6 +36,12 @@ class DecoderAdapter(Adapter):
     """Base for decoder-only families: pooling positions and causal masks."""
 
     sends_pool_index = True
+    pre_norm = True
+
+    def split_layer_stream(self, layer: nn.Module) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+        norm = self.ffn_norm(layer)
+        edge = {k: m for k, m in self.split_layer(layer)[0].items() if m is not norm}
+        return edge, {"norm": norm, "mlp": layer.mlp}
 
     def pool_index(self, config: Any, input_ids: torch.Tensor, lengths: torch.Tensor) -> Optional[torch.Tensor]:
         pad = _pad_id(config)

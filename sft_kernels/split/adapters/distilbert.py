@@ -1,7 +1,8 @@
 """Adapter for DistilBERT: a post-LN BERT-family encoder whose FFN is ``lin1``/``lin2``.
 
 Bottleneck form as for BERT: edge ``z = Σ_r V_rᵀ h`` with ``h = sa_layer_norm(attn + x)``;
-cloud ``output_layer_norm(lin2(act(U_r z + b1)) [+ h])``.  Masks are built as in
+cloud ``output_layer_norm(lin2(act(U_r z + b1)) [+ h])``; calibrated as for BERT (``z = A (h − μ)``,
+the residual rebuilt as ``D z + c``).  Masks are built as in
 :class:`~.bert.BertAdapter`.
 
 Knows transformers' DistilBERT modules; no codecs, channels or training.

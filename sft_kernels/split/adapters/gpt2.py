@@ -2,7 +2,8 @@
 
 Bottleneck form: edge ``z = Σ_r V_rᵀ LN2(x)`` with ``x`` the residual stream after layer
 K's attention; cloud layer output ``W2 · act(U_r z + b1) + b2 [+ x]``.  The factorised
-matrix is ``c_fc.weight.T`` (d_ff × d).
+matrix is ``c_fc.weight.T`` (d_ff × d).  Calibrated (stream form): edge ``z = A (x − μ)``;
+cloud ``x̂ = D z + c``, output ``x̂ + MLP(LN2(x̂))``.
 
 Knows transformers' GPT-2 modules; no codecs, channels or training.
 """
@@ -66,10 +67,16 @@ class GPT2Adapter(DecoderAdapter):
     def bottleneck_kwargs(self, edge_part: nn.ModuleDict, named: dict[str, Any]) -> LayerKwargs:
         return {"attention_mask": named.get("attention_mask"), "position_ids": named.get("position_ids")}
 
+    def ffn_norm(self, layer: nn.Module) -> nn.Module:
+        return layer.ln_2
+
+    def attention_output(self, edge_part: nn.ModuleDict, hidden: torch.Tensor, kwargs: LayerKwargs) -> torch.Tensor:
+        attn, _ = edge_part["attn"](edge_part["ln_1"](hidden), **kwargs)
+        return attn + hidden
+
     def ffn_input(self, edge_part: nn.ModuleDict, hidden: torch.Tensor,
                   kwargs: LayerKwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        attn, _ = edge_part["attn"](edge_part["ln_1"](hidden), **kwargs)
-        x = attn + hidden
+        x = self.attention_output(edge_part, hidden, kwargs)
         return edge_part["ln_2"](x), x
 
     def ffn_output(self, cloud_part: nn.ModuleDict, pre: torch.Tensor,

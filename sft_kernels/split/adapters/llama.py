@@ -6,7 +6,8 @@ mask (sliding-window where the config asks for it: per-layer ``layer_types`` in 
 own ``rotary_emb`` module.
 
 Bottleneck form: factorise the stacked ``[W_gate; W_up]`` (2·d_ff × d); edge
-``z = Σ_r V_rᵀ RMSNorm(x)``; cloud ``W_down(act(U_gate z) ⊙ (U_up z)) [+ x]``.
+``z = Σ_r V_rᵀ RMSNorm(x)``; cloud ``W_down(act(U_gate z) ⊙ (U_up z)) [+ x]``.  Calibrated
+(stream form): edge ``z = A (x − μ)``; cloud ``x̂ = D z + c``, output ``x̂ + MLP(RMSNorm(x̂))``.
 
 Knows transformers' Llama-family modules; no codecs, channels or training.
 """
@@ -91,11 +92,17 @@ class LlamaAdapter(DecoderAdapter):
                 "position_ids": named.get("position_ids"), "position_embeddings": named["position_embeddings"],
                 "config": attn.config}
 
-    def ffn_input(self, edge_part: nn.ModuleDict, hidden: torch.Tensor,
-                  kwargs: LayerKwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    def ffn_norm(self, layer: nn.Module) -> nn.Module:
+        return layer.post_attention_layernorm
+
+    def attention_output(self, edge_part: nn.ModuleDict, hidden: torch.Tensor, kwargs: LayerKwargs) -> torch.Tensor:
         attn = edge_part["self_attn"]
         out, _ = attn(hidden_states=edge_part["input_layernorm"](hidden), **self._call_kwargs(attn.layer_idx, kwargs))
-        x = out + hidden
+        return out + hidden
+
+    def ffn_input(self, edge_part: nn.ModuleDict, hidden: torch.Tensor,
+                  kwargs: LayerKwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.attention_output(edge_part, hidden, kwargs)
         return edge_part["post_attention_layernorm"](x), x
 
     def ffn_output(self, cloud_part: nn.ModuleDict, pre: torch.Tensor,
