@@ -105,6 +105,47 @@ def test_accumulation_over_tcp_equals_simulated(server, data, loss_of):
     assert server.sessions[("edge", run)].finished
 
 
+def _scaler():
+    """A GradScaler whose first step overflows (the scaled loss x 64 passes fp32's range: skipped), then a
+    power-of-two scale (2**10) that does not."""
+    return torch.amp.GradScaler("cpu", init_scale=2.0 ** 127, backoff_factor=2.0 ** -117, growth_interval=1000)
+
+
+def test_grad_scaler_unscales_and_skips_on_both_halves(server, data):
+    got, want, halves = [], [], []
+    for make in (lambda: _remote(server, "amp"), _simulated):
+        model = make()
+        scaler = _scaler()
+        if isinstance(model, RemoteSplit):
+            model.grad_scaler = None  # rebuilt below with the scaler attached
+            model.close()
+            _, base = minilm_classifier(2, seed=0)
+            host, port = server.address
+            model = RemoteSplit(base, f"{host}:{port}", "edge", TOKEN, run_id="amp2", max_length=32, max_batch_size=4,
+                                grad_scaler=scaler, **SPLIT)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        losses = got if isinstance(model, RemoteSplit) else want
+        for step in range(3):
+            for i in range(2):
+                batch = data(2 * step + i)
+                loss = model(**_inputs(batch), labels=batch["labels"]).loss / 2
+                scaler.scale(loss * 64).backward()
+                losses.append(float(loss.detach()))
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+        halves.append(model)
+    remote, sim = halves
+    try:
+        assert got == want
+        session = server.sessions[("edge", "amp2")]
+        assert session.step == int(remote.optimizer_steps) == 2  # the first step overflowed and was skipped
+        assert_same(params(remote.edge), params(sim.edge), tol=0)
+        assert_same(params(session.model), params(sim.cloud), tol=0)
+    finally:
+        remote.close()
+
+
 def test_eval_mode_sends_forward_only(server, data):
     remote = _remote(server, "eval")
     sim = _simulated()

@@ -218,7 +218,7 @@ class CloudSession(CheckpointedPart):
         want_ckpt = bool_flag(meta, "ckpt", False)
         applied = step == self.step
         out = self.worker.optimizer_step(step, tensors, meta)
-        if applied:  # remembered (and checkpointed) so that an edge which lost the reply can resume and re-send it
+        if applied and self.step == step + 1:  # not a step the edge's GradScaler skipped  # remembered (and checkpointed) so that an edge which lost the reply can resume and re-send it
             self.last_reply = {"step": step, "kind": STEP, "tensors": {}, "meta": out}
             self._after_step(want_ckpt)
         return out

@@ -12,6 +12,9 @@ output type, the same step (:mod:`sft_kernels.step`), over a :class:`~.link.TcpL
 
 What behaves as ``SimulatedSplit`` does, and what it costs:
 
+* **AMP's GradScaler.**  Its scale reaches the cloud's backward like any loss scaling; pass
+  ``grad_scaler=`` and the cloud unscales by the same factor before stepping and skips the steps the
+  scaler skips.
 * **Any loss.**  In train mode the outputs (loss and logits; in the U-split the edge's top computes
   them) are autograd tensors: their backward sends ``BACKWARD`` with whatever gradient autograd
   computed -- a loss divided for gradient accumulation (yours or ``Trainer``'s), a GradScaler's
@@ -136,6 +139,9 @@ class RemoteSplit(CountsTraffic, nn.Module):
             same names resumes it.
         max_length, max_batch_size: the largest batch this edge will send (the server checks them).
         max_grad_norm: the cloud clips its own gradients to this norm at each step (None: no clipping).
+        grad_scaler: the ``torch.amp.GradScaler`` of your loop, if any: the cloud unscales its gradients by
+            the same factor before stepping, and drops them when the scaler skips a step (its ``update`` is
+            wrapped to tell the cloud).
         retries, timeout: the link's retry bound and socket timeout (see :class:`~.link.TcpLink`).
     """
 
@@ -150,7 +156,7 @@ class RemoteSplit(CountsTraffic, nn.Module):
                  max_length: int = 128, max_batch_size: int = 32, max_grad_norm: Optional[float] = None,
                  tls_ca: Union[str, Path, None] = None, tls_cert: Union[str, Path, None] = None,
                  tls_key: Union[str, Path, None] = None, server_hostname: Optional[str] = None,
-                 retries: int = 8, timeout: float = 120.0) -> None:
+                 grad_scaler: Optional[torch.amp.GradScaler] = None, retries: int = 8, timeout: float = 120.0) -> None:
         super().__init__()
         host, port = _host_port(connect)
         secret = _read_token(token, token_file)
@@ -168,7 +174,8 @@ class RemoteSplit(CountsTraffic, nn.Module):
         self.top = parts[2] if u_split else None
         cloud = parts[1]
         self._hashes = {"edge": edge_hash(self.edge, self.top), "cloud": state_hash(cloud)}
-        self._cloud_ids = {id(p) for p in cloud.parameters()}
+        # weak: ids of freed tensors are reused, and only a live optimizer can hold these
+        self._cloud_refs = {id(p): weakref.ref(p) for p in cloud.parameters()}
         del cloud, parts
         self._own_ids = {id(p) for p in self.parameters()}
         self.max_grad_norm = max_grad_norm
@@ -186,6 +193,16 @@ class RemoteSplit(CountsTraffic, nn.Module):
         self.client = EdgeClient(self.edge, self.link, fwd, bwd, seed, top=self.top,
                                  pooled=pooled_codecs(fwd, bwd, pooled_codec, pooled_grad_codec))
         self.client.on_backward = self._count_backward
+        self.grad_scaler = grad_scaler
+        if grad_scaler is not None:
+            update = grad_scaler.update
+
+            def update_and_tell_cloud(*args: Any, **kwargs: Any) -> None:
+                if self._backwards:  # backpropagated micro-batches no optimizer step consumed: a skipped step
+                    self._skip_step()
+                update(*args, **kwargs)
+
+            grad_scaler.update = update_and_tell_cloud
         self.link.open()  # connect now: a wrong address, token, model or split surfaces here
         _install_hooks()
         _LIVE.add(self)
@@ -226,7 +243,8 @@ class RemoteSplit(CountsTraffic, nn.Module):
 
     # ---------------------------------------------------------------- optimizer
     def _check_optimizer(self, opt: torch.optim.Optimizer, ids: set[int]) -> None:
-        foreign = ids & self._cloud_ids
+        foreign = [p for g in opt.param_groups for p in g["params"]
+                   if (ref := self._cloud_refs.get(id(p))) is not None and ref() is p]
         if foreign:
             raise ValueError(f"RemoteSplit: this optimizer holds {len(foreign)} parameter(s) of the cloud part, which "
                              f"trains on the server; build it over remote_split.parameters() (the edge's only)")
@@ -241,8 +259,15 @@ class RemoteSplit(CountsTraffic, nn.Module):
         meta: dict[str, Any] = {"hp": hp, "n": self._backwards}
         if self.max_grad_norm is not None:
             meta["clip"] = float(self.max_grad_norm)
+        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            meta["unscale"] = 1.0 / float(self.grad_scaler.get_scale())
         self.link.request(STEP, {}, meta, int(self.optimizer_steps))
         self.optimizer_steps += 1
+        self._backwards = self._forwards = 0
+
+    def _skip_step(self) -> None:
+        """The GradScaler skipped the edge's step: the cloud drops its accumulated gradients too."""
+        self.link.request(STEP, {}, {"skip": True, "hp": {}}, int(self.optimizer_steps))
         self._backwards = self._forwards = 0
 
     # ---------------------------------------------------------------- checkpoints

@@ -300,16 +300,25 @@ class CloudWorker:
                   ) if k == "betas" else (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 10)
             if not ok:
                 raise StepRefused(f"STEP hyper-parameter {k} out of range: {v!r}")
-        n, clip = meta.get("n"), meta.get("clip")
+        if bool_flag(meta, "skip", False):  # the edge's GradScaler skipped this step (inf/NaN): so does the cloud
+            self.discard_accumulation()
+            return {}, {"step": self.step}
+        n, clip, unscale = meta.get("n"), meta.get("clip"), meta.get("unscale")
         if n is not None and n != self.accumulated:
             raise StepRefused(f"STEP {seq}: the edge backpropagated {n} micro-batch(es) since its last step, the cloud "
                               f"holds the gradients of {self.accumulated} (it restarted in the middle of this step?); "
                               f"not stepping on a partial gradient: resume from the last checkpoint")
-        if clip is not None and not (isinstance(clip, (int, float)) and 0 < clip < float("inf")):
-            raise StepRefused(f"STEP meta 'clip' must be a positive finite number, got {clip!r}")
+        for name, v in (("clip", clip), ("unscale", unscale)):
+            if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf")):
+                raise StepRefused(f"STEP meta '{name}' must be a positive finite number, got {v!r}")
         for group in self.opt.param_groups:
             group.update({k: tuple(v) if k == "betas" else float(v) for k, v in hp.items()})
         try:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            if unscale is not None:  # the edge's GradScaler scaled the loss: unscale as it unscales the edge's
+                inv = torch.tensor(unscale, dtype=torch.float32)
+                for g in grads:
+                    g.mul_(inv.to(g.device))
             if clip is not None:
                 torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], clip)
             self.opt.step()

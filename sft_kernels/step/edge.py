@@ -61,7 +61,7 @@ class _Remote(torch.autograd.Function):
         names, outs = client._outputs(index, reply)
         ctx.client, ctx.index, ctx.names = client, index, names
         ctx.step = client.last_step
-        ctx.shapes = [(hidden.shape, hidden.dtype), None if residual is None else (residual.shape, residual.dtype)]
+        ctx.shapes = [(t.shape, t.dtype, t.device) if t is not None else None for t in (hidden, residual)]
         box.append(names)
         return tuple(outs)
 
@@ -129,7 +129,7 @@ class EdgeClient:
             if spec is None:
                 out.append(None)
                 continue
-            shape, dtype = spec
+            shape, dtype = spec[:2]
             p = packet_from_wire(reply.tensors, reply.meta.get(prefix), "g." + prefix, self.bwd, shape.numel())
             g = decode_packet(self.bwd, p, f"step {index}: received gradient '{prefix}'")
             if g.shape != shape:
@@ -159,6 +159,13 @@ class EdgeClient:
 
     def _backward(self, index: int, given: list, shapes: list, step: StepBytes
                   ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if not all(bool(torch.isfinite(g).all()) for _, g in given):
+            # an overflowed loss scale (AMP's GradScaler): nothing non-finite crosses the link; the edge's
+            # gradients become NaN so its scaler skips the step (and tells the cloud to drop this one)
+            if self.on_backward is not None:
+                self.on_backward()
+            return tuple(None if spec is None else torch.full(spec[0], float("nan"), dtype=spec[1], device=spec[2])
+                         for spec in shapes)
         tensors: dict[str, torch.Tensor] = {}
         meta: dict[str, Any] = {"g": [n for n, _ in given]}
         for name, g in given:
