@@ -83,10 +83,7 @@ def bench_quantize(x: torch.Tensor, bits: int, sr: bool, repeat: int) -> dict:
     ], repeat)
     io = x.nbytes + nbytes(codes, scales)
     return {
-        "op": f"quantize int{bits}{',sr' if sr else ''}",
-        "dtype": str(x.dtype).replace("torch.", ""),
-        "shape": "x".join(map(str, x.shape)),
-        "MB": round(x.nbytes / 2**20, 1),
+        **_quantize_row_head(x, bits, sr),
         "clone_ms": clone_ms,
         "copy_ms": copy_ms,
         "quant_ms": q_ms,
@@ -98,6 +95,12 @@ def bench_quantize(x: torch.Tensor, bits: int, sr: bool, repeat: int) -> dict:
         "dq x base": cd_ms / d_ms,
         "err": rel_err(ops.dequantize(codes, scales, bits, block, cols, x.dtype), x),
     }
+
+
+def _quantize_row_head(x: torch.Tensor, bits: int, sr: bool) -> dict:
+    """The columns that name a quantize row: op, dtype, shape, size."""
+    return {"op": f"quantize int{bits}{',sr' if sr else ''}", "dtype": str(x.dtype).replace("torch.", ""),
+            "shape": "x".join(map(str, x.shape)), "MB": round(x.nbytes / 2**20, 1)}
 
 
 def bench_quantize_cuda(x: torch.Tensor, bits: int, sr: bool, repeat: int) -> dict:
@@ -115,10 +118,7 @@ def bench_quantize_cuda(x: torch.Tensor, bits: int, sr: bool, repeat: int) -> di
     io = x.nbytes + nbytes(codes, scales)
     clone_bw = 2 * x.nbytes / clone_ms
     return {
-        "op": f"quantize int{bits}{',sr' if sr else ''}",
-        "dtype": str(x.dtype).replace("torch.", ""),
-        "shape": "x".join(map(str, x.shape)),
-        "MB": round(x.nbytes / 2**20, 1),
+        **_quantize_row_head(x, bits, sr),
         "clone_ms": clone_ms,
         "quant_ms": q_ms,
         "bw/clone": (io / q_ms) / clone_bw,

@@ -31,6 +31,7 @@ import torch
 
 from ..channel import Limits, LinkLimiter, TLSConfig
 from ..step import CloudWorker, EdgeClient, InProcessLink
+from ..step.cloud import step_hyperparameters
 from ..step.messages import FINISH, STEP, payload_nbytes
 from .checkpoint import CheckpointedPart, CheckpointStore
 from .config import RunConfig
@@ -259,7 +260,7 @@ class EdgeTrainer(CheckpointedPart):
                 out = self.client.forward(step, self._inputs(batch), batch["labels"], self.cfg.num_labels)
                 self._mid_step = True  # from here the cloud holds a part of this step
                 out.loss.backward()
-                self.link.request(STEP, {}, {"hp": self._hyperparameters(), "n": 1, "ckpt": ckpt}, step)
+                self.link.request(STEP, {}, {"hp": step_hyperparameters(self.opt.param_groups[0]), "n": 1, "ckpt": ckpt}, step)
             except CloudError as exc:
                 if attempt or getattr(self.link, "reconnects", 0) == reconnects:
                     raise
@@ -274,11 +275,6 @@ class EdgeTrainer(CheckpointedPart):
         wire1 = self.wire_bytes()
         return (float(out.loss.detach()), self.link.traffic.up - up0, self.link.traffic.down - down0,
                 wire1[0] - wire0[0], wire1[1] - wire0[1])
-
-    def _hyperparameters(self) -> dict[str, Any]:
-        """The edge optimizer's current hyper-parameters, for the cloud's (``STEP``)."""
-        g = self.opt.param_groups[0]
-        return {"lr": g["lr"], "weight_decay": g["weight_decay"], "betas": list(g["betas"]), "eps": g["eps"]}
 
     def _checkpoint_due(self, step: int) -> bool:
         return step % self.every == 0 or step == self.cfg.total_steps

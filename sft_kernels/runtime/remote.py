@@ -63,6 +63,7 @@ from ..channel import TLSConfig
 from ..codecs import from_spec
 from ..split import split_model
 from ..step import EdgeClient
+from ..step.cloud import step_hyperparameters
 from ..step.edge import pooled_codecs
 from ..step.link import CountsTraffic
 from ..step.messages import FINISH, STEP
@@ -254,9 +255,7 @@ class RemoteSplit(CountsTraffic, nn.Module):
 
     def _optimizer_stepped(self, opt: torch.optim.Optimizer, ids: set[int]) -> None:
         group = next(g for g in opt.param_groups if any(id(p) in self._own_ids for p in g["params"]))
-        hp = {"lr": float(group["lr"]), "weight_decay": float(group["weight_decay"]),
-              "betas": [float(b) for b in group["betas"]], "eps": float(group["eps"])}
-        meta: dict[str, Any] = {"hp": hp, "n": self._backwards}
+        meta: dict[str, Any] = {"hp": step_hyperparameters(group), "n": self._backwards}
         if self.max_grad_norm is not None:
             meta["clip"] = float(self.max_grad_norm)
         if self.grad_scaler is not None and self.grad_scaler.is_enabled():

@@ -36,7 +36,7 @@ from ..split import BoundaryOutput, codec_seed, part_rng
 from .messages import (BACKWARD, EVAL, FORWARD, POOLED_SEED_OFFSET, STEP, TRAIN, StepRefused, boundary_from_wire,
                        check_finite, decode_packet, packet_from_wire, packet_to_wire)
 
-__all__ = ["CloudWorker", "dispatch", "bool_flag", "OPTIMIZER_HYPERPARAMETERS", "MAX_PENDING"]
+__all__ = ["CloudWorker", "dispatch", "bool_flag", "step_hyperparameters", "OPTIMIZER_HYPERPARAMETERS", "MAX_PENDING"]
 
 #: Forwards whose graph the cloud keeps at once, waiting for their backward (bounds its memory); a
 #: forward beyond it drops the oldest graph (whose backward is then refused).
@@ -44,6 +44,12 @@ MAX_PENDING = 16
 #: The edge optimizer's hyper-parameters a ``STEP`` may carry (the cloud trains with AdamW).
 OPTIMIZER_HYPERPARAMETERS = ("lr", "weight_decay", "betas", "eps")
 _LIMIT = 1 << 40
+
+
+def step_hyperparameters(group: Mapping[str, Any]) -> dict[str, Any]:
+    """What ``STEP`` carries of an edge optimizer's parameter group (:data:`OPTIMIZER_HYPERPARAMETERS`), as JSON."""
+    return {"lr": float(group["lr"]), "weight_decay": float(group["weight_decay"]),
+            "betas": [float(b) for b in group["betas"]], "eps": float(group["eps"])}
 
 
 Handler = Callable[[int, Mapping[str, torch.Tensor], Any], tuple[dict, dict]]

@@ -50,6 +50,11 @@ class StepBytes:
     labels: int = 0
 
 
+def _grad_specs(hidden: torch.Tensor, residual: Optional[torch.Tensor]) -> list:
+    """``(shape, dtype, device)`` of each boundary tensor (None for no residual): what its gradient must be."""
+    return [(t.shape, t.dtype, t.device) if t is not None else None for t in (hidden, residual)]
+
+
 class _Remote(torch.autograd.Function):
     """The cloud's part of the graph: forward sends ``FORWARD``, backward sends ``BACKWARD``."""
 
@@ -61,7 +66,7 @@ class _Remote(torch.autograd.Function):
         names, outs = client._outputs(index, reply)
         ctx.client, ctx.index, ctx.names = client, index, names
         ctx.step = client.last_step
-        ctx.shapes = [(t.shape, t.dtype, t.device) if t is not None else None for t in (hidden, residual)]
+        ctx.shapes = _grad_specs(hidden, residual)
         box.append(names)
         return tuple(outs)
 
@@ -119,8 +124,8 @@ class EdgeClient:
         reply = self.link.request(kind, tensors, meta, seq)
         up, down = payload_nbytes(tensors), payload_nbytes(reply.tensors)
         if kind in (FORWARD, EVAL, TRAIN):
-            self.last_step = StepBytes(up, down, 0, payload_nbytes({k: v for k, v in tensors.items()
-                                                                  if k == "labels"}))
+            labels = tensors.get("labels")
+            self.last_step = StepBytes(up, down, 0, 0 if labels is None else labels.numel() * labels.element_size())
         return reply
 
     def _decode_grads(self, index: int, reply: Reply, shapes: list) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -230,8 +235,7 @@ class EdgeClient:
         reply = self._exchange(TRAIN, tensors, meta, index)
         if reply.meta.get("loss") is None:
             raise StepRefused(f"step {index}: the reply carries no loss")
-        shapes = [(b.hidden.shape, b.hidden.dtype), None if b.residual is None else (b.residual.shape, b.residual.dtype)]
-        gh, gr = self._decode_grads(index, reply, shapes)
+        gh, gr = self._decode_grads(index, reply, _grad_specs(b.hidden, b.residual))
         outs, grads = [b.hidden], [gh]
         if gr is not None:
             outs.append(b.residual)
