@@ -21,7 +21,7 @@ from sft_kernels.channel import Listener, RemoteError
 from sft_kernels.data import load_task
 from sft_kernels.runtime import CloudError, CloudServer, EdgeTrainer, LocalCloud, SessionLimits, StepBatches
 from sft_kernels.runtime.config import state_hash
-from sft_kernels.step.messages import OPEN, REPLY, TRAIN, StepRefused, boundary_to_wire, packet_to_wire
+from sft_kernels.step.messages import OPEN, REPLY, TRAIN, StepRefused, boundary_to_wire, label_dtype, packet_to_wire
 from sft_kernels.runtime.parts import build_parts
 
 from runtime_helpers import STEPS, TOKEN, ReplyDroppingProxy, assert_same as _assert_same, make_trainer as _trainer, params as _params
@@ -100,7 +100,7 @@ def _raw_train_frame(cfg, ds, step=0, poison=None):
     from sft_kernels import from_spec
 
     tensors, meta, _ = boundary_to_wire(b, from_spec(cfg.fwd_codec), 0)
-    tensors["labels"] = batch["labels"]
+    tensors["labels"] = batch["labels"].to(label_dtype(cfg.num_labels))
     return tensors, {"b": meta}
 
 
@@ -128,6 +128,11 @@ def test_malformed_step_refused_server_keeps_serving(server, train_ds):
     tensors, meta = _raw_train_frame(cfg, train_ds)
     cases = [
         ({k: v for k, v in tensors.items() if k != "labels"}, meta, "labels must be"),
+        (dict(tensors, labels=torch.full_like(tensors["labels"], 5)), meta,
+         r"labels must be in 0\.\.1 \(the head's 2 classes\), got values \[5\]"),
+        (dict(tensors, labels=tensors["labels"].long()), meta, r"labels must be torch\.int8"),
+        (dict(tensors, lengths=tensors["lengths"].long()), meta, "lengths must be int16 or int32"),
+        (dict(tensors, seq_len=tensors["seq_len"].int()), meta, "seq_len must be one value of the lengths' dtype"),
         (dict(tensors, lengths=tensors["lengths"] * 100), meta, "every length must be"),
         (tensors, {"b": {"h": [9, *meta["b"]["h"][1:]]}}, "mode must be in 0..4"),
         (tensors, {"b": {"h": meta["b"]["h"][:3] + [3, 3]}}, r"packet 'h' shape \(3, 3\) must be"),

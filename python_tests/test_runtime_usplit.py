@@ -126,7 +126,7 @@ def test_in_process_tcp_and_simulated_are_bit_identical(ds, kw):
         n, tokens = batch["labels"].shape[0], int(batch["attention_mask"].sum())
         (_, _, f_up, f_meta, f_rep), (_, _, b_up, _, b_rep), (_, _, st_up, _, st_rep) = log[3 * step:3 * step + 3]
         assert "labels" not in f_up and "labels" not in b_up and not st_up and not st_rep.tensors
-        aux = 4 * n + 4  # int32 lengths and the padded length; MiniLM pools [CLS]: no pool_index
+        aux = 2 * n + 2  # int16 lengths and the padded length; MiniLM pools [CLS]: no pool_index
         down_codec, up_codec = cfg.pooled_codec or cfg.fwd_codec, cfg.pooled_grad_codec or cfg.bwd_codec
         boundary, pooled = _encoded(cfg.fwd_codec, (tokens, width)), _encoded(down_codec, (n, 384))
         pooled_grad, boundary_grad = _encoded(up_codec, (n, 384)), _encoded(cfg.bwd_codec, (tokens, width))

@@ -134,7 +134,7 @@ def test_boundary_output_round_trips_through_tensors():
     d = b.to_tensors()
     assert set(d) == {"hidden", "lengths", "seq_len"}
     assert d["lengths"].tolist() == [7, 4, 9] and d["seq_len"].tolist() == [9]
-    assert b.aux_nbytes == 4 * 3 + 4
+    assert b.aux_nbytes == 2 * 3 + 2  # int16 lengths and padded length
     b2 = BoundaryOutput.from_tensors({k: v.clone() for k, v in d.items()})
     torch.testing.assert_close(cloud(b2).logits, cloud(b).logits, atol=0, rtol=0)
     with pytest.raises(KeyError, match="missing keys \\['lengths'\\]"):
@@ -342,7 +342,7 @@ def test_decoder_pool_index_and_padding_errors():
     b = edge(**batch)
     assert b.pool_index.tolist() == [6, 3, 8] and b.pool_index.dtype == torch.int32
     assert set(b.to_tensors()) == {"hidden", "lengths", "seq_len", "pool_index"}
-    assert b.aux_nbytes == 4 * 3 + 4 + 4 * 3
+    assert b.aux_nbytes == 2 * 3 + 2 + 2 * 3  # int16 lengths, padded length, pooling positions
     with pytest.raises(ValueError, match="boundary pool_index: expected shape \\(3,\\)"):
         cloud(BoundaryOutput(b.hidden, b.lengths, b.seq_len))
     bad = dict(batch, input_ids=batch["input_ids"] + 5 * (1 - batch["attention_mask"]))  # pads are not pad_token_id
@@ -592,20 +592,20 @@ def test_simulated_split_counts_codec_bytes(minilm_classifier, minilm_batch, mod
     b = sim.edge(**minilm_batch)
     crossing = [t for t in (b.hidden, b.residual) if t is not None]
     fwd = sum(sft_kernels.from_spec("int8").encode(t).nbytes for t in crossing)
-    assert sim.last_step.aux == sim.aux_bytes == b.aux_nbytes == 4 * 4 + 4
-    assert sim.last_step.labels == 4 * 8
-    assert sim.bytes_sent == sim.last_step.sent == fwd + b.aux_nbytes + 4 * 8
+    assert sim.last_step.aux == sim.aux_bytes == b.aux_nbytes == 2 * 4 + 2  # int16
+    assert sim.last_step.labels == 4 * 1  # int8 class ids
+    assert sim.bytes_sent == sim.last_step.sent == fwd + b.aux_nbytes + 4 * 1
     outputs = 4 + 4 * 2 * 4  # the loss and the logits come back raw fp32 (general path)
     assert sim.bytes_received == sim.last_step.received == outputs
     out.loss.backward()
     bwd = sum(sft_kernels.from_spec("int8,sr").encode(torch.randn_like(t)).nbytes for t in crossing)
-    assert sim.bytes_sent == sim.last_step.sent == fwd + b.aux_nbytes + 4 * 8 + 4  # + the loss's gradient
+    assert sim.bytes_sent == sim.last_step.sent == fwd + b.aux_nbytes + 4 * 1 + 4  # + the loss's gradient
     assert sim.bytes_received == sim.last_step.received == outputs + bwd
     n = int(minilm_batch["attention_mask"].sum())
     if mode == "layer":  # int8 with a fp32 scale per 64 values: 384 + 24 bytes per token instead of 1536
         assert fwd == n * (384 + 6 * 4)
     sim(**minilm_batch, labels=labels).loss.backward()
-    assert sim.bytes_sent == 2 * (fwd + b.aux_nbytes + 4 * 8 + 4) and sim.bytes_received == 2 * (outputs + bwd)
+    assert sim.bytes_sent == 2 * (fwd + b.aux_nbytes + 4 * 1 + 4) and sim.bytes_received == 2 * (outputs + bwd)
 
 
 def _example(name: str):

@@ -24,7 +24,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .config import state_hash
+from .config import fit_hash, fit_state, state_hash
 
 __all__ = ["CheckpointStore", "CheckpointedPart"]
 
@@ -115,7 +115,7 @@ class CheckpointedPart:
 
     The class sets ``model``, ``opt``, ``sched``, ``cfg`` (a ``RunConfig``), ``step``, ``store``
     (a :class:`CheckpointStore` or None) and ``init_hashes`` (the state hashes of both initial parts,
-    which the session handshake compares), and may add to a checkpoint through :meth:`_extra_state` /
+    and of a calibrated run's decoders, which the session handshake compares), and may add to a checkpoint through :meth:`_extra_state` /
     :meth:`_load_extra`.  Every checkpoint carries the ``init_hashes`` of the run it descends from,
     and restoring one adopts them: the handshake then checks what will actually train.
     """
@@ -168,10 +168,11 @@ class CheckpointedPart:
         self.opt.load_state_dict(st["optimizer"])
         self.sched.load_state_dict(st["scheduler"])
         hashes = st.get("init_hashes")
-        if not isinstance(hashes, dict) or set(hashes) != {"edge", "cloud"}:
+        if not isinstance(hashes, dict) or not {"edge", "cloud"} <= set(hashes) <= {"edge", "cloud", "fit"}:
             raise ValueError(f"checkpoint {self.store.path(step)} does not record the initial parameter hashes "
                              "(written by an older version?)")
-        if int(st["step"]) == 0 and state_hash(self.model) != hashes[self.part]:
+        if int(st["step"]) == 0 and (state_hash(self.model) != hashes[self.part] or (
+                self.part == "cloud" and "fit" in hashes and fit_hash(fit_state(self.model)) != hashes["fit"])):
             raise ValueError(f"checkpoint {self.store.path(step)} claims to hold the initial {self.part} part, "
                              "but its parameters do not hash to the recorded initial hash")
         self.init_hashes = dict(hashes)

@@ -43,9 +43,10 @@ import torch
 from ..channel import Connection, Limits, LinkLimiter, Listener, TLSConfig
 from ..step import CloudWorker
 from ..step.cloud import bool_flag, dispatch
-from ..step.messages import BACKWARD, EVAL, FINISH, FORWARD, KIND_NAMES, OPEN, REPLY, STEP, TRAIN, StepRefused
+from ..step.messages import (BACKWARD, EVAL, FINISH, FORWARD, KIND_NAMES, OPEN, REPLY, STEP, TRAIN, StepRefused,
+                             check_finite)
 from .checkpoint import CheckpointedPart, CheckpointStore
-from .config import SPLIT_FIELDS, RunConfig
+from .config import SPLIT_FIELDS, RunConfig, fit_hash, fit_names
 from .parts import build_parts, make_optimizer, make_scheduler
 
 __all__ = ["CloudServer", "CloudSession", "SessionLimits"]
@@ -139,6 +140,37 @@ class CloudSession(CheckpointedPart):
         """The handshake passed: make sure a checkpoint of the starting point exists."""
         if self.store is not None and self.store.latest() is None:
             self.save()
+
+    def adopt_fit(self, tensors: Mapping[str, torch.Tensor], declared: Optional[str]) -> None:
+        """Check the calibrated decoders an ``OPEN`` carries (``fit.*``) and load them into a new session.
+
+        Refused (:class:`StepRefused`, nothing loaded): tensors for an ``init="svd"`` run, other names
+        than this model's fit, another dtype or shape than this server's own parameters, non-finite
+        values, or tensors that do not hash to the declared ``fit`` hash.  A session that already has
+        its fit (open before, or restored from a checkpoint) keeps it: the hashes are compared next.
+        """
+        names = sorted(fit_names(self.model))
+        if not names:
+            if tensors:
+                raise StepRefused(f"OPEN carries tensors {sorted(tensors)[:8]}, but only an init='calibrated' run "
+                                  f"sends any (its decoders)")
+            return
+        want = [f"fit.{n}" for n in names]
+        if sorted(tensors) != want:
+            raise StepRefused(f"OPEN must carry the calibrated decoders {want}, got {sorted(tensors)[:8]}")
+        own = self.model.state_dict()
+        got = {n: tensors[f"fit.{n}"] for n in names}
+        for n, t in got.items():
+            if t.dtype != own[n].dtype or t.shape != own[n].shape:
+                raise StepRefused(f"OPEN: decoder 'fit.{n}' is {t.dtype} {tuple(t.shape)}; this server's model needs "
+                                  f"{own[n].dtype} {tuple(own[n].shape)}")
+            check_finite(t, f"decoder 'fit.{n}'")
+        if fit_hash(got) != declared:
+            raise StepRefused("OPEN: the decoders sent do not hash to the declared 'fit' hash")
+        if "fit" not in self.init_hashes:
+            with torch.no_grad():
+                self.model.load_state_dict(got, strict=False)
+            self.init_hashes["fit"] = declared
 
     def frame_limit(self) -> int:
         """The largest frame this session can need: a request at the server's token cap, in any codec."""
@@ -246,9 +278,10 @@ def _check_open_meta(meta: Any) -> tuple[RunConfig, dict, int, list[int]]:
                           "'fresh')")
     cfg = RunConfig.from_dict(meta["config"])
     hashes = meta["hashes"]
-    if (not isinstance(hashes, dict) or set(hashes) != {"edge", "cloud"}
+    want = {"edge", "cloud"} | ({"fit"} if cfg.init == "calibrated" else set())
+    if (not isinstance(hashes, dict) or set(hashes) != want
             or not all(isinstance(v, str) and len(v) == 64 for v in hashes.values())):
-        raise StepRefused("OPEN 'hashes' must be {'edge': sha256 hex, 'cloud': sha256 hex}")
+        raise StepRefused(f"OPEN 'hashes' must map exactly {sorted(want)} to sha256 hex digests (init={cfg.init!r})")
     step = meta["step"]
     if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= cfg.total_steps:
         raise StepRefused(f"OPEN step must be an int in 0..{cfg.total_steps}, got {step!r}")
@@ -370,7 +403,7 @@ class CloudServer:
             raise StepRefused(f"server full ({lim.max_sessions} sessions in use); retry after {after:.0f} s",
                               retryable=True, retry_after=after)
 
-    def _open(self, conn: Connection, meta: Any) -> tuple[CloudSession, dict]:
+    def _open(self, conn: Connection, meta: Any, tensors: Mapping[str, torch.Tensor]) -> tuple[CloudSession, dict]:
         client_id = conn.client_id
         cfg, hashes, step, ckpts = _check_open_meta(meta)
         if self.split is not None:
@@ -393,6 +426,7 @@ class CloudServer:
             try:
                 # built outside the server lock: other sessions keep stepping meanwhile
                 s = CloudSession(client_id, cfg, self.model_dir, self.checkpoint_dir, self.session_limits)
+                s.adopt_fit(tensors, hashes.get("fit"))
                 self._check_hashes(s, hashes)
                 with s.lock:
                     s.accept()
@@ -405,9 +439,10 @@ class CloudServer:
                 s = self.sessions.setdefault(key, s)  # a concurrent OPEN of the same run may have won
                 s.active += 1
         try:
-            self._check_hashes(s, hashes)
             fresh = bool_flag(meta, "fresh", False)
             with s.lock:
+                s.adopt_fit(tensors, hashes.get("fit"))
+                self._check_hashes(s, hashes)
                 resume = s.resume_point(step, ckpts, fresh)
                 if fresh:  # the edge starts this step afresh: drop what an earlier
                     s.worker.discard_accumulation()   # process of it left half-accumulated
@@ -457,7 +492,7 @@ class CloudServer:
                     if frame.kind == OPEN:
                         old, session = session, None
                         self._detach(old)
-                        session, meta = self._open(conn, frame.meta)
+                        session, meta = self._open(conn, frame.meta, frame.tensors)
                         tensors = {}
                     else:
                         tensors, meta = self._step(session, frame)

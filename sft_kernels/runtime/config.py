@@ -11,18 +11,20 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 
 from ..codecs import Codec, from_spec
 from ..step.edge import pooled_codecs
 
-__all__ = ["RunConfig", "SPLIT_FIELDS", "state_hash"]
+__all__ = ["RunConfig", "SPLIT_FIELDS", "INITS", "state_hash", "fit_state", "fit_hash", "fit_names"]
 
 #: Fields a server pins with its own flags; a session asking for other values is refused.
-SPLIT_FIELDS = ("at", "mode", "rank", "eliminate_links", "u_split", "fwd_codec", "bwd_codec", "pooled_codec",
+SPLIT_FIELDS = ("at", "mode", "rank", "eliminate_links", "u_split", "init", "fwd_codec", "bwd_codec", "pooled_codec",
                 "pooled_grad_codec")
+#: How the bottleneck's code starts (``split_model``'s ``init``).
+INITS = ("svd", "calibrated")
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _MODES = ("layer", "bottleneck")
@@ -39,8 +41,12 @@ class RunConfig:
         task: data task name (``"synthetic"`` or a GLUE task), for the record.
         num_labels: classifier outputs (1 = regression).
         at: split after this many encoder layers.
-        mode / rank / eliminate_links / u_split: as in :func:`sft_kernels.split_model` (``u_split``: the
-            head and the loss stay on the edge; no label crosses).
+        mode / rank / eliminate_links / u_split / init: as in :func:`sft_kernels.split_model` (``u_split``:
+            the head and the loss stay on the edge; no label crosses; ``init="calibrated"``: the edge fits
+            the code on ``calibration_size`` of its training examples, unlabelled, and sends the cloud's
+            decoders in the session handshake).
+        calibration_size: ``init="calibrated"``: training examples the edge fits the code on (the first
+            ones of the run's data order; their labels are not used).
         fwd_codec / bwd_codec: codec specs of the activations (edge -> cloud) and gradients (back).
         pooled_codec / pooled_grad_codec: the U-split's codecs of the pooled rows (cloud -> edge) and of
             their gradient (back up); None: ``fwd_codec`` / ``bwd_codec``.
@@ -58,6 +64,8 @@ class RunConfig:
     rank: Optional[int] = 4
     eliminate_links: bool = True
     u_split: bool = False
+    init: str = "svd"
+    calibration_size: int = 512
     fwd_codec: str = "int8"
     bwd_codec: str = "int8,sr"
     pooled_codec: Optional[str] = None
@@ -84,6 +92,9 @@ class RunConfig:
             ("mode", self.mode in _MODES, f"one of {_MODES}"),
             ("rank", (self.rank is None) == (self.mode == "layer") and (self.rank is None or self.rank >= 1),
              ">= 1 for mode 'bottleneck', None for mode 'layer'"),
+            ("init", self.init in INITS and (self.init == "svd" or (self.mode == "bottleneck" and self.eliminate_links)),
+             f"one of {INITS} ('calibrated' needs mode 'bottleneck' with eliminate_links=True)"),
+            ("calibration_size", 1 <= self.calibration_size <= 10**6, "1 .. 1e6"),
             ("seed", 0 <= self.seed < 2**31, "0 .. 2**31-1"),
             ("lr", 0 < self.lr < 1, "(0, 1)"),
             ("weight_decay", 0 <= self.weight_decay < 1, "[0, 1)"),
@@ -137,11 +148,38 @@ class RunConfig:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
 
-def state_hash(module: torch.nn.Module) -> str:
-    """SHA-256 over a module's state dict (names, dtypes, shapes and bytes, in name order)."""
+def fit_names(module: torch.nn.Module) -> set[str]:
+    """State-dict keys of the calibrated fit inside ``module`` (its parts' ``fit_names``, with their prefixes)."""
+    return {f"{prefix}.{n}" if prefix else n for prefix, m in module.named_modules()
+            for n in getattr(m, "fit_names", ())}
+
+
+def _tensors_hash(items: Iterable[tuple[str, torch.Tensor]]) -> str:
     h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
+    for name, t in sorted(items, key=lambda kv: kv[0]):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def state_hash(module: torch.nn.Module) -> str:
+    """SHA-256 over a module's state dict (names, dtypes, shapes and bytes, in name order).
+
+    The calibrated fit (:func:`fit_names`) is left out: it is fitted on the edge's own data after
+    both sides built their parts, so what the handshake compares by this hash is the part before
+    calibration; the cloud's decoders are checked on their own (:func:`fit_hash`).
+    """
+    skip = fit_names(module)
+    return _tensors_hash((k, v) for k, v in module.state_dict().items() if k not in skip)
+
+
+def fit_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the calibrated fit's tensors in ``module`` by state-dict key (empty for ``init="svd"``)."""
+    names, state = fit_names(module), module.state_dict()
+    return {k: state[k].detach().clone() for k in sorted(names)}
+
+
+def fit_hash(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a fit (:func:`fit_state`): names, dtypes, shapes and bytes."""
+    return _tensors_hash(tensors.items())

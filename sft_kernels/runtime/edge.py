@@ -85,6 +85,10 @@ class EdgeTrainer(CheckpointedPart):
         tls, limits, link, timeout: passed to :func:`sft_kernels.channel.connect`.
         model_dir: local model directory (default: the embedded package).
         progress: show a tqdm bar.
+        calibration: ``cfg.init="calibrated"`` only: what the edge fits the code on (tokenized batches or
+            strings; labels are ignored).  Default: the batches of the first steps, ``batch_at(0)``,
+            ``batch_at(1)``, ... covering ``cfg.calibration_size`` examples.  Not used when the edge
+            resumes from a checkpoint: the checkpoint holds the fit, so a restarted edge never refits.
     """
 
     def __init__(self, cfg: RunConfig, batch_at: Callable[[int], Mapping[str, torch.Tensor]], *,
@@ -93,11 +97,22 @@ class EdgeTrainer(CheckpointedPart):
                  checkpoint_dir: Union[str, Path, None] = None, checkpoint_every: int = 50, retries: int = 8,
                  backoff_s: float = 0.25, tls: Optional[TLSConfig] = None, limits: Optional[Limits] = None,
                  link: Optional[LinkLimiter] = None, timeout: float = 120.0, model_dir: Union[str, Path, None] = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, calibration: Optional[Iterable[Any]] = None) -> None:
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
         self.cfg, self.batch_at = cfg, batch_at
-        parts = build_parts(cfg, model_dir)
+        self.store = CheckpointStore(checkpoint_dir) if checkpoint_dir is not None else None
+        resuming = self.store is not None and self.store.latest() is not None
+        if cfg.init != "calibrated":
+            if calibration is not None:
+                raise ValueError("calibration applies to cfg.init='calibrated' only")
+        elif resuming:
+            calibration = None  # the checkpoint holds the fit (restored below)
+        elif calibration is None:
+            calibration = [batch_at(s) for s in range(-(-cfg.calibration_size // cfg.batch_size))]
+        parts = build_parts(cfg, model_dir, calibration, progress=progress)
+        #: The cloud's calibrated decoders as fitted here (``init="calibrated"``): sent in every OPEN.
+        self.fit = parts.fit
         self.tokenizer, self.model, self.top = parts.tokenizer, parts.edge, parts.top
         self._input_names = model_inputs(self.model)  # what this family takes (no token_type_ids for GPT-2)
         self.init_hashes = parts.hashes()
@@ -114,17 +129,19 @@ class EdgeTrainer(CheckpointedPart):
             if port is None or token is None:
                 raise ValueError("a cloud at host needs port and token too (or host=None for an in-process cloud)")
             self.link = TcpLink(host, port, client_id, token, open_meta=self._open_meta, on_resume=self._rewind,
+                                open_tensors=self._open_tensors,
                                 retries=retries, backoff_s=backoff_s, tls=tls, limits=limits, link=link,
                                 timeout=timeout)
         self.client = EdgeClient(self.model, self.link, fwd, bwd, cfg.seed, top=self.top, pooled=pooled)
-        del parts
         self.progress = progress
         self.every = checkpoint_every
         self.step = 0
         self._mid_step = False  # U-split: this step's FORWARD was answered, its STEP not yet acknowledged
         self.summary = TrainSummary()
-        self.store = CheckpointStore(checkpoint_dir) if checkpoint_dir is not None else None
         self._open_store()
+        if host is None and resuming and self.fit is not None:
+            parts.cloud.load_state_dict(self.fit, strict=False)  # the in-process cloud starts from the same fit
+        del parts
 
     @property
     def conn(self):
@@ -134,12 +151,15 @@ class EdgeTrainer(CheckpointedPart):
     # ---------------------------------------------------------------- state
     def _extra_state(self) -> dict[str, Any]:
         s = self.summary
-        return {"cursor": {"step": self.step},  # batches are keyed by step: the data cursor is the step
+        fit = {} if self.fit is None else {"fit": self.fit}
+        return {**fit, "cursor": {"step": self.step},  # batches are keyed by step: the data cursor is the step
                 "summary": {"losses": list(s.losses), "step_bytes": [list(t) for t in s.step_bytes],
                             "payload_up": s.payload_up, "payload_down": s.payload_down, "examples": s.examples,
                             "wire_up": s.wire_up, "wire_down": s.wire_down}}
 
     def _load_extra(self, state: dict[str, Any]) -> None:
+        if "fit" in state:
+            self.fit = state["fit"]
         sm = state["summary"]
         self.summary.losses = list(sm["losses"])
         self.summary.step_bytes = [tuple(t) for t in sm["step_bytes"]]
@@ -178,6 +198,19 @@ class EdgeTrainer(CheckpointedPart):
         if self.top is not None:  # the general path: the cloud may hold half of this step (see _general_step)
             meta["fresh"] = not self._mid_step
         return meta
+
+    def _open_tensors(self) -> dict[str, torch.Tensor]:
+        return {} if self.fit is None else {f"fit.{k}": v for k, v in self.fit.items()}
+
+    @property
+    def handshake_bytes(self) -> int:
+        """Payload bytes of the session handshakes (a calibrated run's decoders, once per open).
+
+        In process there is no handshake: the bytes the first open would carry.
+        """
+        if isinstance(self.link, TcpLink):
+            return self.link.traffic.handshake_up
+        return payload_nbytes(self._open_tensors())
 
     def _rewind(self, resume: int) -> None:
         log.warning("cloud resumes at step %d, edge was at %d: rolling back", resume, self.step)

@@ -31,7 +31,7 @@ import torch
 
 from ..channel import Connection, Limits, LinkLimiter, LinkRefused, ProtocolError, RemoteError, TLSConfig, connect
 from ..step import Reply, Traffic
-from ..step.messages import KIND_NAMES, OPEN
+from ..step.messages import KIND_NAMES, OPEN, payload_nbytes
 
 __all__ = ["TcpLink", "CloudError", "LinkLost", "Rewind"]
 
@@ -69,6 +69,7 @@ class TcpLink:
     Args:
         host, port, client_id, token: where and who.
         open_meta: returns ``OPEN``'s meta (``config``, ``hashes``, ``step``, ``ckpts``) at each (re)open.
+        open_tensors: returns ``OPEN``'s tensors (a calibrated run's decoders, ``fit.*``); default none.
         on_resume: called with the cloud's resume step when it is below the edge's; rolls the edge
             back and raises :class:`Rewind`, or raises :class:`CloudError`.
         retries, backoff_s: the retry bound and the first backoff (doubles each try).
@@ -76,7 +77,8 @@ class TcpLink:
     """
 
     def __init__(self, host: str, port: int, client_id: str, token: Union[bytes, str], *,
-                 open_meta: Callable[[], dict], on_resume: Callable[[int], None], retries: int = 8,
+                 open_meta: Callable[[], dict], on_resume: Callable[[int], None],
+                 open_tensors: Callable[[], dict] = dict, retries: int = 8,
                  backoff_s: float = 0.25, tls: Optional[TLSConfig] = None, limits: Optional[Limits] = None,
                  link: Optional[LinkLimiter] = None, timeout: float = 120.0) -> None:
         if retries < 0:
@@ -86,7 +88,7 @@ class TcpLink:
         self._addr = (host, port)
         self._cred = (client_id, token)
         self._conn_kw = dict(tls=tls, limits=limits or Limits(), link=link, timeout=timeout)
-        self.open_meta, self.on_resume = open_meta, on_resume
+        self.open_meta, self.open_tensors, self.on_resume = open_meta, open_tensors, on_resume
         self.retries, self.backoff_s = retries, backoff_s
         self.conn: Optional[Connection] = None
         self.traffic = Traffic()
@@ -121,9 +123,9 @@ class TcpLink:
         """Connect, authenticate and open the session; :attr:`on_resume` when the cloud resumes earlier."""
         self.close()
         conn = self._connect()
-        meta = self.open_meta()
+        meta, tensors = self.open_meta(), self.open_tensors()
         try:
-            reply = conn.request(OPEN, {}, meta)
+            reply = conn.request(OPEN, tensors, meta)
         except RemoteError as exc:
             self._close_conn(conn)
             if exc.retryable:
@@ -133,6 +135,7 @@ class TcpLink:
             self._close_conn(conn)
             raise
         self.conn = conn
+        self.traffic.handshake_up += payload_nbytes(tensors)
         resume, step = reply.meta.get("step"), meta["step"]
         if not isinstance(resume, int) or not 0 <= resume <= step:
             self.close()

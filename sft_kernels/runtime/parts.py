@@ -11,30 +11,41 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 import torch
 from torch import nn
 
-from ..split import load_minilm, minilm_classifier, seeded, split_model
+from ..split import UNFITTED, CalibrationOptions, load_minilm, minilm_classifier, seeded, split_model
 from ..split.pretrained import EMBEDDED_MODEL, load_classifier
-from .config import RunConfig, state_hash
+from .config import RunConfig, fit_hash, fit_state, state_hash
 
 __all__ = ["Parts", "build_parts", "edge_hash", "make_optimizer", "make_scheduler", "linear_warmup", "EMBEDDED_MODEL"]
 
 
 @dataclass
 class Parts:
-    """The initial parts of a run: ``tokenizer``, ``edge``, ``cloud`` and (U-split) ``top``."""
+    """The initial parts of a run: ``tokenizer``, ``edge``, ``cloud``, (U-split) ``top`` and (calibrated) ``fit``.
+
+    ``fit``: the cloud's calibrated decoders as the edge fitted them (:func:`~.config.fit_state`), what
+    crosses once per run in the session handshake; None for ``init="svd"`` or parts built unfitted.
+    """
 
     tokenizer: Any
     edge: nn.Module
     cloud: nn.Module
     top: Optional[nn.Module] = None
+    fit: Optional[dict[str, torch.Tensor]] = None
 
     def hashes(self) -> dict[str, str]:
-        """``{"edge": ..., "cloud": ...}``: what the handshake compares (the edge's covers its top)."""
-        return {"edge": edge_hash(self.edge, self.top), "cloud": state_hash(self.cloud)}
+        """``{"edge": ..., "cloud": ...}`` (+ ``"fit"`` when fitted): what the handshake compares.
+
+        The parts' hashes leave the calibrated fit out (:func:`~.config.state_hash`); the edge's covers its top.
+        """
+        out = {"edge": edge_hash(self.edge, self.top), "cloud": state_hash(self.cloud)}
+        if self.fit is not None:
+            out["fit"] = fit_hash(self.fit)
+        return out
 
 
 def edge_hash(edge: nn.Module, top: Optional[nn.Module] = None) -> str:
@@ -54,17 +65,31 @@ def _classifier(model: Union[str, Path, None], num_labels: int, seed: int):
     return load_classifier(model, num_labels, seed=seed)
 
 
-def build_parts(cfg: RunConfig, model: Union[str, Path, None] = None) -> Parts:
+def build_parts(cfg: RunConfig, model: Union[str, Path, None] = None,
+                calibration: Optional[Iterable[Any]] = None, progress: bool = False) -> Parts:
     """The initial :class:`Parts` of ``cfg``, in train mode.
 
     ``model``: a local checkpoint directory of a supported family, or None / ``"all-MiniLM-L6-v2"``
     for the embedded model (see :func:`sft_kernels.split.load_classifier`).
+    ``calibration`` (``init="calibrated"`` only): the edge's unlabelled batches (or strings) to fit the
+    code on; None builds the parts unfitted (a zero code: the cloud, which receives the fit, or an edge
+    that restores it from a checkpoint).  ``progress``: the calibration's progress bar.
     """
+    kw: dict[str, Any] = {}
+    if cfg.init == "calibrated":
+        kw = dict(init="calibrated", calibration=UNFITTED if calibration is None else calibration,
+                  calibration_options=CalibrationOptions(max_length=cfg.max_length, progress=progress))
+    elif calibration is not None:
+        raise ValueError("calibration applies to init='calibrated' only")
     with seeded(cfg.seed):  # a pure function of the config: no other thread's draws, no global state left changed
         tok, net = _classifier(model, cfg.num_labels, cfg.seed)
+        if calibration is not None:
+            kw["tokenizer"] = tok
         parts = split_model(net, at=cfg.at, mode=cfg.mode, rank=cfg.rank, eliminate_links=cfg.eliminate_links,
-                            seed=cfg.seed, u_split=cfg.u_split)
-    return Parts(tok, *(p.train() for p in parts))
+                            seed=cfg.seed, u_split=cfg.u_split, **kw)
+    fit = fit_state(parts[1]) if calibration is not None else None
+    edge, cloud, *top = (p.train() for p in parts)
+    return Parts(tok, edge, cloud, top[0] if top else None, fit=fit)
 
 
 def make_optimizer(module: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:

@@ -52,10 +52,12 @@ class BoundaryOutput:
         return int(self.lengths.shape[0])
 
     def aux_tensors(self) -> dict[str, torch.Tensor]:
-        """The auxiliary tensors (everything but ``hidden`` and ``residual``)."""
-        d = {"lengths": self.lengths, "seq_len": torch.tensor([self.seq_len], dtype=torch.int32)}
+        """The auxiliary tensors (everything but ``hidden`` and ``residual``) as they cross: int16 while the
+        padded length fits (``<= 32767``, every run the runtime accepts), else int32."""
+        dtype = torch.int16 if self.seq_len <= torch.iinfo(torch.int16).max else torch.int32
+        d = {"lengths": self.lengths.to(dtype), "seq_len": torch.tensor([self.seq_len], dtype=dtype)}
         if self.pool_index is not None:
-            d["pool_index"] = self.pool_index
+            d["pool_index"] = self.pool_index.to(dtype)
         return d
 
     @property
@@ -81,4 +83,6 @@ class BoundaryOutput:
         seq_len = d["seq_len"]
         if seq_len.numel() != 1:
             raise ValueError(f"seq_len must hold one value, got shape {tuple(seq_len.shape)}")
-        return cls(d["hidden"], d["lengths"], int(seq_len.reshape(())), d.get("residual"), d.get("pool_index"))
+        pool = d.get("pool_index")
+        return cls(d["hidden"], d["lengths"].to(torch.int32), int(seq_len.reshape(())), d.get("residual"),
+                   None if pool is None else pool.to(torch.int32))

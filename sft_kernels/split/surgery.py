@@ -70,7 +70,7 @@ from .calibrate import (CalibrationOptions, CalibrationReport, calibration_batch
                         heldout_errors, sample_tokens)
 
 __all__ = ["split_model", "merge", "EdgeModel", "CloudModel", "TopModel", "MODES", "INITS", "DEFAULT_POWER_ITERS",
-           "Calibration"]
+           "Calibration", "UNFITTED"]
 
 MODES = ("layer", "bottleneck")
 #: How the bottleneck's code is initialised (see the module docstring).
@@ -78,6 +78,19 @@ INITS = ("svd", "calibrated")
 #: What ``calibration=`` takes: tokenized batches (dicts the model takes) or strings (with ``tokenizer=``).
 Calibration = Union[Iterable[Mapping[str, torch.Tensor]], Iterable[str]]
 _log = logging.getLogger(__name__)
+
+
+class _Unfitted:
+    """The type of :data:`UNFITTED`."""
+
+    def __repr__(self) -> str:
+        return "sft_kernels.split.UNFITTED"
+
+
+#: ``calibration=UNFITTED`` with ``init="calibrated"``: build the calibrated split's structure with a
+#: zero code, for a side that receives its fit rather than fitting it (the cloud server, which gets the
+#: decoders in the session handshake; an edge resuming from a checkpoint that holds its fit).
+UNFITTED = _Unfitted()
 #: Power iterations of the randomized SVD that initialises the bottleneck factors.
 DEFAULT_POWER_ITERS = 16
 _OVERSAMPLE = 16
@@ -157,6 +170,8 @@ class EdgeModel(nn.Module):
         self.factor = bottleneck[1] if bottleneck else None
         #: The calibrated fit's report (``init="calibrated"``), else None.
         self.calibration: Optional[CalibrationReport] = None
+        #: State-dict keys of the calibrated code (``init="calibrated"``: the factor), else empty.
+        self.fit_names: tuple[str, ...] = ()
 
     def _split_inputs(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
                       inputs: dict[str, Optional[torch.Tensor]]
@@ -227,6 +242,9 @@ class CloudModel(nn.Module):
         self._stub = stub
         #: The calibrated fit's report (``init="calibrated"``), else None.
         self.calibration: Optional[CalibrationReport] = None
+        #: State-dict keys of the calibrated decoders (``init="calibrated"``: the decoder and, post-LN, the
+        #: factor), else empty: what the edge sends the cloud once per run.
+        self.fit_names: tuple[str, ...] = ()
 
     @property
     def width(self) -> int:
@@ -409,6 +427,10 @@ def _check_init(init: str, mode: str, eliminate_links: bool, calibration: Any, t
         raise ValueError("init='calibrated' needs eliminate_links=True: it rebuilds on the cloud the residual the "
                          "eliminated link would carry; with eliminate_links=False the residual crosses exactly, so "
                          "there is nothing to rebuild -- use init='svd'")
+    if calibration is UNFITTED:
+        if tokenizer is not None:
+            raise ValueError("tokenizer applies to string calibration; calibration=UNFITTED fits nothing")
+        return options if options is not None else CalibrationOptions()
     if calibration is None:
         raise ValueError("init='calibrated' needs calibration=: an iterable of tokenized batches, or a list of "
                          "strings with tokenizer=")
@@ -510,6 +532,7 @@ def split_model(model: nn.Module, at: int, mode: str = "layer", rank: Optional[i
             edge takes; other keys, e.g. labels, are ignored) or of strings (with ``tokenizer``).  The
             edge runs on all of it in eval mode without gradients (a tqdm bar); at most
             ``calibration_options.max_tokens`` real tokens, a sample fixed by ``seed``, are kept.
+            :data:`UNFITTED` builds the structure with a zero code, to be loaded (``fit_names``).
         tokenizer: tokenizes string calibration (right padding, truncation).
         calibration_options: a :class:`~.calibrate.CalibrationOptions` (fit method, sample size...).
 
@@ -574,6 +597,9 @@ def split_model(model: nn.Module, at: int, mode: str = "layer", rank: Optional[i
         cloud = CloudModel(adapter, base.config, adapter.cloud_modules(base), cloud_layers, bottleneck_cloud,
                            eliminate_links, head, stub, decoder=decoder, stream=stream)
     if options is not None:
+        edge.fit_names = ("factor.weight", "factor.bias")
+        cloud.fit_names = ("decoder.weight", "decoder.bias") + (() if stream else ("factor.weight", "factor.bias"))
+    if options is not None and calibration is not UNFITTED:
         svd = _factors(weight, bias, rank, seed, power_iters) if options.fit == "svd" else None
         report = _calibrate(edge, cloud, layers[at], calibration, tokenizer, options, rank, seed, svd)
         edge.calibration = cloud.calibration = report

@@ -34,7 +34,7 @@ from torch import nn
 from ..codecs import BWD_SEED_OFFSET, Codec
 from ..split import BoundaryOutput, codec_seed, part_rng
 from .messages import (BACKWARD, EVAL, FORWARD, POOLED_SEED_OFFSET, STEP, TRAIN, StepRefused, boundary_from_wire,
-                       check_finite, decode_packet, packet_from_wire, packet_to_wire)
+                       check_finite, decode_packet, label_dtype, packet_from_wire, packet_to_wire)
 
 __all__ = ["CloudWorker", "dispatch", "bool_flag", "step_hyperparameters", "OPTIMIZER_HYPERPARAMETERS", "MAX_PENDING"]
 
@@ -137,7 +137,7 @@ class CloudWorker:
             raise StepRefused("labels sent, but in this session the edge holds the head and the loss (U-split): "
                               "no label may cross the link")
         regression = self.num_labels == 1
-        want = torch.float32 if regression else torch.int64
+        want = label_dtype(self.num_labels)
         if y is None or y.dtype != want or tuple(y.shape) != (batch,):
             raise StepRefused(f"labels must be {want} of shape ({batch},), got "
                               f"{None if y is None else (y.dtype, tuple(y.shape))}")
@@ -146,7 +146,7 @@ class CloudWorker:
         elif bool(((y < 0) | (y >= self.num_labels)).any()):
             raise StepRefused(f"labels must be in 0..{self.num_labels - 1} (the head's {self.num_labels} classes), "
                               f"got values {sorted(set(y.tolist()))[:8]}")
-        return y
+        return y if regression else y.long()
 
     def _run(self, seq: int, b: BoundaryOutput, labels: Optional[torch.Tensor], grad: bool
              ) -> tuple[torch.Tensor, Optional[torch.Tensor], Any]:

@@ -27,7 +27,7 @@ from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPo
 from ..codecs import BWD_SEED_OFFSET, Codec, from_spec
 from ..split import BoundaryOutput, codec_seed, part_rng
 from .link import Link, Reply
-from .messages import (BACKWARD, EVAL, FORWARD, POOLED_SEED_OFFSET, TRAIN, StepRefused, boundary_to_wire,
+from .messages import (BACKWARD, EVAL, FORWARD, POOLED_SEED_OFFSET, TRAIN, StepRefused, boundary_to_wire, label_dtype,
                        decode_packet, packet_from_wire, packet_to_wire, payload_nbytes)
 
 __all__ = ["EdgeClient", "StepBytes", "pooled_codecs"]
@@ -117,8 +117,14 @@ class EdgeClient:
         return b, tensors, {"b": bmeta}
 
     def wire_labels(self, labels: torch.Tensor, num_labels: int) -> torch.Tensor:
-        """Labels as the cloud takes them: float32 for regression (``num_labels == 1``), int64 otherwise."""
-        return labels.float() if num_labels == 1 else labels.long()
+        """Labels as they cross (:func:`~.messages.label_dtype`: float32 for regression, else int8 up to 128
+        classes); an id the dtype cannot hold is refused here, not wrapped."""
+        dtype = label_dtype(num_labels)
+        if not dtype.is_floating_point and labels.numel() and not (
+                0 <= int(labels.min()) and int(labels.max()) < num_labels):
+            raise ValueError(f"labels must be class ids in 0..{num_labels - 1}, got values "
+                             f"{sorted(set(labels.tolist()))[:8]}")
+        return labels.to(dtype)
 
     def _exchange(self, kind: int, tensors: dict, meta: dict, seq: int) -> Reply:
         reply = self.link.request(kind, tensors, meta, seq)

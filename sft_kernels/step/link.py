@@ -34,11 +34,16 @@ class Reply(NamedTuple):
 
 @dataclass
 class Traffic:
-    """Payload bytes (tensor data) a link carried each way, and how many requests."""
+    """Payload bytes (tensor data) a link carried each way, and how many requests.
+
+    ``handshake_up``: payload bytes of the session handshakes (``OPEN``: a calibrated run's decoders,
+    sent at every open, reconnects included), not part of ``up``.
+    """
 
     up: int = 0
     down: int = 0
     requests: int = 0
+    handshake_up: int = 0
 
     def count(self, request: Mapping[str, torch.Tensor], reply: Mapping[str, torch.Tensor]) -> tuple[int, int]:
         """Add one exchange; returns its ``(up, down)`` payload bytes."""

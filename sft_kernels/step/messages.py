@@ -41,7 +41,7 @@ from ..codecs import Codec, Packet
 from ..split import BoundaryOutput
 
 __all__ = ["OPEN", "TRAIN", "EVAL", "FINISH", "REPLY", "FORWARD", "BACKWARD", "STEP", "KIND_NAMES", "packet_to_wire", "packet_from_wire", "boundary_to_wire",
-           "boundary_from_wire", "decode_packet", "payload_nbytes", "StepRefused", "check_finite", "PACKET_MODES",
+           "boundary_from_wire", "decode_packet", "payload_nbytes", "label_dtype", "StepRefused", "check_finite", "PACKET_MODES",
            "PACKET_DTYPES", "POOLED_SEED_OFFSET"]
 
 OPEN, TRAIN, EVAL, FINISH, REPLY, FORWARD, BACKWARD, STEP = 16, 17, 18, 19, 20, 21, 22, 23
@@ -53,6 +53,8 @@ KIND_NAMES = {OPEN: "OPEN", TRAIN: "TRAIN", EVAL: "EVAL", FINISH: "FINISH", FORW
 PACKET_MODES = ("raw", "cast", "quant", "lowrank", "dense")
 PACKET_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _AUX = ("lengths", "seq_len", "pool_index")
+#: Dtypes the auxiliary integers may cross in (:meth:`BoundaryOutput.aux_tensors` picks the smallest that fits).
+_AUX_DTYPES = (torch.int16, torch.int32)
 #: Added to a step's codec seed for the U-split's pooled rows (down; their gradient up adds the codecs'
 #: ``BWD_SEED_OFFSET`` on top), so no two packets of a run share a seed.
 POOLED_SEED_OFFSET = 2**41
@@ -70,6 +72,14 @@ class StepRefused(ValueError):
     def __init__(self, message: str, *, retryable: bool = False, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retryable, self.retry_after = retryable, retry_after
+
+
+def label_dtype(num_labels: int) -> torch.dtype:
+    """The dtype labels cross in: float32 for regression (``num_labels == 1``), else the smallest signed
+    integer that holds every class id (int8 up to 128 classes)."""
+    if num_labels == 1:
+        return torch.float32
+    return next(t for t in (torch.int8, torch.int16, torch.int32) if num_labels - 1 <= torch.iinfo(t).max)
 
 
 def payload_nbytes(tensors: Mapping[str, torch.Tensor]) -> int:
@@ -158,12 +168,13 @@ def boundary_from_wire(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, A
         if k not in tensors:
             raise StepRefused(f"boundary: missing tensor '{k}'")
     lengths, seq_len = tensors["lengths"], tensors["seq_len"]
-    if lengths.dtype != torch.int32 or lengths.dim() != 1 or not 1 <= lengths.numel() <= max_batch:
-        raise StepRefused(f"boundary: lengths must be int32 of shape (batch,) with 1 <= batch <= {max_batch}, "
-                          f"got {lengths.dtype} {tuple(lengths.shape)}")
-    if (seq_len.dtype != torch.int32 or seq_len.numel() != 1
+    if lengths.dtype not in _AUX_DTYPES or lengths.dim() != 1 or not 1 <= lengths.numel() <= max_batch:
+        raise StepRefused(f"boundary: lengths must be int16 or int32 of shape (batch,) with 1 <= batch <= "
+                          f"{max_batch}, got {lengths.dtype} {tuple(lengths.shape)}")
+    if (seq_len.dtype != lengths.dtype or seq_len.numel() != 1
             or not 1 <= int(seq_len.reshape(())) <= max_length):
-        raise StepRefused(f"boundary: seq_len must be one int32 in 1..{max_length}")
+        raise StepRefused(f"boundary: seq_len must be one value of the lengths' dtype in 1..{max_length}")
+    lengths = lengths.to(torch.int32)
     s = int(seq_len.reshape(()))
     batch = lengths.numel()
     if batch * s > max_tokens:
@@ -180,10 +191,12 @@ def boundary_from_wire(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, A
     if pool_index != (pool is not None):
         raise StepRefused("boundary: this session's head " + ("needs" if pool_index else "takes no")
                           + " 'pool_index'")
-    if pool is not None and (pool.dtype != torch.int32 or tuple(pool.shape) != (batch,)
+    if pool is not None and (pool.dtype != seq_len.dtype or tuple(pool.shape) != (batch,)
                              or bool(((pool < 0) | (pool >= lengths)).any())):
-        raise StepRefused(f"boundary: pool_index must be int32 of shape ({batch},) with 0 <= pool_index < lengths, "
-                          f"got {pool.dtype} {tuple(pool.shape)}")
+        raise StepRefused(f"boundary: pool_index must be of the lengths' dtype and shape ({batch},) with "
+                          f"0 <= pool_index < lengths, got {pool.dtype} {tuple(pool.shape)}")
+    if pool is not None:
+        pool = pool.to(torch.int32)
     known = set(_AUX) | set(extra)
     stray = sorted(k for k in tensors if k not in known and k.split(".", 1)[0] not in want)
     if stray:
