@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import os
 import platform
@@ -55,13 +56,16 @@ DEFAULT_TASKS = ("SST-2", "CoLA", "MRPC", "STS-B", "RTE", "WNLI")
 #: Regression targets (STS-B scores 0..5) are divided by this for training: an output scale near the fresh
 #: head's lets few steps learn (Pearson/Spearman do not depend on the scale).  Measured on STS-B, config a,
 #: 512 rows: score 15.5 with the scaling vs 0.6 without.
-from sft_kernels.data.recipe import REGRESSION_TARGET_SCALE  # noqa: E402  (the package owns the recipe)
+from sft_kernels.data.recipe import REGRESSION_TARGET_SCALE, learning_rate  # noqa: E402  (the package's recipe)
 #: Default train cap: 512 rows per task (16 steps of 32), WNLI whole (635).
 DEFAULT_MAX_TRAIN = "512,WNLI=all"
 #: The CSV's required columns, in order; extra columns follow them.
 CSV_COLUMNS = ["task", "config", "seed", "metric_name", "metric", "train_examples", "epochs",
                "bytes_up_per_example", "bytes_down_per_example", "seconds"]
-EXTRA_COLUMNS = ["metrics", "lr", "batch_size", "max_length", "first_losses", "machine"]
+EXTRA_COLUMNS = ["metrics", "lr", "batch_size", "max_length", "first_losses", "machine", "steps", "bytes_up_first",
+                 "bytes_down_first", "first_examples", "handshake_bytes", "final_losses"]
+#: Seeds the permutation that holds out the learning-rate sweep's slice of each training set.
+SWEEP_SEED = 4321
 METRIC_NAMES = {"accuracy": "accuracy", "matthews_corr": "mcc", "f1": "f1", "pearson": "pearson", "spearman": "spearman"}
 FINDINGS_START, FINDINGS_END = "<!-- findings -->", "<!-- /findings -->"
 
@@ -75,8 +79,8 @@ class Config:
     split: Optional[dict[str, Any]] = None
 
 
-def _bn(rank: int, fwd: str = "none", bwd: str = "none", links: bool = True) -> dict[str, Any]:
-    return dict(mode="bottleneck", rank=rank, fwd_codec=fwd, bwd_codec=bwd, eliminate_links=links)
+def _bn(rank: int, fwd: str = "none", bwd: str = "none", links: bool = True, init: str = "svd") -> dict[str, Any]:
+    return dict(mode="bottleneck", rank=rank, fwd_codec=fwd, bwd_codec=bwd, eliminate_links=links, init=init)
 
 
 def _layer(fwd: str = "none", bwd: str = "none") -> dict[str, Any]:
@@ -93,23 +97,12 @@ CONFIGS: dict[str, Config] = {c.name: c for c in [
     Config("d4_int8", "(d) bottleneck r=4 + int8 / int8,sr", _bn(4, "int8", "int8,sr")),
     Config("d8_int8", "(d) bottleneck r=8 + int8 / int8,sr", _bn(8, "int8", "int8,sr")),
     Config("d4_int4", "(d) bottleneck r=4 + int4 / int4,sr", _bn(4, "int4", "int4,sr")),
+    Config("k4", "(k) calibrated bottleneck r=4 + int8 / int8,sr", _bn(4, "int8", "int8,sr", init="calibrated")),
+    Config("k2", "(k) calibrated bottleneck r=2 + int8 / int8,sr", _bn(2, "int8", "int8,sr", init="calibrated")),
     Config("e_lr16_int8", "(e) layer split + lowrank r=16 + int8 both ways",
            _layer("lowrank:r=16+int8", "lowrank:r=16+int8")),
     Config("f_int8", "(f) layer split + int8 / int8,sr", _layer("int8", "int8,sr")),
 ]}
-
-
-# --------------------------------------------------------------------------------------------- runner
-def make_runner(config: Config, num_labels: int, seed: int, args: argparse.Namespace, total_steps: int) -> Runner:
-    """The package's runner for one cell (:func:`sft_kernels.runtime.make_runner`) with the command line's recipe.
-
-    Split configs run in process, or through a `sft serve` process on loopback under ``--over-tcp``.
-    """
-    return runners.make_runner(config.split, num_labels, seed, lr=args.lr, weight_decay=args.weight_decay,
-                               total_steps=total_steps, warmup_steps=int(round(args.warmup * total_steps)),
-                               batch_size=args.batch_size, max_length=args.max_length, at=SPLIT_AT,
-                               over_tcp=getattr(args, "over_tcp", False),
-                               run_id=f"{config.name}-s{seed}-{time.time_ns()}")
 
 
 # --------------------------------------------------------------------------------------------- one run
@@ -166,53 +159,122 @@ def machine() -> str:
 
 
 def run_one(task: str, config: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Fine-tune one (task, config, seed) cell and evaluate it on the full dev set; returns the CSV row.
+    """Fine-tune one (task, config, seed) cell and evaluate it on the full dev set; returns the CSV row."""
+    _, train_full = load_task(task, "train", data_dir=args.data_dir)
+    _, dev_ds = load_task(task, "dev", data_dir=args.data_dir, limit=getattr(args, "max_dev", None))
+    return train_and_evaluate(task, config, seed, args, subsample(train_full, max_train_for(task, args.max_train)),
+                              dev_ds, lr_for(task, args))
+
+
+def lr_for(task: str, args: argparse.Namespace) -> float:
+    """``--lr``, or the package recipe's learning rate of ``task`` (:func:`sft_kernels.data.recipe.learning_rate`)."""
+    return args.lr if args.lr is not None else learning_rate(task)
+
+
+def train_and_evaluate(task: str, config: str, seed: int, args: argparse.Namespace, train_ds, eval_ds,
+                       lr: float) -> dict[str, Any]:
+    """Fine-tune ``config`` on ``train_ds`` for ``args.epochs`` and evaluate it on ``eval_ds``; returns the CSV row.
 
     The row also carries ``losses`` (every training step's loss, not written to the CSV).  Regression
-    targets are trained as ``label / REGRESSION_TARGET_SCALE`` (the metrics are scale-free).
+    targets are trained as ``label / REGRESSION_TARGET_SCALE`` (the metrics are scale-free).  A config in
+    ``args.bytes_only`` trains ``args.bytes_steps`` steps for its byte counts and is not evaluated
+    (metric nan).  ``bytes_*_first``: payload of the first ``args.bytes_steps`` steps, over
+    ``first_examples`` examples (the same examples for every config of a seed: ratios against a
+    bytes-only config compare like with like).
     """
     cfg = CONFIGS[config]
-    spec, train_full = load_task(task, "train", data_dir=args.data_dir)
-    _, dev_ds = load_task(task, "dev", data_dir=args.data_dir, limit=getattr(args, "max_dev", None))
-    train_ds = subsample(train_full, max_train_for(task, args.max_train))
+    spec = TASKS[task]
     steps_per_epoch = num_batches(len(train_ds), args.batch_size)
     total = steps_per_epoch * args.epochs
+    bytes_only = config in (getattr(args, "bytes_only", None) or ())
+    first_steps = getattr(args, "bytes_steps", 20)
+    run_steps = min(total, first_steps) if bytes_only else total
     tok = runners.embedded_tokenizer()  # the model files are read once per process, outside the timed part
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     np.random.seed(seed)
-    runner = make_runner(cfg, spec.num_labels, seed, args, total)
+    calibration = None
+    if cfg.split is not None and cfg.split.get("init") == "calibrated":  # the first training batches, unlabelled
+        calibration = [{k: v for k, v in b.items() if k != "labels"} for b in itertools.islice(
+            batches(tok, train_ds, args.batch_size, max_length=args.max_length, shuffle=True, seed=seed, epoch=0),
+            -(-args.calibration_size // args.batch_size))]
+    runner = runners.make_runner(cfg.split, spec.num_labels, seed, lr=lr, weight_decay=args.weight_decay,
+                                 total_steps=total, warmup_steps=int(round(args.warmup * total)),
+                                 batch_size=args.batch_size, max_length=args.max_length, at=SPLIT_AT,
+                                 over_tcp=getattr(args, "over_tcp", False), calibration=calibration,
+                                 calibration_size=args.calibration_size,
+                                 run_id=f"{config}-s{seed}-{time.time_ns()}")
     losses: list[float] = []
     examples = 0
+    first = (0, 0, 0)
     try:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, desc=f"{task} {config} s{seed}", disable=args.quiet, leave=False, unit="step")
+        bar = tqdm(total=run_steps, desc=f"{task} {config} s{seed}", disable=args.quiet, leave=False, unit="step")
         for epoch in range(args.epochs):
             for b in batches(tok, train_ds, args.batch_size, max_length=args.max_length, shuffle=True, seed=seed,
                              epoch=epoch):
+                if len(losses) == run_steps:
+                    break
                 if spec.is_regression:
                     b["labels"] = b["labels"] / REGRESSION_TARGET_SCALE
                 losses.append(runner.train_step(b))
                 examples += len(b["labels"])
+                if len(losses) == min(first_steps, total):
+                    first = (runner.bytes_up, runner.bytes_down, examples)
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
         bar.close()
         up, down = runner.bytes_up, runner.bytes_down
-        metrics = evaluate(runner, task, tok, dev_ds, args)
+        handshake = getattr(runner, "handshake_bytes", 0)
+        metrics = {} if bytes_only else evaluate(runner, task, tok, eval_ds, args)
     finally:
         runner.close()
     seconds = time.perf_counter() - t0
     return {
         "task": task, "config": config, "seed": seed, "metric_name": metric_name(task),
-        "metric": round(glue_score(task, metrics), 4), "train_examples": len(train_ds), "epochs": args.epochs,
+        "metric": round(glue_score(task, metrics), 4) if metrics else float("nan"),
+        "train_examples": len(train_ds), "epochs": args.epochs,
         "bytes_up_per_example": round(up / max(examples, 1), 2),
         "bytes_down_per_example": round(down / max(examples, 1), 2), "seconds": round(seconds, 2),
-        "metrics": ";".join(f"{k}={v:.6f}" for k, v in metrics.items()), "lr": args.lr,
+        "metrics": ";".join(f"{k}={v:.6f}" for k, v in metrics.items()), "lr": lr,
         "batch_size": args.batch_size, "max_length": args.max_length,
         "first_losses": " ".join(f"{x:.5f}" for x in losses[:10]), "machine": machine(),
+        "steps": len(losses), "bytes_up_first": first[0], "bytes_down_first": first[1], "first_examples": first[2],
+        "handshake_bytes": handshake, "final_losses": " ".join(f"{x:.5f}" for x in losses[-10:]),
         "losses": losses,
     }
+
+
+def lr_sweep(args: argparse.Namespace) -> None:
+    """Pick each task's learning rate on the unsplit model (config ``a``) without touching the dev set.
+
+    Per task, a fixed permutation (seed :data:`SWEEP_SEED`) of the training set gives a held-out slice of
+    ``--sweep-heldout`` rows and, after it, ``--sweep-train`` rows to train on; every ``--lr-sweep`` value
+    trains ``--epochs`` epochs (seed ``--seeds[0]``) and is scored on the slice.  Rows go to ``--out``
+    (resumable); the best learning rate per task is printed, for :data:`sft_kernels.data.recipe.LEARNING_RATES`.
+    """
+    done = {(r["task"], r["lr"]) for r in read_rows(args.out)}
+    seed = args.seeds[0]
+    for task in args.tasks:
+        _, full = load_task(task, "train", data_dir=args.data_dir)
+        perm = np.random.default_rng(SWEEP_SEED).permutation(len(full))
+        held = full.select(perm[:args.sweep_heldout].tolist())
+        train = full.select(perm[args.sweep_heldout:args.sweep_heldout + args.sweep_train].tolist())
+        for lr in args.lr_sweep:
+            if (task, str(lr)) in done:
+                continue
+            row = train_and_evaluate(task, "a", seed, args, train, held, lr)
+            append_row(args.out, row)
+            if not args.quiet:
+                print(f"{task:6s} lr {lr:g}: held-out {row['metric_name']} {row['metric']:.2f}  "
+                      f"{row['seconds']:.0f} s", flush=True)
+    best: dict[str, tuple[float, float]] = {}
+    for r in read_rows(args.out):
+        if r["task"] in args.tasks and (r["task"] not in best or float(r["metric"]) > best[r["task"]][1]):
+            best[r["task"]] = (float(r["lr"]), float(r["metric"]))
+    print("best learning rate per task (held-out training slice): "
+          + ", ".join(f"{t}={lr:g} ({m:.2f})" for t, (lr, m) in best.items()))
 
 
 # --------------------------------------------------------------------------------------------- CSV
@@ -249,7 +311,7 @@ def record_command(csv_path: Path, args: argparse.Namespace) -> None:
     meta.setdefault("commands", [])
     if cmd not in meta["commands"]:
         meta["commands"].append(cmd)
-    meta["hyper"] = {"lr": args.lr, "weight_decay": args.weight_decay, "warmup": args.warmup,
+    meta["hyper"] = {"lr": args.lr if args.lr is not None else "per task (package recipe)", "weight_decay": args.weight_decay, "warmup": args.warmup,
                      "batch_size": args.batch_size, "eval_batch_size": args.eval_batch_size,
                      "max_length": args.max_length, "epochs": args.epochs, "split_at": SPLIT_AT,
                      "optimizer": "AdamW, linear schedule with warmup", "threads": torch.get_num_threads(),
@@ -569,7 +631,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--eval-batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate of every cell (default: each task's from the package recipe, "
+                        "sft_kernels.data.recipe.LEARNING_RATES, picked by --lr-sweep)")
+    p.add_argument("--calibration-size", type=int, default=512,
+                   help="calibrated configs (k*): training examples (the first of the run's order, unlabelled) "
+                        "the edge fits its code on")
+    p.add_argument("--bytes-only", nargs="*", default=[], choices=list(CONFIGS), metavar="CONFIG",
+                   help="configs trained only --bytes-steps steps, for their byte counts, and not evaluated "
+                        "(the traffic denominator b)")
+    p.add_argument("--bytes-steps", type=int, default=20,
+                   help="steps of a --bytes-only config; every cell also records the bytes of its first this many")
+    p.add_argument("--lr-sweep", type=float, nargs="+", default=None, metavar="LR",
+                   help="instead of the study: train config a at each LR on a slice of each task's training set "
+                        "and score it on a held-out slice of the training set (never the dev set); writes "
+                        "results/lr_sweep.csv unless --out is given")
+    p.add_argument("--sweep-train", type=int, default=1000, help="--lr-sweep: training rows per task")
+    p.add_argument("--sweep-heldout", type=int, default=500, help="--lr-sweep: held-out training rows per task")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps")
     p.add_argument("--max-length", type=int, default=128)
@@ -590,6 +668,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.lr_sweep:
+        args.out = args.out or REPO / "results" / "lr_sweep.csv"
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        record_command(args.out, args)
+        lr_sweep(args)
+        return 0
     if args.out is None:
         args.out = REPO / "results" / ("glue_tcp.csv" if args.over_tcp else "glue.csv")
     if args.results_md is None:

@@ -20,7 +20,8 @@ from typing import Any
 
 from .glue import TASKS
 
-__all__ = ["REGRESSION_TARGET_SCALE", "regression_scale", "label_mapping", "GLUE_LABEL_NAMES"]
+__all__ = ["REGRESSION_TARGET_SCALE", "regression_scale", "label_mapping", "GLUE_LABEL_NAMES", "LEARNING_RATES",
+           "learning_rate"]
 
 #: STS-B's targets are divided by this for training (see the module docstring).
 REGRESSION_TARGET_SCALE = 5.0
@@ -37,6 +38,20 @@ GLUE_LABEL_NAMES: dict[str, tuple[str, ...]] = {
 }
 
 _SCALES = {"STS-B": REGRESSION_TARGET_SCALE}
+
+#: Learning rate per GLUE task for the real budget (3 epochs, batch 32, AdamW, 10% warmup then linear decay),
+#: picked once on the unsplit model by ``python bench/glue.py --lr-sweep ...`` on a held-out slice of each
+#: task's *training* set (never its dev set; results/lr_sweep.csv) and then held fixed for every split config.
+LEARNING_RATES: dict[str, float] = {}
+
+
+def learning_rate(task: str) -> float:
+    """The recipe's learning rate of a GLUE ``task`` (:data:`LEARNING_RATES`); ``ValueError`` naming the tasks
+    that have one."""
+    if task not in LEARNING_RATES:
+        raise ValueError(f"no recipe learning rate for task {task!r} (have {sorted(LEARNING_RATES)}); pass one "
+                         f"explicitly (--lr)")
+    return LEARNING_RATES[task]
 
 
 def _is_builtin(spec: Any) -> bool:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import atexit
 import time
-from typing import Any, Mapping, Optional, Protocol
+from typing import Any, Iterable, Mapping, Optional, Protocol
 
 import torch
 
@@ -68,7 +68,7 @@ class ReferenceRunner:
     function of the config.  There is no link: :attr:`bytes_up` and :attr:`bytes_down` are 0.
     """
 
-    bytes_up = bytes_down = 0
+    bytes_up = bytes_down = handshake_bytes = 0
 
     def __init__(self, cfg: RunConfig) -> None:
         torch.manual_seed(cfg.seed)
@@ -104,11 +104,12 @@ class SplitRunner:
     :meth:`~.edge.EdgeTrainer.predict` defines, on either link.
     """
 
-    def __init__(self, cfg: RunConfig, cloud: Optional[Any] = None) -> None:
+    def __init__(self, cfg: RunConfig, cloud: Optional[Any] = None, calibration: Optional[Iterable[Any]] = None
+                 ) -> None:
         self._batch: Optional[Batch] = None
         remote = {} if cloud is None else dict(host=cloud.host, port=cloud.port, client_id=cloud.client_id,
                                                token=cloud.token)
-        self.trainer = EdgeTrainer(cfg, self._current_batch, progress=False, **remote)
+        self.trainer = EdgeTrainer(cfg, self._current_batch, progress=False, calibration=calibration, **remote)
         self.tokenizer = self.trainer.tokenizer
         self._evals = 0
 
@@ -136,6 +137,11 @@ class SplitRunner:
     @property
     def bytes_down(self) -> int:
         return self.trainer.summary.payload_down
+
+    @property
+    def handshake_bytes(self) -> int:
+        """Payload bytes of the session handshake (a calibrated run's decoders; see ``EdgeTrainer``)."""
+        return self.trainer.handshake_bytes
 
     def close(self) -> None:
         try:
@@ -167,7 +173,8 @@ def embedded_tokenizer():
 
 def make_runner(split: Optional[Mapping[str, Any]], num_labels: int, seed: int, *, lr: float, weight_decay: float,
                 total_steps: int, warmup_steps: int, batch_size: int, max_length: int, over_tcp: bool = False,
-                at: int = 3, task: str = "glue", run_id: Optional[str] = None) -> Runner:
+                at: int = 3, task: str = "glue", run_id: Optional[str] = None,
+                calibration: Optional[Iterable[Any]] = None, calibration_size: int = 512) -> Runner:
     """The runner of one fine-tuning run of the embedded MiniLM with a fresh ``num_labels`` head.
 
     Args:
@@ -180,6 +187,8 @@ def make_runner(split: Optional[Mapping[str, Any]], num_labels: int, seed: int, 
             this one (the reference always runs in process).
         at: split after this many encoder layers (unless ``split`` names ``at``).
         task, run_id: for the record; ``run_id`` (default: unique per call) names the cloud session.
+        calibration, calibration_size: a calibrated split's (``init="calibrated"``) unlabelled batches to fit
+            its code on, and their example count for the record (the runner has no data order of its own).
     """
     fields = dict(split or {})
     unknown = sorted(set(fields) - set(SPLIT_FIELDS))
@@ -190,7 +199,8 @@ def make_runner(split: Optional[Mapping[str, Any]], num_labels: int, seed: int, 
     fields.setdefault("at", at)
     cfg = RunConfig(task=task, num_labels=num_labels, seed=seed, lr=lr, weight_decay=weight_decay,
                     warmup_steps=warmup_steps, total_steps=total_steps, batch_size=batch_size,
-                    max_length=max_length, run_id=run_id or f"{task}-s{seed}-{time.time_ns()}", **fields)
+                    max_length=max_length, run_id=run_id or f"{task}-s{seed}-{time.time_ns()}",
+                    calibration_size=calibration_size, **fields)
     if split is None:
         return ReferenceRunner(cfg)
-    return SplitRunner(cfg, local_cloud() if over_tcp else None)
+    return SplitRunner(cfg, local_cloud() if over_tcp else None, calibration)
