@@ -207,11 +207,25 @@ def train_and_evaluate(task: str, config: str, seed: int, args: argparse.Namespa
     losses: list[float] = []
     examples = 0
     first = (0, 0, 0)
+    start_epoch, spent = 0, 0.0
+    # a multi-epoch cell checkpoints after each epoch, so an interrupted study loses at most one epoch
+    ckpt = (cell_checkpoint(args, task, config, seed)
+            if args.epochs > 1 and not bytes_only and not getattr(args, "over_tcp", False) else None)
+    key = [task, config, seed, lr, total, len(train_ds)]
+    if ckpt is not None and ckpt.is_file():
+        st = torch.load(ckpt, map_location="cpu", weights_only=True)
+        if st["key"] == key:
+            runner.load_state_dict(st["runner"])
+            losses, examples, first = list(st["losses"]), int(st["examples"]), tuple(st["first"])
+            start_epoch, spent = int(st["epoch"]), float(st["seconds"])
+            if not args.quiet:
+                print(f"{task} {config} seed {seed}: resumed after epoch {start_epoch}", flush=True)
     try:
         from tqdm import tqdm
 
-        bar = tqdm(total=run_steps, desc=f"{task} {config} s{seed}", disable=args.quiet, leave=False, unit="step")
-        for epoch in range(args.epochs):
+        bar = tqdm(total=run_steps, initial=len(losses), desc=f"{task} {config} s{seed}", disable=args.quiet,
+                   leave=False, unit="step")
+        for epoch in range(start_epoch, args.epochs):
             for b in batches(tok, train_ds, args.batch_size, max_length=args.max_length, shuffle=True, seed=seed,
                              epoch=epoch):
                 if len(losses) == run_steps:
@@ -224,13 +238,17 @@ def train_and_evaluate(task: str, config: str, seed: int, args: argparse.Namespa
                     first = (runner.bytes_up, runner.bytes_down, examples)
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if ckpt is not None and epoch + 1 < args.epochs:
+                _save_atomic(ckpt, {"key": key, "runner": runner.state_dict(), "losses": losses, "examples": examples,
+                                    "first": list(first), "epoch": epoch + 1,
+                                    "seconds": spent + time.perf_counter() - t0})
         bar.close()
         up, down = runner.bytes_up, runner.bytes_down
         handshake = getattr(runner, "handshake_bytes", 0)
         metrics = {} if bytes_only else evaluate(runner, task, tok, eval_ds, args)
     finally:
         runner.close()
-    seconds = time.perf_counter() - t0
+    seconds = spent + time.perf_counter() - t0
     return {
         "task": task, "config": config, "seed": seed, "metric_name": metric_name(task),
         "metric": round(glue_score(task, metrics), 4) if metrics else float("nan"),
@@ -244,6 +262,18 @@ def train_and_evaluate(task: str, config: str, seed: int, args: argparse.Namespa
         "handshake_bytes": handshake, "final_losses": " ".join(f"{x:.5f}" for x in losses[-10:]),
         "losses": losses,
     }
+
+
+def cell_checkpoint(args: argparse.Namespace, task: str, config: str, seed: int) -> Path:
+    """Where a cell's end-of-epoch checkpoint lives until its row is in the CSV (next to the CSV, git-ignored)."""
+    return args.out.parent / "cells" / f"{args.out.stem}-{task}-{config}-s{seed}.pt"
+
+
+def _save_atomic(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
 
 
 def lr_sweep(args: argparse.Namespace) -> None:
@@ -266,6 +296,7 @@ def lr_sweep(args: argparse.Namespace) -> None:
                 continue
             row = train_and_evaluate(task, "a", seed, args, train, held, lr)
             append_row(args.out, row)
+            cell_checkpoint(args, task, "a", seed).unlink(missing_ok=True)
             if not args.quiet:
                 print(f"{task:6s} lr {lr:g}: held-out {row['metric_name']} {row['metric']:.2f}  "
                       f"{row['seconds']:.0f} s", flush=True)
@@ -315,6 +346,7 @@ def record_command(csv_path: Path, args: argparse.Namespace) -> None:
                      "batch_size": args.batch_size, "eval_batch_size": args.eval_batch_size,
                      "max_length": args.max_length, "epochs": args.epochs, "split_at": SPLIT_AT,
                      "optimizer": "AdamW, linear schedule with warmup", "threads": torch.get_num_threads(),
+                     "bytes_steps": args.bytes_steps, "calibration_size": args.calibration_size,
                      "torch": torch.__version__}
     meta["machine"] = machine()
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -498,8 +530,177 @@ def _wire_section(path: Path) -> list[str]:
     return L
 
 
-def render_report(csv_path: Path, md_path: Path, plot_dir: Path, data_dir=None) -> str:
-    """Write RESULTS.md and the plots from the CSV; returns the markdown."""
+#: The real-budget study (``--study full``): its configs, evaluated and bytes-only, and its targets.
+FULL_TASKS = ("SST-2", "CoLA", "MRPC", "STS-B", "RTE")
+FULL_CONFIGS = ("a", "c4", "k4", "k2", "b")
+FULL_CSV = REPO / "results" / "glue_full.csv"
+#: (config, mean paired difference vs a at least, reduction each way at least) -- issue targets.
+FULL_TARGETS = {"k4": (-0.5, 300.0), "k2": (-1.0, 450.0)}
+
+
+def _nan(x: str) -> bool:
+    return x in ("", "nan", "NaN")
+
+
+def full_study_section(csv_path: Path, rel) -> list[str]:
+    """RESULTS.md's first section: the real-budget study (scores, paired differences vs a, traffic, targets)."""
+    rows = read_rows(csv_path)
+    if not rows:
+        return []
+    meta_p = _meta_path(csv_path)
+    meta = json.loads(meta_p.read_text()) if meta_p.is_file() else {}
+    tasks = [t for t in FULL_TASKS if any(r["task"] == t for r in rows)]
+    scored = [r for r in rows if not _nan(r["metric"])]
+    configs = [c for c in FULL_CONFIGS if c != "b" and any(r["config"] == c for r in scored)]
+    score = {(r["task"], r["config"], r["seed"]): float(r["metric"]) for r in scored}
+    by = {(r["task"], r["config"], r["seed"]): r for r in rows}
+    hours = sum(float(r["seconds"]) for r in rows) / 3600
+    mach = meta.get("machine") or rows[0].get("machine", "?")
+    hyper = meta.get("hyper", {})
+    L = ["## Real budget: 3 epochs, full training sets", "",
+         f"`{csv_path.name}`: {len(rows)} cells, {hours:.1f} CPU-hours of wall time on {mach} (torch "
+         f"{hyper.get('torch', '?')}, {hyper.get('threads', '?')} threads). Each task's learning rate is the "
+         "package recipe's (`sft_kernels.data.recipe.LEARNING_RATES`, picked on the unsplit model on a held-out slice "
+         "of the training set, `results/lr_sweep.csv`) and the same for every config; batch "
+         f"{hyper.get('batch_size', '?')}, max length {hyper.get('max_length', '?')}, AdamW, "
+         f"{hyper.get('warmup', 0):.0%} warmup then linear decay; full dev sets. (b) is trained only "
+         f"{hyper.get('bytes_steps', '?')} steps, for its bytes.", ""]
+    for cmd in meta.get("commands", []):
+        L.append(f"- Command: `{cmd}`")
+    L += ["", "### Scores (mean ± std over seeds) and paired differences vs (a)", "",
+          "Paired: per seed, config − (a) (the same head initialisation, data order and seeds), mean ± std over "
+          "seeds; the last column is the mean over the tasks that have every seed of both.", "",
+          "| config | " + " | ".join(tasks) + " | mean |", "|---|" + "---|" * (len(tasks) + 1)]
+    diffs: dict[str, Optional[float]] = {}
+    for c in configs:
+        cols, means = [], []
+        for t in tasks:
+            xs = [v for (tt, cc, _), v in score.items() if tt == t and cc == c]
+            if not xs:
+                cols.append("")
+                continue
+            m, sd = _mean_std(xs)
+            means.append(m)
+            cell = f"{m:.1f} ± {sd:.1f} (n={len(xs)})"
+            if c != "a":
+                d = [v - score[(t, "a", s)] for (tt, cc, s), v in score.items() if tt == t and cc == c
+                     and (t, "a", s) in score]
+                if d:
+                    dm, dsd = _mean_std(d)
+                    cell += f"<br>{dm:+.2f} ± {dsd:.2f}"
+            cols.append(cell)
+        per_task = []
+        for t in tasks:
+            d = [v - score[(t, "a", s)] for (tt, cc, s), v in score.items() if tt == t and cc == c
+                 and (t, "a", s) in score]
+            if d:
+                per_task.append(float(np.mean(d)))
+        diffs[c] = float(np.mean(per_task)) if c != "a" and len(per_task) == len(tasks) else None
+        tail = f"{np.mean(means):.1f}" if len(means) == len(tasks) else ""
+        if diffs[c] is not None:
+            tail += f"<br>{diffs[c]:+.2f}"
+        L.append(f"| {CONFIGS[c].label} | " + " | ".join(cols) + f" | {tail} |")
+    # traffic: the same first steps (same examples) of each seed against b's, per task; then the mean over tasks
+    L += ["", "### Traffic per training example and reduction vs (b)", "",
+          "Bytes per example: payload of the whole run (encoded boundary tensors, lengths, labels up; encoded "
+          "gradients down) / examples processed. The reduction compares each cell's first "
+          f"{hyper.get('bytes_steps', '?')} steps with (b)'s first steps of the same seed (the same examples), then "
+          "averages over seeds and tasks. Once per run a calibrated config also sends its cloud decoders in the "
+          "session handshake: the `+hs` reduction spreads those bytes over the run's training examples.", "",
+          "| config | " + " | ".join(tasks) + " | reduction up | down | up +hs |", "|---|" + "---|" * (len(tasks) + 3)]
+    reds: dict[str, tuple[float, float, float]] = {}
+    for c in [c for c in FULL_CONFIGS if c not in ("a",)]:
+        cols, ru, rd, rh = [], [], [], []
+        for t in tasks:
+            cells_tc = [r for (tt, cc, _), r in by.items() if tt == t and cc == c]
+            if not cells_tc:
+                cols.append("")
+                continue
+            up = float(np.mean([float(r["bytes_up_per_example"]) for r in cells_tc]))
+            down = float(np.mean([float(r["bytes_down_per_example"]) for r in cells_tc]))
+            cols.append(f"{up:.1f} / {down:.1f} B")
+            tr, tdn, th = [], [], []
+            for r in cells_tc:
+                b = by.get((t, "b", r["seed"]))
+                if b is None or c == "b" or not float(r["bytes_up_first"]):
+                    continue
+                n = float(r["first_examples"])
+                tr.append(float(b["bytes_up_first"]) / float(r["bytes_up_first"]))
+                tdn.append(float(b["bytes_down_first"]) / float(r["bytes_down_first"]))
+                run_examples = float(r["train_examples"]) * float(r["epochs"])
+                th.append(float(b["bytes_up_first"]) / n
+                          / (float(r["bytes_up_first"]) / n + float(r.get("handshake_bytes") or 0) / run_examples))
+            if tr:
+                ru.append(float(np.mean(tr)))
+                rd.append(float(np.mean(tdn)))
+                rh.append(float(np.mean(th)))
+        full = len(ru) == len(tasks)
+        if full:
+            reds[c] = (float(np.mean(ru)), float(np.mean(rd)), float(np.mean(rh)))
+        red = " | ".join(f"{x:.0f}x" for x in reds[c]) if full else "- | - | -"
+        label = CONFIGS[c].label + (f", first {hyper.get('bytes_steps', '?')} steps only" if c == "b" else "")
+        L.append(f"| {label} | " + " | ".join(cols) + f" | {red} |")
+    L += ["", "Plots (score vs bytes up per example, per task): "
+          + ", ".join(f"[{t}]({rel(csv_path.parent / 'plots_full' / (t + '.png'))})" for t in tasks)]
+    L += ["", "### Targets", ""]
+    for c, (dmin, rmin) in FULL_TARGETS.items():
+        d, r = diffs.get(c), reds.get(c)
+        if d is None or r is None:
+            L.append(f"- `{c}`: pending (cells missing).")
+            continue
+        ok = d >= dmin and min(r[0], r[1]) >= rmin
+        L.append(f"- `{c}`: mean paired difference vs (a) {d:+.2f} (target >= {dmin}), reduction {r[0]:.0f}x up / "
+                 f"{r[1]:.0f}x down (target >= {rmin:.0f}x each way; {r[2]:.0f}x up with the handshake): "
+                 f"**{'met' if ok else 'not met'}**.")
+    if diffs.get("c4") is not None and "c4" in reds:
+        L.append(f"- `c4` (the paper's split, fp32): mean paired difference {diffs['c4']:+.2f}, "
+                 f"{reds['c4'][0]:.0f}x up / {reds['c4'][1]:.0f}x down.")
+    return L + [""]
+
+
+SHORT10_CSV = REPO / "results" / "glue_short10.csv"
+
+
+def gap_section(csv_path: Path) -> list[str]:
+    """The 10-seed short-budget comparison: how much of c4's gap to a the calibrated k4 closes, per task.
+
+    Gap closed = mean over seeds of (k4 − c4) / mean over seeds of (a − c4); the target is >= 3/4.
+    """
+    rows = [r for r in read_rows(csv_path) if not _nan(r["metric"])]
+    if not rows:
+        return []
+    meta_p = _meta_path(csv_path)
+    meta = json.loads(meta_p.read_text()) if meta_p.is_file() else {}
+    score = {(r["task"], r["config"], r["seed"]): float(r["metric"]) for r in rows}
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    L = ["## Short budget, 10 seeds: does the calibrated split close the paper's gap?", "",
+         f"`{csv_path.name}`: 16 steps of batch 32 on 512 training examples, lr {rows[0]['lr']}, full dev sets, "
+         f"seeds {min(int(r['seed']) for r in rows)}..{max(int(r['seed']) for r in rows)}; "
+         f"{sum(float(r['seconds']) for r in rows) / 60:.0f} min on {meta.get('machine', rows[0]['machine'])}.", ""]
+    for cmd in meta.get("commands", []):
+        L.append(f"- Command: `{cmd}`")
+    L += ["", "| task | (a) | c4 | k4 | c4 − a (paired) | k4 − a (paired) | gap closed by k4 |", "|---|---|---|---|---|---|---|"]
+    for t in tasks:
+        cols, paired = [], {}
+        for c in ("a", "c4", "k4"):
+            xs = [v for (tt, cc, _), v in score.items() if tt == t and cc == c]
+            m, sd = _mean_std(xs) if xs else (float("nan"), 0.0)
+            cols.append(f"{m:.1f} ± {sd:.1f} (n={len(xs)})" if xs else "")
+            if c != "a":
+                d = [v - score[(t, "a", sd_)] for (tt, cc, sd_), v in score.items() if tt == t and cc == c
+                     and (t, "a", sd_) in score]
+                paired[c] = _mean_std(d) if d else None
+        gap = ""
+        if paired.get("c4") and paired.get("k4") and paired["c4"][0] < 0:
+            gap = f"{(paired['k4'][0] - paired['c4'][0]) / -paired['c4'][0]:.0%}"
+        fmt = lambda p: f"{p[0]:+.1f} ± {p[1]:.1f}" if p else ""  # noqa: E731
+        L.append(f"| {t} | " + " | ".join(cols) + f" | {fmt(paired.get('c4'))} | {fmt(paired.get('k4'))} | {gap} |")
+    return L + [""]
+
+
+def render_report(csv_path: Path, md_path: Path, plot_dir: Path, data_dir=None,
+                  full_csv: Optional[Path] = None) -> str:
+    """Write RESULTS.md and the plots from the CSV (and first, the real-budget study of ``full_csv``)."""
     rows = read_rows(csv_path)
     meta_p = _meta_path(csv_path)
     meta = json.loads(meta_p.read_text()) if meta_p.is_file() else {}
@@ -509,6 +710,11 @@ def render_report(csv_path: Path, md_path: Path, plot_dir: Path, data_dir=None) 
     plots = make_plots(s, baselines, plot_dir)
     rel = lambda p: os.path.relpath(p, md_path.parent)  # noqa: E731
     L: list[str] = ["# GLUE results: MiniLM fine-tuned across a split at K = 3 of 6 layers", ""]
+    if full_csv is not None and full_csv.is_file():
+        L += full_study_section(full_csv, rel)
+    if full_csv is not None:
+        L += gap_section(SHORT10_CSV)
+        L += ["## Short budget", ""]
     L.append(f"Generated by `python bench/glue.py --report-only --out {rel(csv_path)}` from `{rel(csv_path)}` "
              f"({len(rows)} runs). Score = GLUE metric x 100 (MRPC: mean of F1 and accuracy; STS-B: mean of "
              "Pearson and Spearman; CoLA: Matthews corr.); mean ± std over seeds; dev sets are always complete.")
@@ -622,6 +828,12 @@ def render_report(csv_path: Path, md_path: Path, plot_dir: Path, data_dir=None) 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--study", choices=["short", "full", "short10"], default="short",
+                   help="full: the real-budget study (SST-2 CoLA MRPC STS-B RTE with their full training sets, SST-2 "
+                        "subsampled to 8000; configs a c4 k4 k2 and b for bytes; 3 epochs; seeds 0 1 2; the "
+                        "recipe's learning rates) into results/glue_full.csv, each cell checkpointed after every "
+                        "epoch; short: the 16-step study of results/glue.csv; short10: that budget for a, c4 and "
+                        "k4 on SST-2 and STS-B with seeds 0..9 (results/glue_short10.csv)")
     p.add_argument("--data-dir", default=None, help="GLUE directory (default $SFT_GLUE_DIR or ../shared/data/glue)")
     p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), choices=list(TASKS))
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -667,7 +879,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.study == "full":  # the real-budget preset; flags given explicitly still win
+        parser.set_defaults(tasks=list(FULL_TASKS), configs=list(FULL_CONFIGS), bytes_only=["b"], epochs=3,
+                            max_train=parse_max_train("SST-2=8000,all"), seeds=[0, 1, 2], out=FULL_CSV)
+        args = parser.parse_args(argv)
+    elif args.study == "short10":  # the short budget again, 10 seeds, for c4's gap to a and what k4 closes
+        parser.set_defaults(tasks=["SST-2", "STS-B"], configs=["a", "c4", "k4"], seeds=list(range(10)), epochs=1,
+                            max_train=parse_max_train("512"), lr=3e-4, out=SHORT10_CSV)
+        args = parser.parse_args(argv)
     if args.lr_sweep:
         args.out = args.out or REPO / "results" / "lr_sweep.csv"
         if args.threads:
@@ -694,11 +915,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         for i, (t, c, s) in enumerate(todo):
             row = run_one(t, c, s, args)
             append_row(args.out, row)
+            cell_checkpoint(args, t, c, s).unlink(missing_ok=True)
             if not args.quiet:
                 print(f"[{i + 1}/{len(todo)}] {t:6s} {c:12s} seed {s}: {row['metric_name']} {row['metric']:.2f}  "
                       f"up {row['bytes_up_per_example']:.0f} B/ex  down {row['bytes_down_per_example']:.0f} B/ex  "
                       f"{row['seconds']:.1f} s  (elapsed {time.perf_counter() - t_all:.0f} s)", flush=True)
-    text = render_report(args.out, args.results_md, plot_dir, data_dir=args.data_dir)
+    full = args.out if args.study == "full" else FULL_CSV
+    short = args.out if args.study == "short" else REPO / "results" / "glue.csv"
+    text = render_report(short, args.results_md, plot_dir, data_dir=args.data_dir,
+                         full_csv=None if args.over_tcp else full)
+    if full.is_file() and not args.over_tcp:
+        make_plots(summarize([r for r in read_rows(full) if not _nan(r["metric"])]), _baselines(FULL_TASKS, args.data_dir),
+                   full.parent / "plots_full")
     if not args.quiet:
         start = text.find("## Scores")
         print(text[start:text.find("## Plots")])

@@ -8,8 +8,9 @@ import torch
 
 from sft_kernels import SimulatedSplit
 from sft_kernels.runtime import EdgeTrainer, RunConfig, StepBatches
+from sft_kernels.runtime.edge import first_batches
 from sft_kernels.runtime.parts import make_optimizer, make_scheduler
-from sft_kernels.split import minilm_classifier
+from sft_kernels.split import CalibrationOptions, minilm_classifier
 
 TOKEN = "t0ken-for-tests"
 STEPS = 10
@@ -36,10 +37,15 @@ def simulated_run(cfg, ds, steps):
     One optimizer over every part (edge, cloud and, with ``cfg.u_split``, the top), stepped by a plain loop.
     """
     tok, model = minilm_classifier(cfg.num_labels, seed=cfg.seed)
+    batches = StepBatches(tok, ds, cfg.batch_size, cfg.max_length, cfg.seed)
+    # a calibrated run fits on the run's first batches, as EdgeTrainer does by default
+    kw = {} if cfg.init != "calibrated" else dict(init="calibrated", calibration=first_batches(cfg, batches),
+                                                  calibration_options=CalibrationOptions(progress=False))
     sim = SimulatedSplit(model, at=cfg.at, mode=cfg.mode, rank=cfg.rank, fwd_codec=cfg.fwd_codec,
                          bwd_codec=cfg.bwd_codec, eliminate_links=cfg.eliminate_links, seed=cfg.seed,
-                         u_split=cfg.u_split, pooled_codec=cfg.pooled_codec, pooled_grad_codec=cfg.pooled_grad_codec)
-    opt, batches = make_optimizer(sim, cfg), StepBatches(tok, ds, cfg.batch_size, cfg.max_length, cfg.seed)
+                         u_split=cfg.u_split, pooled_codec=cfg.pooled_codec, pooled_grad_codec=cfg.pooled_grad_codec,
+                         **kw)
+    opt = make_optimizer(sim, cfg)
     sched = make_scheduler(opt, cfg)
     losses = []
     for step in range(steps):

@@ -23,7 +23,7 @@ def glue():
 
 def _args(glue, tmp_path, *extra):
     return ["--tasks", "WNLI", "--configs", "a", "d4_int8", "--seeds", "0", "--max-train", "16",
-            "--batch-size", "8", "--max-dev", "8", "--max-length", "32", "--quiet",
+            "--batch-size", "8", "--max-dev", "8", "--max-length", "32", "--quiet", "--lr", "3e-4",
             "--out", str(tmp_path / "glue.csv"), "--results-md", str(tmp_path / "RESULTS.md"), *extra]
 
 
@@ -91,15 +91,50 @@ def test_reference_runner_has_the_split_runs_recipe():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["d4_int8", "e_lr16_int8"])
+@pytest.mark.parametrize("config", ["d4_int8", "e_lr16_int8", "k4"])
 def test_in_process_and_over_tcp_train_the_same_run(glue, config):
     """A split config in process and --over-tcp (EdgeTrainer + a `sft serve` process) is one step over two links:
     the same losses (==), metrics and bytes."""
     common = ["--tasks", "WNLI", "--configs", config, "--seeds", "1", "--max-train", "40", "--batch-size", "4",
-              "--max-dev", "8", "--max-length", "32", "--quiet"]
+              "--max-dev", "8", "--max-length", "32", "--quiet", "--lr", "3e-4"]
     here = glue.run_one("WNLI", config, 1, glue.build_parser().parse_args(common))
     tcp = glue.run_one("WNLI", config, 1, glue.build_parser().parse_args(common + ["--over-tcp"]))
     assert len(here["losses"]) == len(tcp["losses"]) == 10
     assert tcp["losses"] == here["losses"]
     for key in ("metric", "metrics", "first_losses", "bytes_up_per_example", "bytes_down_per_example"):
         assert tcp[key] == here[key], key
+
+
+@pytest.mark.parametrize("config", ["a", "k4"])
+def test_interrupted_cell_resumes_from_its_last_epoch(glue, tmp_path, monkeypatch, config):
+    """A cell killed after an epoch resumes from that epoch's checkpoint and ends as the uninterrupted run."""
+    args = glue.build_parser().parse_args(_args(glue, tmp_path, "--epochs", "2"))
+    whole = glue.run_one("WNLI", config, 0, args)
+    ckpt = glue.cell_checkpoint(args, "WNLI", config, 0)
+    ckpt.unlink()  # main() removes it once the row is written
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(glue, "evaluate", killed)  # dies after the last epoch: epoch 1's checkpoint is left
+    with pytest.raises(KeyboardInterrupt):
+        glue.run_one("WNLI", config, 0, args)
+    assert ckpt.is_file()
+    monkeypatch.undo()
+    resumed = glue.run_one("WNLI", config, 0, args)
+    assert resumed["losses"] == whole["losses"] and len(whole["losses"]) == 4
+    for key in ("metric", "metrics", "bytes_up_per_example", "bytes_down_per_example", "handshake_bytes"):
+        assert resumed[key] == whole[key], key
+
+
+def test_bytes_only_config_and_first_step_bytes(glue, tmp_path):
+    """A --bytes-only config trains --bytes-steps steps and is not evaluated; every row has its first steps' bytes,
+    over the same examples for every config, and a calibrated config its handshake bytes."""
+    args = glue.build_parser().parse_args(_args(glue, tmp_path, "--bytes-only", "b", "--bytes-steps", "1"))
+    b = glue.run_one("WNLI", "b", 0, args)
+    k = glue.run_one("WNLI", "k4", 0, args)
+    assert b["steps"] == 1 and b["metric"] != b["metric"] and b["metrics"] == ""  # nan: not evaluated
+    assert k["steps"] == 2 and 0 <= k["metric"] <= 100
+    assert b["first_examples"] == k["first_examples"] == 8
+    assert b["bytes_up_first"] > 300 * k["bytes_up_first"] > 0
+    assert k["handshake_bytes"] == 4 * (384 * 4 + 384 + 1536 * 4 + 1536) and b["handshake_bytes"] == 0

@@ -12,7 +12,10 @@ arguments give the same files), and the tokenizer is built in-process:
   bos/eos and **no pad token** (as the real one), so the "pad = eos" rule of
   :func:`sft_kernels.split.pretrained.load_classifier` is exercised; RoBERTa's has ``<pad>``;
 * ``llama``: SentencePiece-style BPE (``▁`` word marker, byte fallback) with ``<s>``/``</s>``/``<unk>``
-  and no pad token, adding ``<s>`` in front as Llama's tokenizer does.
+  and no pad token, adding ``<s>`` in front as Llama's tokenizer does;
+* ``qwen2``, ``mistral`` (:data:`LLAMA_STYLE`, built on request, not in :data:`FAMILIES`): their own
+  model classes (Mistral with a sliding window); Qwen2's tokenizer is byte-level BPE with
+  ``<|endoftext|>`` as eos and pad (as the real one), Mistral's is the ``llama`` one (as the real one).
 
 Any text can be tokenized (the byte-level and byte-fallback vocabularies cover every byte; WordPiece
 falls back to characters, then ``[UNK]``).  Building one takes well under a second once transformers
@@ -24,8 +27,10 @@ import json
 from pathlib import Path
 from typing import Any, Union
 
-#: The families :func:`make_tiny_checkpoint` builds.
+#: The families :func:`make_tiny_checkpoint` builds (and tests parametrize over).
 FAMILIES = ("bert", "distilbert", "roberta", "gpt2", "llama")
+#: More Llama-style families it builds on request (a Llama tokenizer, their own model classes).
+LLAMA_STYLE = ("qwen2", "mistral")
 
 #: The text the tokenizers are built from; tests may tokenize anything, these words just get merges.
 CORPUS = (
@@ -54,8 +59,8 @@ def make_tiny_checkpoint(family: str, path: Union[str, Path], *, with_head: bool
 
     from sft_kernels.split.rng import seeded
 
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if family not in FAMILIES + LLAMA_STYLE:
+        raise ValueError(f"family must be one of {FAMILIES + LLAMA_STYLE}, got {family!r}")
     if num_layers < 1:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
     path = Path(path)
@@ -80,7 +85,8 @@ def make_tiny_checkpoints(root: Union[str, Path], families: tuple[str, ...] = FA
 # ------------------------------------------------------------------------------------------ configs
 def _make_config(family: str, tok: Any, num_layers: int) -> Any:
     """The hand-written config of a tiny ``family`` model whose vocabulary and special ids are ``tok``'s."""
-    from transformers import BertConfig, DistilBertConfig, GPT2Config, LlamaConfig, RobertaConfig
+    from transformers import BertConfig, DistilBertConfig, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, \
+        RobertaConfig
 
     vocab = len(tok)
     if family == "bert":
@@ -99,17 +105,22 @@ def _make_config(family: str, tok: Any, num_layers: int) -> Any:
     if family == "gpt2":  # like the real one: no pad_token_id
         return GPT2Config(vocab_size=vocab, n_embd=_HIDDEN, n_layer=num_layers, n_head=_HEADS, n_inner=_FFN,
                           n_positions=_POSITIONS, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
-    return LlamaConfig(vocab_size=vocab, hidden_size=_HIDDEN, num_hidden_layers=num_layers,
+    llama_style = dict(vocab_size=vocab, hidden_size=_HIDDEN, num_hidden_layers=num_layers,
                        num_attention_heads=_HEADS, num_key_value_heads=_HEADS // 2, intermediate_size=_FFN,
                        max_position_embeddings=_POSITIONS, bos_token_id=tok.bos_token_id,
                        eos_token_id=tok.eos_token_id, pad_token_id=None)
+    if family == "qwen2":
+        return Qwen2Config(**llama_style)
+    if family == "mistral":
+        return MistralConfig(**llama_style, sliding_window=4)
+    return LlamaConfig(**llama_style)
 
 
 # ------------------------------------------------------------------------------------------ tokenizers
 def _make_tokenizer(family: str) -> Any:
     """The family's own transformers tokenizer class over a vocabulary built from :data:`CORPUS`."""
     from tokenizers import pre_tokenizers
-    from transformers import BertTokenizer, GPT2Tokenizer, LlamaTokenizer, RobertaTokenizer
+    from transformers import BertTokenizer, GPT2Tokenizer, LlamaTokenizer, Qwen2Tokenizer, RobertaTokenizer
 
     if family in ("bert", "distilbert"):
         return BertTokenizer(vocab=_wordpiece_vocab())
@@ -117,6 +128,10 @@ def _make_tokenizer(family: str) -> Any:
         vocab, merges = _train_bpe(pre_tokenizers.ByteLevel(add_prefix_space=False),
                                    pre_tokenizers.ByteLevel.alphabet(), ["<|endoftext|>"])
         return GPT2Tokenizer(vocab=vocab, merges=merges)  # pad_token=None, as GPT-2's
+    if family == "qwen2":
+        vocab, merges = _train_bpe(pre_tokenizers.ByteLevel(add_prefix_space=False),
+                                   pre_tokenizers.ByteLevel.alphabet(), ["<|endoftext|>"])
+        return Qwen2Tokenizer(vocab=vocab, merges=merges)  # eos = pad = <|endoftext|>, no bos, as Qwen2's
     if family == "roberta":
         vocab, merges = _train_bpe(pre_tokenizers.ByteLevel(add_prefix_space=False),
                                    pre_tokenizers.ByteLevel.alphabet(), ["<s>", "<pad>", "</s>", "<unk>", "<mask>"])

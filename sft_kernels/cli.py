@@ -21,6 +21,11 @@ Model and data, as transformers' ``run_classification.py`` takes them:
   printed, is in ``--json``, and with ``--checkpoint-dir`` is written to ``labels.json`` /
   ``run.json`` there.
 
+Split flags (``--at``, ``--mode``, ``--rank``, ``--keep-links``, ``--u-split``, ``--init``, the codecs) are
+pinned by ``sft serve`` and sent by ``sft train``.  ``--init calibrated``: the edge fits the bottleneck's
+code to ``--calibration-size`` of its training examples (text only) and sends the cloud's decoders in
+the session handshake, once per open.
+
 Bad input (a missing or unsupported ``--model``, unreadable data, flags that do not go together)
 exits with status 2 and one line ``sft train: ...`` / ``sft serve: ...`` naming the flag.
 """
@@ -34,6 +39,10 @@ import textwrap
 from typing import Optional, Sequence
 
 DEFAULTS = dict(at=3, mode="bottleneck", rank=4, fwd_codec="int8", bwd_codec="int8,sr")
+#: ``--init`` choices (:data:`sft_kernels.runtime.config.INITS`; spelled out so ``--help`` needs no torch import).
+INITS = ("svd", "calibrated")
+#: ``--calibration-size``'s default (``RunConfig.calibration_size``'s).
+_CALIBRATION_SIZE = 512
 
 #: The worked examples at the end of ``sft serve --help`` and ``sft train --help``.
 EXAMPLES = """\
@@ -56,6 +65,12 @@ the edge's edge.token holds SECRET):
        sft serve --tokens tokens.txt --port 7000 --model ./bert-base-uncased --at 6 --rank 8
        sft train --connect 127.0.0.1:7000 --token-file edge.token --model ./bert-base-uncased \\
            --at 6 --rank 8 --train-file train.csv --validation-file dev.csv
+
+  4. A calibrated bottleneck: the edge fits the code to the first 512 examples of its training data
+     (text only) before step 0 and sends the cloud's fitted decoders once per session open
+     (all-MiniLM-L6-v2 at rank 4: 38,400 B):
+       sft serve --tokens tokens.txt --port 7000 --init calibrated
+       sft train --connect 127.0.0.1:7000 --token-file edge.token --task SST-2 --init calibrated
 """
 
 
@@ -115,6 +130,14 @@ def _add_split(p: argparse.ArgumentParser) -> None:
                    help="bottleneck rank (default 4; ignored with --mode layer)")
     g.add_argument("--keep-links", action="store_true",
                    help="keep the residual link across the split (sends it too; the ablation)")
+    g.add_argument("--init", choices=INITS, default="svd",
+                   help="how the bottleneck's code starts. 'svd' (default): from the weights alone, the paper's "
+                        "code; nothing extra crosses. 'calibrated': sft train fits the code and the cloud's "
+                        "decoders (which rebuild what the eliminated residual link carried) to --calibration-size "
+                        "of its training examples, text only, before step 0, and sends the decoders to the server "
+                        "once per session open (again after a reconnect): 4 x (rank + 1) x (d + FFN width) bytes "
+                        "for BERT, RoBERTa, DistilBERT (all-MiniLM-L6-v2 at rank 4: 38,400 B), 4 x (rank + 1) x d "
+                        "for GPT-2, Llama, Qwen2, Mistral. Needs --mode bottleneck without --keep-links")
     g.add_argument("--fwd-codec", default=DEFAULTS["fwd_codec"],
                    help="codec of the activations edge->cloud: none|fp16|bf16|int8|int4|int2[,sr]|"
                         "lowrank:r=R[+int8] (default int8)")
@@ -237,6 +260,10 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
     g.add_argument("--warmup-ratio", type=_nonneg_float("--warmup-ratio"), default=0.1,
                    help="fraction of steps of linear warmup (default 0.1)")
+    g.add_argument("--calibration-size", type=_positive_int("--calibration-size"), default=None, metavar="N",
+                   help=f"--init calibrated: fit the code on the first N examples of the training data in the "
+                        f"run's order (their labels are not used; default {_CALIBRATION_SIZE}); a run resumed "
+                        f"from --checkpoint-dir reuses the fit it saved")
     g.add_argument("--seed", type=int, default=0, help="seeds head init, factors, data order, dropout (default 0)")
     g.add_argument("--run-id", default="run", help="names this run on the server (with the client id) (default run)")
     g.add_argument("--retries", type=_nonneg_int("--retries"), default=8,
@@ -317,9 +344,15 @@ def _split_kwargs(a: argparse.Namespace) -> dict:
             raise _BadInput(f"{flag}: {exc}") from None
     if not a.u_split and (a.pooled_codec or a.pooled_grad_codec):
         raise _BadInput("--pooled-codec / --pooled-grad-codec apply to the U-split only: add --u-split")
+    if a.init == "calibrated" and a.mode != "bottleneck":
+        raise _BadInput(f"--init calibrated needs --mode bottleneck, got --mode {a.mode}: a layer split sends the "
+                        f"hidden states whole and has no code to fit")
+    if a.init == "calibrated" and a.keep_links:
+        raise _BadInput("--init calibrated does not go with --keep-links: with the residual link kept, the "
+                        "residual crosses exactly and the decoders have nothing to rebuild; use --init svd")
     return dict(at=a.at, mode=a.mode, rank=a.rank if a.mode == "bottleneck" else None,
-                eliminate_links=not a.keep_links, u_split=a.u_split, fwd_codec=a.fwd_codec, bwd_codec=a.bwd_codec,
-                pooled_codec=a.pooled_codec, pooled_grad_codec=a.pooled_grad_codec)
+                eliminate_links=not a.keep_links, u_split=a.u_split, init=a.init, fwd_codec=a.fwd_codec,
+                bwd_codec=a.bwd_codec, pooled_codec=a.pooled_codec, pooled_grad_codec=a.pooled_grad_codec)
 
 
 def _model(a: argparse.Namespace) -> tuple[Optional[str], str]:
@@ -368,7 +401,8 @@ _FILE_FLAGS = (("text_columns=('a',) or ('a', 'b')", "--text-column A (twice for
 #: RunConfig fields -> the flags that set them, for its error messages.
 _CONFIG_FLAGS = {"lr": "--lr", "seed": "--seed", "batch_size": "--batch-size", "max_length": "--max-length",
                  "run_id": "--run-id", "total_steps": "--steps", "warmup_steps": "--warmup-ratio",
-                 "num_labels": "the number of classes in --train-file", "at": "--at"}
+                 "num_labels": "the number of classes in --train-file", "at": "--at",
+                 "calibration_size": "--calibration-size", "init": "--init"}
 
 
 def _data(a: argparse.Namespace):
@@ -467,13 +501,18 @@ def _train(a: argparse.Namespace) -> int:
     host, _, port = a.connect.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise SystemExit(f"--connect must be HOST:PORT with a port in 1..65535, got {a.connect!r}")
+    split = _split_kwargs(a)
+    if a.calibration_size is not None and a.init != "calibrated":
+        raise _BadInput(f"--calibration-size applies to --init calibrated only (this run has --init {a.init}, "
+                        f"which fits nothing to data)")
     model, model_name = _model(a)
     spec, train, dev = _data(a)
     steps = a.steps or steps_for(len(train), a.batch_size, a.epochs)
     try:
         cfg = RunConfig(model=model_name, task=spec.name, num_labels=spec.num_labels, seed=a.seed, lr=a.lr,
                         total_steps=steps, warmup_steps=int(a.warmup_ratio * steps), batch_size=a.batch_size,
-                        max_length=a.max_length, run_id=a.run_id, **_split_kwargs(a))
+                        max_length=a.max_length, run_id=a.run_id,
+                        calibration_size=a.calibration_size or _CALIBRATION_SIZE, **split)
     except ValueError as exc:
         msg = str(exc)
         for field, flag in _CONFIG_FLAGS.items():
@@ -488,8 +527,8 @@ def _train(a: argparse.Namespace) -> int:
 
 
 #: What to do about a refused split, added to the edge's error.
-_SPLIT_HINT = ("; give sft train the server's split flags (--at, --mode, --rank, --keep-links, --u-split, --fwd-codec, "
-               "--bwd-codec, --pooled-codec, --pooled-grad-codec) or start the server with --any-split")
+_SPLIT_HINT = ("; give sft train the server's split flags (--at, --mode, --rank, --keep-links, --u-split, --init, "
+               "--fwd-codec, --bwd-codec, --pooled-codec, --pooled-grad-codec) or start the server with --any-split")
 
 
 def _run_train(a: argparse.Namespace) -> int:

@@ -39,9 +39,15 @@ from .link import CloudError, LinkLost, Rewind, TcpLink
 from ..split.pretrained import model_inputs
 from .parts import build_parts, make_optimizer, make_scheduler
 
-__all__ = ["EdgeTrainer", "TrainSummary", "CloudError", "LinkLost"]
+__all__ = ["EdgeTrainer", "TrainSummary", "CloudError", "LinkLost", "first_batches"]
 
 log = logging.getLogger("sft_kernels.runtime")
+
+
+def first_batches(cfg: RunConfig, batch_at: Callable[[int], Mapping[str, torch.Tensor]]) -> list:
+    """A calibrated run's default calibration: the batches of steps ``0, 1, ...`` covering ``cfg.calibration_size``
+    examples (their labels are not used)."""
+    return [batch_at(s) for s in range(-(-cfg.calibration_size // cfg.batch_size))]
 
 
 @dataclass
@@ -86,9 +92,11 @@ class EdgeTrainer(CheckpointedPart):
         model_dir: local model directory (default: the embedded package).
         progress: show a tqdm bar.
         calibration: ``cfg.init="calibrated"`` only: what the edge fits the code on (tokenized batches or
-            strings; labels are ignored).  Default: the batches of the first steps, ``batch_at(0)``,
-            ``batch_at(1)``, ... covering ``cfg.calibration_size`` examples.  Not used when the edge
-            resumes from a checkpoint: the checkpoint holds the fit, so a restarted edge never refits.
+            strings; labels are ignored), or a callable returning them given the model's tokenizer (when
+            ``batch_at`` is only built from :attr:`tokenizer` after construction).  Default: the batches of
+            the first steps, ``batch_at(0)``, ``batch_at(1)``, ... covering ``cfg.calibration_size`` examples
+            (:func:`first_batches`).  Not used when the edge resumes from a checkpoint: the checkpoint
+            holds the fit, so a restarted edge never refits.
     """
 
     def __init__(self, cfg: RunConfig, batch_at: Callable[[int], Mapping[str, torch.Tensor]], *,
@@ -109,7 +117,10 @@ class EdgeTrainer(CheckpointedPart):
         elif resuming:
             calibration = None  # the checkpoint holds the fit (restored below)
         elif calibration is None:
-            calibration = [batch_at(s) for s in range(-(-cfg.calibration_size // cfg.batch_size))]
+            if batch_at is None:
+                raise ValueError("cfg.init='calibrated' fits the code on the first batches, but batch_at is None: "
+                                 "pass batch_at, or calibration= (batches, or a callable tokenizer -> batches)")
+            calibration = first_batches(cfg, batch_at)
         parts = build_parts(cfg, model_dir, calibration, progress=progress)
         #: The cloud's calibrated decoders as fitted here (``init="calibrated"``): sent in every OPEN.
         self.fit = parts.fit

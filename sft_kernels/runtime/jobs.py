@@ -35,7 +35,7 @@ import torch
 from ..data import (TASKS, TaskSpec, batches, compute_metrics, glue_score, label_mapping, load_files, load_task,
                     num_batches, regression_scale, subsample)
 from .config import RunConfig
-from .edge import EdgeTrainer, TrainSummary
+from .edge import EdgeTrainer, TrainSummary, first_batches
 
 __all__ = ["StepBatches", "LocalCloud", "EdgeRun", "train_and_evaluate", "write_tokens", "run_demo", "resolve_task",
            "load_train_dev", "print_run", "task_record", "write_json"]
@@ -230,12 +230,19 @@ def train_and_evaluate(cfg: RunConfig, train_ds, dev_ds, *, host: str, port: int
     task ``cfg.task`` names.  Its metrics evaluate the dev set and its
     :func:`~sft_kernels.data.regression_scale` divides the training targets.  ``edge_kw`` go to
     :class:`EdgeTrainer`; with a ``checkpoint_dir`` among them, ``labels.json`` is written there before
-    training and ``run.json`` after (see the module docstring).
+    training and ``run.json`` after (see the module docstring).  A calibrated run (``cfg.init``) fits the
+    code on the first ``cfg.calibration_size`` examples of the run's training order, unlabelled (unless
+    ``edge_kw`` holds a ``calibration``).
     """
     spec = _task_spec(cfg, spec)
+    scale = regression_scale(spec)
+    if cfg.init == "calibrated" and edge_kw.get("calibration") is None:
+        # the batches need the model's tokenizer, which the trainer loads: it calls this with it
+        edge_kw["calibration"] = lambda tok: first_batches(
+            cfg, StepBatches(tok, train_ds, cfg.batch_size, cfg.max_length, cfg.seed, label_scale=scale))
     trainer = EdgeTrainer(cfg, None, host=host, port=port, client_id=client_id, token=token, **edge_kw)
     trainer.batch_at = StepBatches(trainer.tokenizer, train_ds, cfg.batch_size, cfg.max_length, cfg.seed,
-                                   label_scale=regression_scale(spec))
+                                   label_scale=scale)
     record_dir = edge_kw.get("checkpoint_dir")
     if record_dir is not None:
         write_json(Path(record_dir) / "labels.json", {"model": cfg.model, **task_record(spec)})

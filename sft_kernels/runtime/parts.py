@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 from torch import nn
@@ -66,14 +66,17 @@ def _classifier(model: Union[str, Path, None], num_labels: int, seed: int):
 
 
 def build_parts(cfg: RunConfig, model: Union[str, Path, None] = None,
-                calibration: Optional[Iterable[Any]] = None, progress: bool = False) -> Parts:
+                calibration: Union[Iterable[Any], Callable[[Any], Iterable[Any]], None] = None,
+                progress: bool = False) -> Parts:
     """The initial :class:`Parts` of ``cfg``, in train mode.
 
     ``model``: a local checkpoint directory of a supported family, or None / ``"all-MiniLM-L6-v2"``
     for the embedded model (see :func:`sft_kernels.split.load_classifier`).
     ``calibration`` (``init="calibrated"`` only): the edge's unlabelled batches (or strings) to fit the
-    code on; None builds the parts unfitted (a zero code: the cloud, which receives the fit, or an edge
-    that restores it from a checkpoint).  ``progress``: the calibration's progress bar.
+    code on, or a callable that returns them given the model's tokenizer (for batches that need it, such
+    as the run's own first training batches); None builds the parts unfitted (a zero code: the cloud,
+    which receives the fit, or an edge that restores it from a checkpoint).  ``progress``: the
+    calibration's progress bar.
     """
     kw: dict[str, Any] = {}
     if cfg.init == "calibrated":
@@ -85,6 +88,8 @@ def build_parts(cfg: RunConfig, model: Union[str, Path, None] = None,
         tok, net = _classifier(model, cfg.num_labels, cfg.seed)
         if calibration is not None:
             kw["tokenizer"] = tok
+            if callable(calibration):
+                kw["calibration"] = calibration(tok)
         parts = split_model(net, at=cfg.at, mode=cfg.mode, rank=cfg.rank, eliminate_links=cfg.eliminate_links,
                             seed=cfg.seed, u_split=cfg.u_split, **kw)
     fit = fit_state(parts[1]) if calibration is not None else None

@@ -43,6 +43,13 @@ What behaves as ``SimulatedSplit`` does, and what it costs:
   ``Trainer`` (the cloud checkpoints when ``Trainer`` saves; ``Trainer`` saves this module's state,
   which holds the step counters, and resuming re-opens the session at that step).
 * :meth:`RemoteSplit.close` finishes the session (the server frees finished sessions first).
+* **A calibrated bottleneck** (``init="calibrated"``, ``calibration=`` your unlabelled batches or
+  strings): the code is fitted here, before the first step, and the cloud's fitted decoders cross in
+  the session handshake, at every (re)open (:attr:`RemoteSplit.handshake_bytes`; MiniLM at rank 4:
+  38,400 B).  :meth:`RemoteSplit.save_checkpoint` keeps the fit, so a restarted process resumes
+  without refitting: build it with ``calibration=UNFITTED`` and call :meth:`RemoteSplit.load_checkpoint`
+  before the first forward.  (``Trainer``'s own checkpoints hold this module's ``state_dict`` only:
+  to resume with ``Trainer``, pass the same calibration again, which fits the same code.)
 
 The server must serve the same model: it builds its parts from its own copy of the checkpoint with
 the run's seed (``sft serve --model DIR``), and the handshake compares both parts' parameters by
@@ -61,13 +68,14 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from ..channel import TLSConfig
 from ..codecs import from_spec
-from ..split import split_model
+from ..split import UNFITTED, CalibrationOptions, split_model
+from ..split.surgery import Calibration
 from ..step import EdgeClient
 from ..step.cloud import step_hyperparameters
 from ..step.edge import pooled_codecs
 from ..step.link import CountsTraffic
 from ..step.messages import FINISH, STEP
-from .config import RunConfig, state_hash
+from .config import RunConfig, fit_hash, fit_state, state_hash
 from .link import CloudError, TcpLink
 from .parts import edge_hash
 
@@ -133,9 +141,14 @@ class RemoteSplit(CountsTraffic, nn.Module):
         client_id, token / token_file: this edge's credentials (a line of the server's tokens file).
         tls_ca, tls_cert, tls_key, server_hostname: TLS (``tls_ca`` verifies the server and turns TLS
             on; cert and key for mutual TLS).
-        at, mode, rank, eliminate_links, u_split, fwd_codec, bwd_codec, pooled_codec, pooled_grad_codec,
+        at, mode, rank, eliminate_links, u_split, init, fwd_codec, bwd_codec, pooled_codec, pooled_grad_codec,
             seed: the split, as
             :class:`~sft_kernels.SimulatedSplit`'s (they must match what the server serves).
+        calibration, tokenizer, calibration_options: ``init="calibrated"``: what the code is fitted on, as
+            :func:`~sft_kernels.split.split_model` takes them (unlabelled batches, or strings with
+            ``tokenizer``); the cloud's fitted decoders are sent at every session open.
+            ``calibration=UNFITTED`` fits nothing and connects only at :meth:`load_checkpoint`, which
+            restores the fit a :meth:`save_checkpoint` kept (a restarted process never refits).
         run_id: names the session on the server (with ``client_id``); a second RemoteSplit with the
             same names resumes it.
         max_length, max_batch_size: the largest batch this edge will send (the server checks them).
@@ -153,7 +166,9 @@ class RemoteSplit(CountsTraffic, nn.Module):
                  token_file: Union[str, Path, None] = None, *, at: int, mode: str = "layer",
                  rank: Optional[int] = None, eliminate_links: bool = True, u_split: bool = False,
                  fwd_codec: str = "int8", bwd_codec: str = "int8,sr", pooled_codec: Optional[str] = None,
-                 pooled_grad_codec: Optional[str] = None, seed: int = 0, run_id: str = "remote",
+                 pooled_grad_codec: Optional[str] = None, seed: int = 0, init: str = "svd",
+                 calibration: Optional[Calibration] = None, tokenizer: Any = None,
+                 calibration_options: Optional[CalibrationOptions] = None, run_id: str = "remote",
                  max_length: int = 128, max_batch_size: int = 32, max_grad_norm: Optional[float] = None,
                  tls_ca: Union[str, Path, None] = None, tls_cert: Union[str, Path, None] = None,
                  tls_key: Union[str, Path, None] = None, server_hostname: Optional[str] = None,
@@ -165,16 +180,22 @@ class RemoteSplit(CountsTraffic, nn.Module):
             raise ValueError(f"max_grad_norm must be a positive finite number or None, got {max_grad_norm!r}")
         name = Path(str(getattr(model.config, "_name_or_path", "") or "model")).name or "model"
         self.cfg = RunConfig(model=name[:200], task="remote", num_labels=int(model.config.num_labels), at=at,
-                             mode=mode, rank=rank, eliminate_links=eliminate_links, u_split=u_split,
+                             mode=mode, rank=rank, eliminate_links=eliminate_links, u_split=u_split, init=init,
                              fwd_codec=str(fwd_codec), bwd_codec=str(bwd_codec), pooled_codec=pooled_codec,
                              pooled_grad_codec=pooled_grad_codec, seed=seed, total_steps=10**8,
                              batch_size=max_batch_size, max_length=max_length, run_id=run_id)
         parts = split_model(model, at=at, mode=mode, rank=rank, eliminate_links=eliminate_links, seed=seed,
-                            u_split=u_split)
+                            u_split=u_split, init=init, calibration=calibration, tokenizer=tokenizer,
+                            calibration_options=calibration_options)
         self.edge = parts[0]
         self.top = parts[2] if u_split else None
         cloud = parts[1]
         self._hashes = {"edge": edge_hash(self.edge, self.top), "cloud": state_hash(cloud)}
+        #: The cloud's calibrated decoders as fitted here (``init="calibrated"``), sent at every open; None for
+        #: ``init="svd"``, and until :meth:`load_checkpoint` restores them when built with ``calibration=UNFITTED``.
+        self.fit: Optional[dict[str, torch.Tensor]] = None
+        if init == "calibrated" and calibration is not UNFITTED:
+            self._set_fit(fit_state(cloud))
         # weak: ids of freed tensors are reused, and only a live optimizer can hold these
         self._cloud_refs = {id(p): weakref.ref(p) for p in cloud.parameters()}
         del cloud, parts
@@ -189,7 +210,7 @@ class RemoteSplit(CountsTraffic, nn.Module):
         if tls_ca or tls_cert or tls_key:
             tls = TLSConfig(cert=tls_cert, key=tls_key, ca=tls_ca, server_hostname=server_hostname or host)
         self.link = TcpLink(host, port, client_id, secret, open_meta=self._open_meta, on_resume=self._cannot_rewind,
-                            retries=retries, tls=tls, timeout=timeout)
+                            open_tensors=self._open_tensors, retries=retries, tls=tls, timeout=timeout)
         fwd, bwd = from_spec(fwd_codec), from_spec(bwd_codec)
         self.client = EdgeClient(self.edge, self.link, fwd, bwd, seed, top=self.top,
                                  pooled=pooled_codecs(fwd, bwd, pooled_codec, pooled_grad_codec))
@@ -204,11 +225,28 @@ class RemoteSplit(CountsTraffic, nn.Module):
                 update(*args, **kwargs)
 
             grad_scaler.update = update_and_tell_cloud
-        self.link.open()  # connect now: a wrong address, token, model or split surfaces here
+        if not self._awaiting_fit():
+            self.link.open()  # connect now: a wrong address, token, model or split surfaces here
         _install_hooks()
         _LIVE.add(self)
 
     # ---------------------------------------------------------------- session
+    def _set_fit(self, fit: dict[str, torch.Tensor]) -> None:
+        self.fit = fit
+        self._hashes["fit"] = fit_hash(fit)
+
+    def _awaiting_fit(self) -> bool:
+        """Built with ``calibration=UNFITTED`` and no fit loaded yet: nothing to open a session with."""
+        return self.cfg.init == "calibrated" and self.fit is None
+
+    def _open_tensors(self) -> dict[str, torch.Tensor]:
+        return {} if self.fit is None else {f"fit.{k}": v for k, v in self.fit.items()}
+
+    @property
+    def handshake_bytes(self) -> int:
+        """Payload bytes of the session handshakes so far: a calibrated run's decoders, once per (re)open."""
+        return self.link.traffic.handshake_up
+
     def _open_meta(self) -> dict[str, Any]:
         step = int(self.optimizer_steps)
         self._opened_at = step
@@ -233,6 +271,9 @@ class RemoteSplit(CountsTraffic, nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, **inputs: Optional[torch.Tensor]) -> Any:
         """The wrapped model's forward, the cloud part on the server; returns the wrapped model's output type."""
+        if self._awaiting_fit():
+            raise ValueError("RemoteSplit was built with calibration=UNFITTED: call load_checkpoint(path) first "
+                             "(it restores the fit saved with the checkpoint), or build it with calibration=")
         if self._opened_at != int(self.optimizer_steps):  # the step counter was loaded (a resumed Trainer)
             self.link.open()
         index = int(self.micro_batches)
@@ -262,6 +303,7 @@ class RemoteSplit(CountsTraffic, nn.Module):
             meta["unscale"] = 1.0 / float(self.grad_scaler.get_scale())
         self.link.request(STEP, {}, meta, int(self.optimizer_steps))
         self.optimizer_steps += 1
+        self._opened_at = int(self.optimizer_steps)  # the session stepped with this side: nothing to re-open
         self._backwards = self._forwards = 0
 
     def _skip_step(self) -> None:
@@ -284,12 +326,15 @@ class RemoteSplit(CountsTraffic, nn.Module):
                         scheduler: Any = None) -> Path:
         """Checkpoint both halves at the current optimizer step: the cloud on the server, this side to ``path``.
 
-        ``path`` holds this module's state (edge, top, step counters) and, if given, the optimizer's and
-        the scheduler's; write it atomically.  Resume with :meth:`load_checkpoint`.
+        ``path`` holds this module's state (edge, top, step counters), a calibrated run's fit (the cloud's
+        decoders as fitted here: a resumed process sends them again without refitting) and, if given, the
+        optimizer's and the scheduler's; written atomically.  Resume with :meth:`load_checkpoint`.
         """
         self.checkpoint_cloud()
         path = Path(path)
-        state = {"model": self.state_dict(), "step": int(self.optimizer_steps)}
+        state: dict[str, Any] = {"model": self.state_dict(), "step": int(self.optimizer_steps)}
+        if self.fit is not None:
+            state["fit"] = self.fit
         if optimizer is not None:
             state["optimizer"] = optimizer.state_dict()
         if scheduler is not None:
@@ -302,8 +347,21 @@ class RemoteSplit(CountsTraffic, nn.Module):
     def load_checkpoint(self, path: Union[str, Path], optimizer: Optional[torch.optim.Optimizer] = None,
                         scheduler: Any = None) -> int:
         """Resume from :meth:`save_checkpoint`'s file: this side from ``path``, the cloud from its checkpoint of
-        the same step (the session re-opens there).  Returns the optimizer step resumed at."""
+        the same step (the session re-opens there).  Returns the optimizer step resumed at.
+
+        A calibrated run's file holds the fit (the cloud's decoders as first fitted): it replaces this
+        module's, and the session re-opens with it.
+        """
         state = torch.load(Path(path), map_location="cpu", weights_only=True)
+        if self.cfg.init == "calibrated":
+            fit = state.get("fit")
+            if not isinstance(fit, dict) or not fit:
+                raise ValueError(f"{path} holds no calibrated fit: it was saved by a RemoteSplit with init='svd' "
+                                 f"(or by an older version); this one has init='calibrated'")
+            self._set_fit(fit)
+        elif "fit" in state:
+            raise ValueError(f"{path} holds a calibrated fit: it was saved by a RemoteSplit with "
+                             f"init='calibrated'; this one has init='svd'")
         self.load_state_dict(state["model"])
         if optimizer is not None and "optimizer" in state:
             optimizer.load_state_dict(state["optimizer"])

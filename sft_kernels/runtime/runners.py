@@ -60,6 +60,21 @@ class Runner(Protocol):
     def close(self) -> None:
         """Release resources."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs (between optimizer steps): parts, optimizers, schedules, counters."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`'s ``state`` (of a runner built with the same arguments)."""
+
+
+def _opt_state(opt: torch.optim.Optimizer, sched: Any) -> dict[str, Any]:
+    return {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
+
+
+def _load_opt_state(opt: torch.optim.Optimizer, sched: Any, state: Mapping[str, Any]) -> None:
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+
 
 class ReferenceRunner:
     """The unsplit reference: the plain classifier of ``cfg``, trained with the split runs' optimizer and schedule.
@@ -93,6 +108,15 @@ class ReferenceRunner:
 
     def close(self) -> None:
         self.model = self.opt = self.sched = None
+
+    def state_dict(self) -> dict[str, Any]:
+        # dropout draws from the global generator here, so a resumed run needs its state too
+        return {"model": self.model.state_dict(), **_opt_state(self.opt, self.sched), "rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        _load_opt_state(self.opt, self.sched, state)
+        torch.set_rng_state(state["rng"])
 
 
 class SplitRunner:
@@ -142,6 +166,33 @@ class SplitRunner:
     def handshake_bytes(self) -> int:
         """Payload bytes of the session handshake (a calibrated run's decoders; see ``EdgeTrainer``)."""
         return self.trainer.handshake_bytes
+
+    def state_dict(self) -> dict[str, Any]:
+        """The edge's checkpoint state and, in process, the cloud worker's part, optimizer and step (over TCP the
+        cloud keeps its own checkpoints: refused)."""
+        worker = self._worker()
+        return {"edge": self.trainer.state(), "evals": self._evals, "cloud": {
+            "model": worker.model.state_dict(), **_opt_state(worker.opt, worker.sched), "step": worker.step}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        worker = self._worker()
+        t = self.trainer
+        with t._checkpointed():
+            t.model.load_state_dict(state["edge"]["model"])
+        _load_opt_state(t.opt, t.sched, state["edge"])
+        t.step = int(state["edge"]["step"])
+        t._load_extra(state["edge"])
+        self._evals = int(state["evals"])
+        worker.model.load_state_dict(state["cloud"]["model"])
+        _load_opt_state(worker.opt, worker.sched, state["cloud"])
+        worker.step = int(state["cloud"]["step"])
+
+    def _worker(self) -> Any:
+        worker = getattr(self.trainer.link, "worker", None)
+        if worker is None:
+            raise RuntimeError("SplitRunner.state_dict: over TCP the cloud checkpoints itself; resume with the "
+                               "trainer's checkpoint_dir instead")
+        return worker
 
     def close(self) -> None:
         try:

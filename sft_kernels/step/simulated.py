@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from ..codecs import Codec, from_spec
-from ..split import split_model
+from ..split import CalibrationOptions, split_model
+from ..split.surgery import Calibration
 from .cloud import CloudWorker
 from .edge import EdgeClient, StepBytes, pooled_codecs
 from .link import CountsTraffic, InProcessLink
@@ -45,6 +46,18 @@ class SimulatedSplit(CountsTraffic, nn.Module):
         last_step: :class:`StepBytes` of the latest forward (and its backward).
         link: the :class:`~.link.InProcessLink` (its ``traffic`` is the one byte counter).
 
+    Args:
+        model: a ``*ForSequenceClassification`` (or base model) of a supported family; the parts share its weights.
+        at, mode, rank, eliminate_links, seed, u_split: the split, as :func:`~sft_kernels.split.split_model`'s.
+        fwd_codec, bwd_codec: codecs of the activations (edge -> cloud) and their gradients (back).
+        pooled_codec, pooled_grad_codec: the U-split's codecs of the pooled rows and their gradients
+            (None: ``fwd_codec`` / ``bwd_codec``).
+        init, calibration, tokenizer, calibration_options: how the bottleneck's code starts, as
+            :func:`~sft_kernels.split.split_model` takes them: ``init="calibrated"`` fits the code and the
+            cloud's decoders to ``calibration`` (unlabelled batches, or strings with ``tokenizer``) before
+            the first step.  In process nothing crosses for the fit; over a real link (``RemoteSplit``,
+            ``sft train``) the cloud's decoders cross once per session open.
+
     It works as a transformers ``Trainer``'s model: ``labels`` is in ``forward``'s signature,
     and ``accepts_loss_kwargs = False`` tells ``Trainer`` not to pass loss keywords
     (``num_items_in_batch``), which the wrapped model's loss does not take through the split.
@@ -56,11 +69,14 @@ class SimulatedSplit(CountsTraffic, nn.Module):
     def __init__(self, model: nn.Module, at: int, mode: str = "layer", rank: Optional[int] = None,
                  fwd_codec: Union[str, Codec] = "int8", bwd_codec: Union[str, Codec] = "int8,sr",
                  eliminate_links: bool = True, seed: int = 0, u_split: bool = False,
-                 pooled_codec: Union[str, Codec, None] = None, pooled_grad_codec: Union[str, Codec, None] = None) -> None:
+                 pooled_codec: Union[str, Codec, None] = None, pooled_grad_codec: Union[str, Codec, None] = None,
+                 init: str = "svd", calibration: Optional[Calibration] = None, tokenizer: Any = None,
+                 calibration_options: Optional[CalibrationOptions] = None) -> None:
         super().__init__()
         self.fwd_codec, self.bwd_codec = from_spec(fwd_codec), from_spec(bwd_codec)
         parts = split_model(model, at=at, mode=mode, rank=rank, eliminate_links=eliminate_links, seed=seed,
-                            u_split=u_split)
+                            u_split=u_split, init=init, calibration=calibration, tokenizer=tokenizer,
+                            calibration_options=calibration_options)
         self.edge, self.cloud = parts[0], parts[1]
         self.top = parts[2] if u_split else None
         self.seed, self.steps = seed, 0
