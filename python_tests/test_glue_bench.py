@@ -2,23 +2,16 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench_helpers import load_bench
 
 
 @pytest.fixture(scope="module")
 def glue():
-    spec = importlib.util.spec_from_file_location("bench_glue", ROOT / "bench" / "glue.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_glue"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("glue")
 
 
 def _args(glue, tmp_path, *extra):
