@@ -42,7 +42,9 @@ _SCALES = {"STS-B": REGRESSION_TARGET_SCALE}
 #: Learning rate per GLUE task for the real budget (3 epochs, batch 32, AdamW, 10% warmup then linear decay),
 #: picked once on the unsplit model by ``python bench/glue.py --lr-sweep ...`` on a held-out slice of each
 #: task's *training* set (never its dev set; results/lr_sweep.csv) and then held fixed for every split config.
-LEARNING_RATES: dict[str, float] = {}
+#: Sweep (3 epochs on 1000 training rows, held-out 500 other training rows, seed 0, lr in {3e-5, 1e-4, 3e-4}):
+#: SST-2 accuracy 83.6 / 85.6 / 83.4, CoLA MCC 0.0 / 13.3 / 0.0.
+LEARNING_RATES: dict[str, float] = {"SST-2": 1e-4, "CoLA": 1e-4}
 
 
 def learning_rate(task: str) -> float:
