@@ -16,6 +16,7 @@ import sft_kernels
 from sft_kernels.split import merge, split_model
 from sft_kernels.split.adapters import BottleneckLayer
 from sft_kernels.split.calibrate import CalibrationOptions, CalibrationReport
+from test_export_load import as_old_format
 from test_split import _LAYER, DECODERS, ENCODERS, _tiny, _tiny_batch
 
 FAMILIES = [*ENCODERS, *DECODERS]
@@ -109,14 +110,6 @@ def test_same_seed_and_calibration_give_bit_identical_parts(family):
 # ----------------------------------------------------------------------------- merge and export
 
 
-def _format1(saved) -> None:
-    """Rewrite a saved svd split's sft_split.json as the format-1 writer wrote it (the keys it knew)."""
-    meta = json.loads((saved / "sft_split.json").read_text())
-    assert meta["format"] == 2 and meta["init"] == "svd"
-    old = {k: meta[k] for k in ("family", "model_class", "at", "rank", "eliminate_links", "factor_bias")}
-    (saved / "sft_split.json").write_text(json.dumps({"format": 1, **old}, indent=2) + "\n")
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_merge_and_export_give_the_split_pairs_outputs(family, tmp_path):
     model = _tiny(family).train()
@@ -135,7 +128,7 @@ def test_merge_and_export_give_the_split_pairs_outputs(family, tmp_path):
         torch.testing.assert_close(merged(**batch, labels=LABELS).logits, split.logits, atol=1e-5, rtol=0)
         saved = sft_kernels.save_split_model(merged, tmp_path / "calibrated")
         meta = json.loads((saved / "sft_split.json").read_text())
-        assert meta["format"] == 2 and meta["init"] == "calibrated" and meta["decoder"] and meta["edge_bias"]
+        assert meta["format"] == 3 and meta["init"] == "calibrated" and meta["decoder"] and meta["edge_bias"]
         assert meta["code"] == ("stream" if family in DECODERS else "ffn_input")
         loaded = sft_kernels.load_split_model(saved)
         torch.testing.assert_close(loaded(**batch).logits, split.logits, atol=1e-5, rtol=0)
@@ -143,7 +136,7 @@ def test_merge_and_export_give_the_split_pairs_outputs(family, tmp_path):
         edge, cloud = split_model(_tiny(family), at=1, mode="bottleneck", rank=4)
         svd_logits = cloud(edge(**batch)).logits
         saved = sft_kernels.save_split_model(merge(edge, cloud), tmp_path / "svd")
-        _format1(saved)
+        as_old_format(saved, 1)
         torch.testing.assert_close(sft_kernels.load_split_model(saved)(**batch).logits, svd_logits, atol=1e-5,
                                    rtol=0)
 
@@ -154,7 +147,7 @@ def test_export_rejects_a_stream_code_for_a_post_ln_family(tmp_path):
     meta = json.loads((saved / "sft_split.json").read_text())
     for key, value, match in [("code", "stream", "pre-LN form"), ("code", "bogus", "code must be one of"),
                               ("init", "random", "init must be one of"),
-                              ("decoder", "yes", "decoder must be a bool"), ("format", 3, "format 3 is not")]:
+                              ("decoder", "yes", "decoder must be a bool"), ("format", 4, "format 4 is not")]:
         (saved / "sft_split.json").write_text(json.dumps({**meta, key: value}))
         with pytest.raises(ValueError, match=match):
             sft_kernels.load_split_model(saved)

@@ -452,7 +452,8 @@ def test_save_and_load_merged_minilm_bottleneck(minilm_classifier, minilm_batch,
     merged, split_logits = _trained_bottleneck_merge(copy.deepcopy(minilm_classifier), minilm_batch, labels,
                                                      at=3, rank=4, eliminate_links=True)
     out = sft_kernels.save_split_model(merged, tmp_path / "m")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "sft_split.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "sft_kernels_split.py",
+                                                     "sft_split.json"]
     loaded = sft_kernels.load_split_model(out)
     assert type(loaded) is transformers.BertForSequenceClassification and not loaded.training
     assert loaded.bert.encoder.layer[3].rank == 4 and not loaded.bert.encoder.layer[3].keep_link

@@ -26,17 +26,26 @@ pinned by ``sft serve`` and sent by ``sft train``.  ``--init calibrated``: the e
 code to ``--calibration-size`` of its training examples (text only) and sends the cloud's decoders in
 the session handshake, once per open.
 
-Bad input (a missing or unsupported ``--model``, unreadable data, flags that do not go together)
-exits with status 2 and one line ``sft train: ...`` / ``sft serve: ...`` naming the flag.
+Bad input (a missing or unsupported ``--model``, unreadable data or tokens, a busy port, flags that
+do not go together, a value out of range) exits with status 2 and one line ``sft CMD: ...`` naming
+the flag; a run that fails later (the link refused, the cloud refused the session) exits with
+status 1 and one line saying what to do next.  ``--debug`` shows the traceback instead.
+
+``sft train``'s default ``--run-id`` is derived from the run's config and its training data
+(:func:`sft_kernels.runtime.jobs.default_run_id`): the same command again resumes the same run,
+a different run gets its own id.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import errno
 import logging
 import os
+import re
 import sys
 import textwrap
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
 DEFAULTS = dict(at=3, mode="bottleneck", rank=4, fwd_codec="int8", bwd_codec="int8,sr")
 #: ``--init`` choices (:data:`sft_kernels.runtime.config.INITS`; spelled out so ``--help`` needs no torch import).
@@ -76,6 +85,19 @@ the edge's edge.token holds SECRET):
 
 class _BadInput(Exception):
     """A flag's value cannot be used; :func:`main` prints ``sft CMD: message`` and exits with status 2."""
+
+
+class _Failed(Exception):
+    """The run failed after it started (link, cloud); :func:`main` exits with ``sft CMD: message``, status 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line naming the flag, not the whole usage."""
+
+    def error(self, message: str) -> NoReturn:
+        # argparse's own error() prints every flag of the command first: dozens of lines for sft train
+        what = "commands" if self.prog == "sft" else "flags"
+        self.exit(2, f"{self.prog}: {message} ({self.prog} --help lists the {what})\n")
 
 
 class _DeprecatedAlias(argparse.Action):
@@ -198,6 +220,11 @@ def _add_run(p: argparse.ArgumentParser, server: bool) -> None:
         g.add_argument("--checkpoint-every", type=_positive_int("--checkpoint-every"), default=50,
                        help="steps between checkpoints, on this edge and on the server (default 50)")
     g.add_argument("--quiet", action="store_true", help="no progress bars or logs, only results/errors")
+    _add_debug(g)
+
+
+def _add_debug(g) -> None:
+    g.add_argument("--debug", action="store_true", help="on an error, show the traceback instead of one line")
 
 
 def _add_server_limits(p: argparse.ArgumentParser) -> None:
@@ -257,7 +284,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=_positive_int("--batch-size"), default=32, help="default 32")
     g.add_argument("--max-length", type=_positive_int("--max-length"), default=128,
                    help="truncate sequences to this many tokens (default 128)")
-    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    g.add_argument("--lr", type=_number("--lr", float, 0.0, "a finite number in (0, 1)"), default=1e-4,
+                   help="AdamW learning rate (default 1e-4)")
     g.add_argument("--warmup-ratio", type=_nonneg_float("--warmup-ratio"), default=0.1,
                    help="fraction of steps of linear warmup (default 0.1)")
     g.add_argument("--calibration-size", type=_positive_int("--calibration-size"), default=None, metavar="N",
@@ -265,7 +293,10 @@ def _add_train(p: argparse.ArgumentParser) -> None:
                         f"run's order (their labels are not used; default {_CALIBRATION_SIZE}); a run resumed "
                         f"from --checkpoint-dir reuses the fit it saved")
     g.add_argument("--seed", type=int, default=0, help="seeds head init, factors, data order, dropout (default 0)")
-    g.add_argument("--run-id", default="run", help="names this run on the server (with the client id) (default run)")
+    g.add_argument("--run-id", default=None,
+                   help="names this run on the server (with the client id); the same id resumes the run there. "
+                        "Default: run-<hash of the run's config and training data>, so the same command resumes "
+                        "and a different run gets its own id")
     g.add_argument("--retries", type=_nonneg_int("--retries"), default=8,
                    help="the retry bound: reconnect attempts per dropped link, link drops per step, and retryable "
                         "server errors (e.g. server full) in a row (default 8)")
@@ -273,8 +304,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sft", description="Split fine-tuning between an edge device and a cloud "
-                                "server: only compressed boundary tensors, aux data and labels cross the link.")
+    p = _Parser(prog="sft", description="Split fine-tuning between an edge device and a cloud "
+                "server: only compressed boundary tensors, aux data and labels cross the link.")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="cloud + edge on loopback: fine-tune MiniLM (bottleneck r=4, int8), print traffic",
@@ -289,8 +320,10 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--max-eval", type=_positive_int("--max-eval"), default=None, help="dev examples (default all)")
     d.add_argument("--batch-size", type=_positive_int("--batch-size"), default=32, help="default 32")
     d.add_argument("--seed", type=int, default=0, help="default 0")
-    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.add_argument("--quiet", action="store_true",
+                   help="no progress bars or logs: only the result table (or --json) and errors")
     d.add_argument("--json", action="store_true", help="print the results as JSON")
+    _add_debug(d)
 
     s = sub.add_parser("serve", help="run the cloud server", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -328,6 +361,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--codecs", nargs="+", default=None, metavar="SPEC", help="codec specs (default: a set)")
     c.add_argument("--data-dir", default=None, help="GLUE directory")
     c.add_argument("--model-dir", default=None, help="local MiniLM directory")
+    _add_debug(c)
     return p
 
 
@@ -341,7 +375,7 @@ def _split_kwargs(a: argparse.Namespace) -> dict:
             if spec is not None:
                 from_spec(spec)
         except ValueError as exc:
-            raise _BadInput(f"{flag}: {exc}") from None
+            raise _BadInput(f"{flag}: {exc}") from exc
     if not a.u_split and (a.pooled_codec or a.pooled_grad_codec):
         raise _BadInput("--pooled-codec / --pooled-grad-codec apply to the U-split only: add --u-split")
     if a.init == "calibrated" and a.mode != "bottleneck":
@@ -370,7 +404,7 @@ def _model(a: argparse.Namespace) -> tuple[Optional[str], str]:
             path, _ = checkpoint_dir(a.model)
         except (FileNotFoundError, ValueError) as exc:
             msg = str(exc)
-            raise _BadInput(f"--model {a.model}: {msg.removeprefix('model: ')}") from None
+            raise _BadInput(f"--model {a.model}: {msg.removeprefix('model: ')}") from exc
         model, name = str(path), path.resolve().name
     if not getattr(a, "any_split", False):
         _check_at(a.at, model, name)
@@ -392,22 +426,56 @@ def _check_at(at: int, model: Optional[str], name: str) -> None:
         raise _BadInput(f"--at {at}: the model {name} has {layers} layers; split after 1..{layers - 1} of them")
 
 
-#: load_files' argument names -> the flags that give them, for its error messages (longest first).
-_FILE_FLAGS = (("text_columns=('a',) or ('a', 'b')", "--text-column A (twice for a pair: --text-column B)"),
-               ("validation_file", "--validation-file"), ("train_file", "--train-file"),
-               ("text_columns", "--text-column"), ("label_column", "--label-column"))
+#: Python names that error messages use (RunConfig and SessionLimits fields, load_files' and the jobs' arguments)
+#: -> the flag that sets them, where that is not the name with dashes (:func:`_flags_of` adds those).
+_FLAG_NAMES = {"text_columns=('a',) or ('a', 'b')": "--text-column A (twice for a pair: --text-column B)",
+               "text_columns": "--text-column", "total_steps": "--steps", "warmup_steps": "--warmup-ratio",
+               "eliminate_links": "--keep-links", "num_labels": "the number of classes in the data"}
+#: What error messages call a field: ``RunConfig.lr``, ``SessionLimits.max_tokens``, or a bare ``train_file``.
+_FIELD = re.compile(r"\b(?:RunConfig|SessionLimits)\.(\w+)|text_columns=\('a',\) or \('a', 'b'\)"
+                    r"|\b[a-z]+(?:_[a-z]+)+\b")
+#: Quoted text in a message (a path, a value): never rewritten.
+_QUOTED = re.compile(r"('[^']*'|\"[^\"]*\")")
 
 
-#: RunConfig fields -> the flags that set them, for its error messages.
-_CONFIG_FLAGS = {"lr": "--lr", "seed": "--seed", "batch_size": "--batch-size", "max_length": "--max-length",
-                 "run_id": "--run-id", "total_steps": "--steps", "warmup_steps": "--warmup-ratio",
-                 "num_labels": "the number of classes in --train-file", "at": "--at",
-                 "calibration_size": "--calibration-size", "init": "--init"}
+def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """``{command: its parser}`` of :func:`_parser`'s subcommands."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(subs[0].choices)
+
+
+def _flags_of(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """``{dest: flag}`` of every command's flags (``--model-dir``'s alias left out), then :data:`_FLAG_NAMES`."""
+    flags: dict[str, str] = {}
+    for sub in _commands(parser).values():
+        for action in sub._actions:
+            longs = [o for o in action.option_strings if o.startswith("--")]
+            if longs and action.help is not argparse.SUPPRESS:
+                flags.setdefault(action.dest, longs[0])
+    return {**flags, **_FLAG_NAMES}
+
+
+def _with_flags(message: str) -> str:
+    """``message`` with the Python names of settings (``RunConfig.lr``, ``train_file``) written as their flags.
+
+    One table for every message: the parser's own ``dest -> flag`` and :data:`_FLAG_NAMES`.  Quoted
+    text (paths, values) is left as it is.
+    """
+    flags = _flags_of(_parser())
+
+    def flag(m: re.Match) -> str:
+        name = m.group(1) or m.group(0)
+        return flags.get(name, m.group(0))
+
+    return "".join(part if _QUOTED.fullmatch(part) else _FIELD.sub(flag, part) for part in _QUOTED.split(message))
 
 
 def _data(a: argparse.Namespace):
-    """``(spec, train, dev)`` of the data flags; flags that do not go together are a :class:`_BadInput`."""
-    from .runtime.jobs import load_train_dev, resolve_task
+    """``(spec, train, dev, identity)`` of the data flags (identity: :func:`~.runtime.jobs.data_identity`).
+
+    Flags that do not go together, and data that cannot be read, are a :class:`_BadInput`.
+    """
+    from .runtime.jobs import data_identity, load_train_dev
 
     if a.train_file is None:
         for flag, value in (("--validation-file", a.validation_file), ("--text-column", a.text_column),
@@ -415,25 +483,36 @@ def _data(a: argparse.Namespace):
             if value is not None:
                 raise _BadInput(f"{flag} needs --train-file (it describes your own data; --task names a built-in "
                                 "task)")
+        task = _task(a.task or "auto", a.data_dir)
         try:
-            return load_train_dev(resolve_task(a.task or "auto", a.data_dir), a.data_dir, a.max_train, a.max_eval)
-        except ValueError as exc:
-            raise _BadInput(f"--task: {exc}") from None
-        except FileNotFoundError as exc:
-            raise _BadInput(str(exc)) from None
+            spec, train, dev = load_train_dev(task, a.data_dir, a.max_train, a.max_eval)
+        except (FileNotFoundError, ValueError) as exc:
+            raise _BadInput(_with_flags(str(exc))) from exc
+        return spec, train, dev, data_identity(task=task, data_dir=a.data_dir, max_train=a.max_train)
     if a.task is not None:
         raise _BadInput(f"--task {a.task} and --train-file are alternatives: give one of them")
     if a.data_dir is not None:
         raise _BadInput("--data-dir is where --task finds GLUE files; it does not go with --train-file")
+    kw = dict(train_file=a.train_file, text_columns=a.text_column, label_column=a.label_column or "label")
     try:
-        return load_train_dev(None, None, a.max_train, a.max_eval, train_file=a.train_file,
-                              validation_file=a.validation_file, text_columns=a.text_column,
-                              label_column=a.label_column or "label")
+        spec, train, dev = load_train_dev(None, None, a.max_train, a.max_eval, validation_file=a.validation_file,
+                                          **kw)
     except (FileNotFoundError, ValueError) as exc:
-        msg = str(exc)
-        for name, flag in _FILE_FLAGS:
-            msg = msg.replace(name, flag)
-        raise _BadInput(msg) from None
+        raise _BadInput(_with_flags(str(exc))) from exc
+    return spec, train, dev, data_identity(max_train=a.max_train, **kw)
+
+
+def _task(task: str, data_dir: Optional[str]) -> str:
+    """:func:`~.runtime.jobs.resolve_task` of ``--task`` / ``--data-dir``; an unknown task or a missing
+    ``--data-dir`` is a :class:`_BadInput` (never a quiet switch to the synthetic task)."""
+    from .runtime.jobs import resolve_task
+
+    try:
+        return resolve_task(task, data_dir)
+    except ValueError as exc:
+        raise _BadInput(f"--task {task}: {_with_flags(str(exc))}") from exc
+    except FileNotFoundError as exc:
+        raise _BadInput(_with_flags(str(exc))) from exc
 
 
 def _channel_kwargs(a: argparse.Namespace, server: bool) -> dict:
@@ -458,13 +537,23 @@ def _serve(a: argparse.Namespace) -> int:
     model, _ = _model(a)
     split = None if a.any_split else _split_kwargs(a)
     try:
+        tokens = load_tokens(a.tokens)
+    except (OSError, ValueError) as exc:
+        raise _BadInput(f"--tokens: {exc}") from exc
+    try:
         sessions = SessionLimits(max_sessions=a.max_sessions, max_sessions_per_client=a.max_sessions_per_client,
                                  session_timeout=a.session_timeout, max_tokens=a.max_tokens,
                                  max_seq_len=a.max_seq_len)
     except ValueError as exc:
-        raise SystemExit(f"sft serve: {exc}") from None
-    server = CloudServer(load_tokens(a.tokens), split, a.host, a.port, model_dir=model,
-                         checkpoint_dir=a.checkpoint_dir, sessions=sessions, **_channel_kwargs(a, server=True))
+        raise _BadInput(_with_flags(str(exc))) from exc
+    try:
+        server = CloudServer(tokens, split, a.host, a.port, model_dir=model, checkpoint_dir=a.checkpoint_dir,
+                             sessions=sessions, **_channel_kwargs(a, server=True))
+    except OSError as exc:  # binding: the port is taken, or not ours to take, or the host is not this machine's
+        busy = "; another process listens there: stop it, or pick another --port (0 = any free port)" \
+            if exc.errno == errno.EADDRINUSE else ""
+        raise _BadInput(f"--host {a.host} --port {a.port}: cannot listen there: {exc.strerror or exc}{busy}") \
+            from exc
     host, port = server.address
     if a.port_file:
         tmp = a.port_file + ".tmp"
@@ -484,68 +573,110 @@ def _serve(a: argparse.Namespace) -> int:
 
 
 def _token(a: argparse.Namespace) -> str:
+    """The edge's secret: ``--token-file``'s content, else ``$SFT_TOKEN``."""
     if a.token_file:
-        with open(a.token_file, encoding="utf-8") as f:
-            tok = f.read().strip()
-    else:
-        tok = os.environ.get("SFT_TOKEN", "")
+        try:
+            with open(a.token_file, encoding="utf-8") as f:
+                tok = f.read().strip()
+        except OSError as exc:
+            raise _BadInput(f"--token-file {a.token_file}: cannot read it: {exc.strerror or exc}") from exc
+        if not tok:
+            raise _BadInput(f"--token-file {a.token_file} is empty: it must hold this edge's secret (the second "
+                            f"field of its line in the server's tokens file)")
+        return tok
+    tok = os.environ.get("SFT_TOKEN", "")
     if not tok:
-        raise SystemExit("sft train: no token: pass --token-file FILE or set $SFT_TOKEN")
+        raise _BadInput("no token: pass --token-file FILE or set $SFT_TOKEN")
     return tok
 
 
 def _train(a: argparse.Namespace) -> int:
     from .runtime import RunConfig, train_and_evaluate
-    from .runtime.jobs import dumps, steps_for, print_run
+    from .runtime.jobs import OtherRun, default_run_id, dumps, print_run, steps_for
 
     host, _, port = a.connect.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise SystemExit(f"--connect must be HOST:PORT with a port in 1..65535, got {a.connect!r}")
+        raise _BadInput(f"--connect must be HOST:PORT with a port in 1..65535, got {a.connect!r}")
     split = _split_kwargs(a)
     if a.calibration_size is not None and a.init != "calibrated":
         raise _BadInput(f"--calibration-size applies to --init calibrated only (this run has --init {a.init}, "
                         f"which fits nothing to data)")
+    token = _token(a)  # before the model and the data load: a bad token file is found in a second
     model, model_name = _model(a)
-    spec, train, dev = _data(a)
+    spec, train, dev, identity = _data(a)
     steps = a.steps or steps_for(len(train), a.batch_size, a.epochs)
     try:
         cfg = RunConfig(model=model_name, task=spec.name, num_labels=spec.num_labels, seed=a.seed, lr=a.lr,
                         total_steps=steps, warmup_steps=int(a.warmup_ratio * steps), batch_size=a.batch_size,
-                        max_length=a.max_length, run_id=a.run_id,
+                        max_length=a.max_length, run_id=a.run_id or "run",
                         calibration_size=a.calibration_size or _CALIBRATION_SIZE, **split)
     except ValueError as exc:
-        msg = str(exc)
-        for field, flag in _CONFIG_FLAGS.items():
-            msg = msg.replace(f"RunConfig.{field} ", f"{flag} ({field}) ")
-        raise _BadInput(msg) from None
-    run = train_and_evaluate(cfg, train, dev, spec=spec, host=host, port=int(port), client_id=a.client_id,
-                             token=_token(a), checkpoint_dir=a.checkpoint_dir, checkpoint_every=a.checkpoint_every,
-                             retries=a.retries, model_dir=model, progress=not a.quiet,
-                             **_channel_kwargs(a, server=False))
+        raise _BadInput(_with_flags(str(exc))) from exc
+    if a.run_id is None:
+        cfg = dataclasses.replace(cfg, run_id=default_run_id(cfg, identity, model))
+    try:
+        run = train_and_evaluate(cfg, train, dev, spec=spec, host=host, port=int(port), client_id=a.client_id,
+                                 token=token, checkpoint_dir=a.checkpoint_dir, checkpoint_every=a.checkpoint_every,
+                                 retries=a.retries, model_dir=model, progress=not a.quiet,
+                                 **_channel_kwargs(a, server=False))
+    except OtherRun as exc:
+        raise _BadInput(_with_flags(str(exc))) from exc
     print(dumps(run.to_json()) if a.json else print_run(run))
     return 0
 
 
-#: What to do about a refused split, added to the edge's error.
-_SPLIT_HINT = ("; give sft train the server's split flags (--at, --mode, --rank, --keep-links, --u-split, --init, "
-               "--fwd-codec, --bwd-codec, --pooled-codec, --pooled-grad-codec) or start the server with --any-split")
+#: Advice for a run id that names another run, and for a run the edge cannot follow the server in.
+_OTHER_RUN_ID = ("; the run id names another run: leave out --run-id (the default is derived from the config and "
+                 "the data) or give this run its own --run-id")
+_RESUME_OR_RESTART = ("; to resume this run give sft train the --checkpoint-dir it ran with, to start it over give it "
+                      "another --run-id")
+#: What to do about a refusal or failure of a started run: (a phrase of its message, the advice added to it).
+_HINTS = (
+    ("split settings differ", "; give sft train the server's split flags (--at, --mode, --rank, --keep-links, "
+                              "--u-split, --init, --fwd-codec, --bwd-codec, --pooled-codec, --pooled-grad-codec) or "
+                              "start the server with --any-split"),
+    ("nothing listens", "; check --connect, and start sft serve there first"),
+    ("with a different config", _OTHER_RUN_ID),  # the session is open with another config
+    ("belongs to a different run config", _OTHER_RUN_ID),  # the server's checkpoints of that id hold another config
+    ("no step to resume from", _RESUME_OR_RESTART),
+    ("cannot roll back", _RESUME_OR_RESTART),
+    ("exceeds the server's limit", "; lower --max-length or --batch-size, or start the server with larger "
+                                   "--max-seq-len / --max-tokens"),
+)
 
 
 def _run_train(a: argparse.Namespace) -> int:
-    """:func:`_train`; a permanent failure of the link or the cloud exits with its reason, no traceback."""
+    """:func:`_train`; a permanent failure of the link or the cloud is a :class:`_Failed` with advice."""
     from .channel import AuthError, LinkRefused
     from .runtime import CloudError, LinkLost
 
     try:
         return _train(a)
     except (LinkRefused, AuthError, CloudError, LinkLost) as exc:
-        hint = _SPLIT_HINT if "split settings differ" in str(exc) else ""
-        raise SystemExit(f"sft train: {type(exc).__name__}: {exc}{hint}") from None
+        hint = next((h for phrase, h in _HINTS if phrase in str(exc)), "")
+        raise _Failed(f"{type(exc).__name__}: {exc}{hint}") from exc
+
+
+def _demo(a: argparse.Namespace) -> int:
+    from .runtime.jobs import demo_table, dumps, run_demo
+
+    task = _task(a.task, a.data_dir)
+    try:
+        rows = run_demo(steps=a.steps, baseline_steps=a.baseline_steps, task=task, data_dir=a.data_dir,
+                        max_eval=a.max_eval, batch_size=a.batch_size, seed=a.seed, progress=not (a.quiet or a.json))
+    except FileNotFoundError as exc:  # the task's files (GLUE TSVs under --data-dir)
+        raise _BadInput(_with_flags(str(exc))) from exc
+    # --quiet drops the progress, never the result
+    print(dumps(rows) if a.json else demo_table(rows))
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``sft`` command."""
-    a = _parser().parse_args(argv)
+    parser = _parser()
+    a, extra = parser.parse_known_args(argv)
+    if extra:  # said by the command's parser, so the message names the command (and its --help)
+        _commands(parser)[a.command].error(f"unrecognized arguments: {' '.join(extra)}")
     quiet = getattr(a, "quiet", False)
     if quiet:  # "only results/errors": no weight-loading bars or load reports from transformers either
         from transformers.utils import logging as hf_logging
@@ -553,26 +684,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    run = {"serve": _serve, "train": _run_train, "demo": _demo}.get(a.command)
+    if run is None:
+        from .runtime.codec_report import run_demo as codec_demo
+
+        codec_demo(a.sentences, a.layer, a.codecs, a.data_dir, a.model_dir)
+        return 0
     try:
-        if a.command == "serve":
-            return _serve(a)
-        if a.command == "train":
-            return _run_train(a)
+        return run(a)
     except _BadInput as exc:
+        if a.debug:
+            raise
         print(f"sft {a.command}: {exc}", file=sys.stderr)
         return 2
-    if a.command == "demo":
-        from .runtime.jobs import dumps, run_demo
-
-        rows = run_demo(steps=a.steps, baseline_steps=a.baseline_steps, task=a.task, data_dir=a.data_dir,
-                        max_eval=a.max_eval, batch_size=a.batch_size, seed=a.seed, progress=not (a.quiet or a.json))
-        if a.json:
-            print(dumps(rows))
-        return 0
-    from .runtime.codec_report import run_demo as codec_demo
-
-    codec_demo(a.sentences, a.layer, a.codecs, a.data_dir, a.model_dir)
-    return 0
+    except _Failed as exc:
+        if a.debug:
+            raise
+        raise SystemExit(f"sft {a.command}: {exc}") from None
 
 
 if __name__ == "__main__":

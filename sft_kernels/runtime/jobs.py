@@ -11,11 +11,16 @@
   (:func:`~sft_kernels.data.load_files`); :func:`train_and_evaluate` is one edge run: train,
   evaluate on the dev set with the task's metrics (a spec: GLUE or file task), summarise.  With a
   ``checkpoint_dir`` it writes the run's record beside the checkpoints: ``labels.json`` (the
-  task and its ``label2id``) before training, ``run.json`` (everything ``--json`` prints) after.
+  task and its ``label2id``, the run id and config) before training, ``run.json`` (everything
+  ``--json`` prints) after; a directory whose ``labels.json`` holds another config is refused
+  (:class:`OtherRun`), so two runs never share checkpoints.
+* :func:`default_run_id`: ``sft train``'s run id when none is given, a hash of the run's config and
+  its training data (:func:`data_identity`): the same command resumes, another run gets its own id.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -38,7 +43,8 @@ from .config import RunConfig
 from .edge import EdgeTrainer, TrainSummary, first_batches
 
 __all__ = ["StepBatches", "LocalCloud", "EdgeRun", "train_and_evaluate", "write_tokens", "run_demo", "resolve_task",
-           "load_train_dev", "print_run", "task_record", "write_json"]
+           "load_train_dev", "print_run", "task_record", "write_json", "data_identity", "default_run_id", "OtherRun",
+           "demo_table"]
 
 
 class StepBatches:
@@ -209,6 +215,31 @@ def write_json(path: Union[str, Path], obj: Any) -> Path:
     return path
 
 
+class OtherRun(ValueError):
+    """A checkpoint directory holds another run's checkpoints (its ``labels.json`` records another config)."""
+
+
+def _check_record_dir(record_dir: Path, cfg: RunConfig) -> None:
+    """Refuse (:class:`OtherRun`) a ``checkpoint_dir`` whose ``labels.json`` records another run config.
+
+    Resuming there would load the other run's checkpoints (the edge refuses them deep in its set-up)
+    or, with a config that happens to load, mix two runs.  A ``labels.json`` written before it
+    recorded the config is not checked.
+    """
+    try:
+        record = json.loads((record_dir / "labels.json").read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return
+    old = record.get("config") if isinstance(record, dict) else None
+    new = cfg.to_dict()
+    if isinstance(old, dict) and old != new:
+        diff = ", ".join(f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in new.items()
+                         if old.get(k) != v and k != "run_id") or "only the run id differs"
+        raise OtherRun(f"checkpoint_dir '{record_dir}' holds the checkpoints of another run (run id "
+                       f"{old.get('run_id')!r}; {diff}): to resume that run, repeat the command that started it; "
+                       f"for this one, give another checkpoint_dir")
+
+
 def _task_spec(cfg: RunConfig, spec: Optional[TaskSpec]) -> TaskSpec:
     """``spec``, or the built-in task ``cfg.task`` names; its label count must be ``cfg.num_labels``."""
     if spec is None:
@@ -236,6 +267,9 @@ def train_and_evaluate(cfg: RunConfig, train_ds, dev_ds, *, host: str, port: int
     """
     spec = _task_spec(cfg, spec)
     scale = regression_scale(spec)
+    record_dir = edge_kw.get("checkpoint_dir")
+    if record_dir is not None:
+        _check_record_dir(Path(record_dir), cfg)
     if cfg.init == "calibrated" and edge_kw.get("calibration") is None:
         # the batches need the model's tokenizer, which the trainer loads: it calls this with it
         edge_kw["calibration"] = lambda tok: first_batches(
@@ -243,9 +277,9 @@ def train_and_evaluate(cfg: RunConfig, train_ds, dev_ds, *, host: str, port: int
     trainer = EdgeTrainer(cfg, None, host=host, port=port, client_id=client_id, token=token, **edge_kw)
     trainer.batch_at = StepBatches(trainer.tokenizer, train_ds, cfg.batch_size, cfg.max_length, cfg.seed,
                                    label_scale=scale)
-    record_dir = edge_kw.get("checkpoint_dir")
-    if record_dir is not None:
-        write_json(Path(record_dir) / "labels.json", {"model": cfg.model, **task_record(spec)})
+    if record_dir is not None:  # after the trainer took the directory (an older run's checkpoints refuse it)
+        write_json(Path(record_dir) / "labels.json", {"model": cfg.model, "run_id": cfg.run_id,
+                                                      "config": cfg.to_dict(), **task_record(spec)})
     try:
         summary = trainer.train()
         metrics: dict = {}
@@ -306,15 +340,71 @@ def dumps(obj: Any) -> str:
 
 
 def resolve_task(task: str, data_dir=None) -> str:
-    """``"auto"`` -> SST-2 when its GLUE files are found, else ``"synthetic"``; other names unchanged."""
+    """``"auto"`` -> SST-2 when its GLUE files are found, else ``"synthetic"``; other names unchanged.
+
+    A ``data_dir`` given is a promise of data: ``FileNotFoundError`` when it is not a directory, or
+    (for ``"auto"``) has no SST-2, rather than the synthetic task in its place.  ``ValueError`` for a
+    name that is no task.
+    """
     from ..data import TASKS, default_glue_dir
 
-    if task == "auto":
-        root = Path(data_dir) if data_dir else default_glue_dir()
-        return "SST-2" if (root / "SST-2" / "train.tsv").is_file() else "synthetic"
-    if task not in TASKS:
-        raise ValueError(f"task must be 'auto' or one of {sorted(TASKS)}, got {task!r}")
-    return task
+    if task != "auto" and task not in TASKS:
+        raise ValueError(f"no such task: choose auto or one of {', '.join(sorted(TASKS))}, or give your own data "
+                         f"as train_file")
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise FileNotFoundError(f"data_dir '{data_dir}' is not a directory (it should hold the GLUE tasks' "
+                                f"<TASK>/train.tsv and dev.tsv)")
+    if task != "auto":
+        return task
+    root = Path(data_dir) if data_dir is not None else default_glue_dir()
+    if (root / "SST-2" / "train.tsv").is_file():
+        return "SST-2"
+    if data_dir is not None:
+        raise FileNotFoundError(f"data_dir '{data_dir}' has no SST-2/train.tsv, the data of task 'auto': name a "
+                                f"task whose files are there, or leave out data_dir (without GLUE files, 'auto' "
+                                f"is the built-in synthetic task)")
+    return "synthetic"
+
+
+def data_identity(*, task: Optional[str] = None, data_dir=None, train_file=None,
+                  text_columns: Optional[Sequence[str]] = None, label_column: Optional[str] = None,
+                  max_train: Optional[int] = None) -> dict:
+    """What tells one run's training data from another's, for :func:`default_run_id` (a JSON-able dict).
+
+    A file (``train_file``, or a GLUE task's ``train.tsv`` under ``data_dir``): its resolved path, size
+    and modification time, so an edited file is other data; the synthetic task: its name.  With the
+    columns read and the ``max_train`` subsample.  ``task`` is a resolved name (not ``"auto"``).
+    """
+    from ..data import TASKS
+    from ..data.glue import _tsv_path
+
+    if train_file is not None:
+        path: Optional[Path] = Path(train_file)
+    elif task in TASKS and task != "synthetic":
+        path = _tsv_path(task, "train", data_dir)
+    else:
+        path = None
+    ident: dict = {"task": task, "text_columns": list(text_columns) if text_columns else None,
+                   "label_column": label_column, "max_train": max_train}
+    if path is not None:
+        st = path.stat()
+        ident.update(file=str(path.resolve()), size=st.st_size, mtime_ns=st.st_mtime_ns)
+    return ident
+
+
+def default_run_id(cfg: RunConfig, data: Mapping[str, Any], model_dir=None) -> str:
+    """``run-`` and 12 hex digits of a hash of ``cfg`` (its ``run_id`` left out), ``data`` and ``model_dir``.
+
+    ``data``: :func:`data_identity` of the run's training data; ``model_dir``: the checkpoint the run
+    loads (None: the embedded model).  Repeating a command gives the same id, so a restarted run
+    resumes its session and checkpoints on the server; changing a setting, the data or the model
+    gives another id, so a different run is never taken for the old one (which the server would
+    resume with the wrong data, or refuse).
+    """
+    record = {"config": {k: v for k, v in cfg.to_dict().items() if k != "run_id"}, "data": dict(data),
+              "model": str(Path(model_dir).resolve()) if model_dir is not None else None}
+    digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+    return f"run-{digest[:12]}"
 
 
 def _task_label(task: str) -> str:
@@ -332,7 +422,8 @@ def print_run(run: EdgeRun) -> str:
     scale = rec["task"]["regression_scale"]
     labels = (json.dumps(rec["label2id"]) if rec["label2id"] else
               "none (regression" + (f"; targets trained / {scale:g})" if scale != 1.0 else ")"))
-    return (f"task: {_task_label(run.config.task)}; model: {run.config.model}\nlabel2id: {labels}\n"
+    return (f"task: {_task_label(run.config.task)}; model: {run.config.model}; run id: {run.config.run_id}\n"
+            f"label2id: {labels}\n"
             f"steps: {run.summary.steps} ({run.summary.examples} examples), "
             f"final loss {run.summary.losses[-1]:.4f}\ndev ({run.eval_examples} examples): {metric}\n"
             f"training bytes per example: payload up {up:.1f}, down {down:.1f}; on the wire up {wup:.1f}, "
@@ -350,13 +441,15 @@ def _first_steps_bytes(s: TrainSummary, k: int, wire: bool = False) -> tuple[flo
 
 def run_demo(steps: int = 60, baseline_steps: int = 3, task: str = "auto", data_dir=None,
              max_eval: Optional[int] = None, batch_size: int = 32, seed: int = 0, progress: bool = True) -> dict:
-    """``sft demo``: cloud and edge as two processes on loopback; returns the measured rows (also printed).
+    """``sft demo``: cloud and edge as two processes on loopback; returns the measured rows (:func:`demo_table`).
 
     Trains MiniLM with the bottleneck split (rank 4, int8 activations, int8 stochastic-rounded
     gradients) for ``steps`` steps and evaluates on the dev set; then runs ``baseline_steps`` steps of
     the uncompressed layer split on the same first batches to measure the bytes it would send, and
     ``baseline_steps`` steps of the U-split with the same bottleneck and codecs (the head and the loss
     on the edge, no label sent; the pooled rows and their gradient cross too) to measure its bytes.
+    ``progress``: print what it is doing and show the training's progress bars (the result is the
+    caller's to print).
     """
     t0 = time.perf_counter()
     task = resolve_task(task, data_dir)
@@ -410,7 +503,6 @@ def run_demo(steps: int = 60, baseline_steps: int = 3, task: str = "auto", data_
         "wire_reduction_up": bw_up / mw_up, "wire_reduction_down": bw_down / mw_down,
         "wall_seconds": time.perf_counter() - t0,
     }
-    _print_demo(rows, spec.metric_names, emit=progress)
     return rows
 
 
@@ -427,23 +519,24 @@ def _reduction_row(label: str, d: dict) -> str:
             f"{d['wire_reduction_up']:8.1f}x {d['wire_reduction_down']:7.1f}x")
 
 
-def _print_demo(r: dict, metric_names: Sequence[str], emit: bool) -> None:
-    if not emit:
-        return
+def demo_table(r: dict) -> str:
+    """The table ``sft demo`` prints of :func:`run_demo`'s rows ``r``."""
     m, b, u = r["bottleneck_r4_int8"], r["layer_none"], r["usplit_bottleneck_r4_int8"]
+    metric_names = r["metric_name"].split("/")
     metric = " / ".join(f"{r['metrics'][k]:.3f}" for k in metric_names)
-    label = _task_label(r["task"])
-    print()
-    print(f"sft demo -- {label}, MiniLM split after layer 3 of 6; dev metric on {r['eval_examples']} examples")
-    print("bytes per training example: payload = encoded tensors; wire = every byte of the TRAIN frames and "
-          "their replies on the TCP socket")
-    print(f"{'setting':42s} {'steps':>5s} {'/'.join(metric_names):>12s} {'payload up':>10s} {'down':>8s} "
-          f"{'wire up':>9s} {'down':>8s} {'s':>6s}")
-    print(_bytes_row("bottleneck r=4, int8 up, int8+SR down", r["steps"], metric, m))
-    print(_bytes_row("layer split, uncompressed fp32 (measured)", b["steps"], "-", b))
-    print(_reduction_row(f"reduction on the same first {b['steps']} batches", r))
-    print(_bytes_row("U-split r=4 int8, labels stay on the edge", u["steps"], "-", u))
-    print(_reduction_row("U-split reduction vs the fp32 layer split", u))
-    print("U-split: head and loss stay on the edge, no label sent; its pooled rows (down) and their gradient (up) "
-          "cross too")
-    print(f"wall time (both processes, model loading included): {r['wall_seconds']:.1f} s")
+    return "\n".join([
+        "",
+        f"sft demo -- {_task_label(r['task'])}, MiniLM split after layer 3 of 6; dev metric on "
+        f"{r['eval_examples']} examples",
+        "bytes per training example: payload = encoded tensors; wire = every byte of the TRAIN frames and "
+        "their replies on the TCP socket",
+        f"{'setting':42s} {'steps':>5s} {r['metric_name']:>12s} {'payload up':>10s} {'down':>8s} "
+        f"{'wire up':>9s} {'down':>8s} {'s':>6s}",
+        _bytes_row("bottleneck r=4, int8 up, int8+SR down", r["steps"], metric, m),
+        _bytes_row("layer split, uncompressed fp32 (measured)", b["steps"], "-", b),
+        _reduction_row(f"reduction on the same first {b['steps']} batches", r),
+        _bytes_row("U-split r=4 int8, labels stay on the edge", u["steps"], "-", u),
+        _reduction_row("U-split reduction vs the fp32 layer split", u),
+        "U-split: head and loss stay on the edge, no label sent; its pooled rows (down) and their gradient (up) "
+        "cross too",
+        f"wall time (both processes, model loading included): {r['wall_seconds']:.1f} s"])

@@ -157,6 +157,14 @@ class RemoteSplit(CountsTraffic, nn.Module):
             the same factor before stepping, and drops them when the scaler skips a step (its ``update`` is
             wrapped to tell the cloud).
         retries, timeout: the link's retry bound and socket timeout (see :class:`~.link.TcpLink`).
+
+    What ``Trainer.save_model()`` (and each ``Trainer`` checkpoint) writes: ``model.safetensors`` with
+    this module's ``state_dict`` -- the edge part (``edge.*``), in the U-split the top (``top.*``), and
+    the step counters ``optimizer_steps`` / ``micro_batches`` -- and no ``config.json``.  That is what
+    ``trainer.train(resume_from_checkpoint=...)`` reads back; it is not a model to load: the cloud half
+    is on the server (in its ``--checkpoint-dir``), and neither :func:`sft_kernels.load_split_model`
+    nor ``from_pretrained`` reads this file.  A whole trained model is exported from a
+    :class:`~sft_kernels.SimulatedSplit` (its ``save_pretrained``), not yet from a remote run.
     """
 
     #: Read by transformers' ``Trainer``: the loss is the model's (mean over the batch), no loss kwargs.

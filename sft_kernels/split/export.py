@@ -2,18 +2,37 @@
 
 A merged bottleneck model (see :func:`~.surgery.merge`) is a transformers model whose layer
 K is a :class:`~.adapters.BottleneckLayer`, which ``save_pretrained`` does not know.  A
-saved model is a directory of three files:
+saved model is a directory of four files:
 
-* ``config.json``: the transformers config (``config.save_pretrained``);
+* ``config.json``: the transformers config (as ``config.save_pretrained`` writes it), with its
+  ``model_type`` replaced by ``"sft_kernels_split"`` (:data:`MODEL_TYPE`), ``architectures`` naming
+  the loader below, and an ``auto_map`` pointing transformers' auto classes at ``sft_kernels_split.py``;
 * ``sft_split.json``: where the bottleneck is (``at``, ``rank``, ``eliminate_links``, ``family``,
   ``model_class``, ``factor_bias``) and, since format 2, how it is built (``init``: ``"svd"`` or
   ``"calibrated"``; ``code``: ``"ffn_input"`` or ``"stream"`` (the pre-LN calibrated form);
   ``edge_bias``: the edge factor has a bias; ``decoder``: the cloud rebuilds the residual or
-  stream with a decoder Linear);
-* ``model.safetensors``: the full state dict (``safetensors``, no pickle).
+  stream with a decoder Linear); since format 3, ``base_model_type``: the family's own
+  ``model_type`` (``"bert"``, ...), which config.json no longer carries;
+* ``model.safetensors``: the full state dict (``safetensors``, no pickle);
+* ``sft_kernels_split.py``: two classes for transformers' ``trust_remote_code`` path; they call
+  :func:`load_split_model`.
 
-Format 1 files (written before the calibrated bottleneck) still load: they are ``init="svd"``,
-``code="ffn_input"``, no edge bias, no decoder.  Saving always writes the current format.
+Loading with transformers.  Plain ``AutoModelForSequenceClassification.from_pretrained(path)``
+(or ``AutoConfig`` / ``AutoModel``) refuses the directory: ``model_type`` is registered nowhere in
+transformers, so nothing can rebuild the model as its own class with a re-initialised layer K
+(which is what happened before format 3, silently apart from a list of missing weights).  The
+refusal is transformers' own "contains custom code which must be executed to correctly load the
+model ... pass the argument ``trust_remote_code=True``".  With ``trust_remote_code=True`` it runs
+``sft_kernels_split.py``, which imports ``sft_kernels`` (it must be installed) and returns
+:func:`load_split_model`'s model: the same weights and logits.  ``load_split_model(path)`` needs
+no flag.  A class's own ``from_pretrained`` (``BertForSequenceClassification.from_pretrained``)
+bypasses the auto classes and is not supported: it warns that the model type differs and builds
+layer K afresh.
+
+Format 1 and 2 files (written before the calibrated bottleneck, and before format 3's config)
+still load with :func:`load_split_model`: format 1 is ``init="svd"``, ``code="ffn_input"``, no
+edge bias, no decoder; both keep the family's ``model_type`` in config.json.  Saving always
+writes the current format.
 
 Loading rebuilds the model from the config offline, re-installs the bottleneck and loads the
 weights strictly.  A layer-split merge is the original transformers class: use its own
@@ -32,17 +51,59 @@ from torch import nn
 
 from .adapters import BottleneckLayer, adapter_for, base_model_of, replace_module
 
-__all__ = ["save_split_model", "load_split_model", "SPLIT_FILE", "WEIGHTS_FILE"]
+__all__ = ["save_split_model", "load_split_model", "SPLIT_FILE", "WEIGHTS_FILE", "MODEL_TYPE"]
 
 #: The bottleneck description written beside config.json.
 SPLIT_FILE = "sft_split.json"
 #: The weights file.
 WEIGHTS_FILE = "model.safetensors"
-_FORMAT = 2
+#: config.json's ``model_type`` since format 3: unknown to transformers, so its auto classes refuse the directory.
+MODEL_TYPE = "sft_kernels_split"
+#: The module (a file in the saved directory) that transformers' ``trust_remote_code`` path imports.
+_CODE_MODULE = "sft_kernels_split"
+_FORMAT = 3
 _KEYS = {"format": int, "family": str, "model_class": str, "at": int, "rank": int, "eliminate_links": bool,
          "factor_bias": bool}
 #: Keys added by format 2, with the values that format 1 files mean.
 _KEYS_2 = {"init": (str, "svd"), "code": (str, "ffn_input"), "edge_bias": (bool, False), "decoder": (bool, False)}
+#: What format 3 adds: the family's own ``model_type`` (config.json carries :data:`MODEL_TYPE` instead).
+_BASE_TYPE = "base_model_type"
+#: ``from_pretrained`` keywords the auto classes pass along on their own (hub plumbing); ignored here.
+_HUB_KWARGS = frozenset({"config", "trust_remote_code", "adapter_kwargs", "revision", "code_revision", "cache_dir",
+                         "force_download", "proxies", "token", "local_files_only", "subfolder", "_commit_hash",
+                         "_from_auto", "_from_pipeline", "use_safetensors", "dtype", "torch_dtype"})
+
+#: ``sft_kernels_split.py``, written beside the model: transformers imports it under ``trust_remote_code=True``.
+#: Its classes only hand the directory to :func:`_from_pretrained`, so what loading means stays in this module.
+_CODE = f'''"""Written by sft_kernels.save_split_model beside a model split with a low-rank bottleneck.
+
+Layer K of this model is a bottleneck layer that transformers' own classes do not have (see
+sft_split.json), so transformers loads this directory only through this file, and only with
+trust_remote_code=True; it needs the sft_kernels package.  Without transformers:
+
+    import sft_kernels
+    model = sft_kernels.load_split_model(path)
+"""
+from transformers import PretrainedConfig, PreTrainedModel
+
+import sft_kernels.split.export
+
+
+class SftKernelsSplitConfig(PretrainedConfig):
+    """config.json as read by AutoConfig: the family's config, under model_type {MODEL_TYPE!r}."""
+
+    model_type = {MODEL_TYPE!r}
+
+
+class SftKernelsSplitModel(PreTrainedModel):
+    """What the auto classes call: from_pretrained returns sft_kernels.load_split_model(path)."""
+
+    config_class = SftKernelsSplitConfig
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        return sft_kernels.split.export._from_pretrained(pretrained_model_name_or_path, model_args, kwargs)
+'''
 _CODES = ("ffn_input", "stream")
 _INITS = ("svd", "calibrated")
 
@@ -67,7 +128,10 @@ def save_split_model(model: nn.Module, path: Union[str, Path]) -> Path:
 
     Args:
         model: ``merge(edge, cloud)`` of a bottleneck split.
-        path: the output directory; its config.json, sft_split.json and model.safetensors are overwritten.
+        path: the output directory; its config.json, sft_split.json, model.safetensors and
+            sft_kernels_split.py are overwritten (the module docstring says what each holds, and how
+            transformers' auto classes treat the directory: they refuse it, or with
+            ``trust_remote_code=True`` load it through :func:`load_split_model`).
     """
     from safetensors.torch import save_file
 
@@ -75,12 +139,23 @@ def save_split_model(model: nn.Module, path: Union[str, Path]) -> Path:
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(out)
+    config = json.loads((out / "config.json").read_text())
+    base_type = config["model_type"]
+    # the auto class a transformers user loads this model with: a classifier, or a base model
+    auto = ("AutoModelForSequenceClassification" if type(model).__name__.endswith("ForSequenceClassification")
+            else "AutoModel")
+    config.update(model_type=MODEL_TYPE, architectures=["SftKernelsSplitModel"],
+                  auto_map={"AutoConfig": f"{_CODE_MODULE}.SftKernelsSplitConfig",
+                            auto: f"{_CODE_MODULE}.SftKernelsSplitModel"})
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (out / f"{_CODE_MODULE}.py").write_text(_CODE)
     meta = {"format": _FORMAT, "family": adapter.name, "model_class": type(model).__name__, "at": at,
             "rank": layer.rank, "eliminate_links": not layer.keep_link,
             "factor_bias": layer.cloud_factor is not None and layer.cloud_factor.bias is not None,
             "init": "calibrated" if layer.decoder is not None else "svd",
             "code": "stream" if layer.stream else "ffn_input",
-            "edge_bias": layer.edge_factor.bias is not None, "decoder": layer.decoder is not None}
+            "edge_bias": layer.edge_factor.bias is not None, "decoder": layer.decoder is not None,
+            _BASE_TYPE: base_type}
     (out / SPLIT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -99,13 +174,16 @@ def _read_meta(file: Path) -> dict[str, Any]:
             raise ValueError(f"{file}: missing key {key!r} (expected {sorted(_KEYS)})")
         if not isinstance(meta[key], typ) or (typ is int and isinstance(meta[key], bool)):
             raise ValueError(f"{file}: {key} must be a {typ.__name__}, got {meta[key]!r}")
-    if meta["format"] not in (1, _FORMAT):
-        raise ValueError(f"{file}: format {meta['format']} is not supported (this version reads 1 and {_FORMAT})")
+    if meta["format"] not in range(1, _FORMAT + 1):
+        raise ValueError(f"{file}: format {meta['format']} is not supported (this version reads 1 to {_FORMAT})")
     for key, (typ, old) in _KEYS_2.items():
         if meta["format"] == 1:
             meta[key] = old
         elif not isinstance(meta.get(key), typ):
-            raise ValueError(f"{file}: {key} must be a {typ.__name__} (format {_FORMAT}), got {meta.get(key)!r}")
+            raise ValueError(f"{file}: {key} must be a {typ.__name__} (format {meta['format']}), got "
+                             f"{meta.get(key)!r}")
+    if meta["format"] >= 3 and not isinstance(meta.get(_BASE_TYPE), str):
+        raise ValueError(f"{file}: {_BASE_TYPE} must be a str (format {meta['format']}), got {meta.get(_BASE_TYPE)!r}")
     if meta["code"] not in _CODES:
         raise ValueError(f"{file}: code must be one of {_CODES}, got {meta['code']!r}")
     if meta["init"] not in _INITS:
@@ -113,6 +191,48 @@ def _read_meta(file: Path) -> dict[str, Any]:
     if meta["code"] == "stream" and (not meta["decoder"] or not meta["eliminate_links"]):
         raise ValueError(f"{file}: code 'stream' needs decoder=true and eliminate_links=true")
     return meta
+
+
+def _read_config(src: Path, meta: dict[str, Any]) -> Any:
+    """The family's transformers config of a saved model (format 3: config.json under :data:`MODEL_TYPE`)."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if meta["format"] < 3:  # config.json is the family's own
+        return transformers.AutoConfig.from_pretrained(str(src), local_files_only=True)
+    try:
+        config = json.loads((src / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{src / 'config.json'} is not valid JSON: {exc}") from exc
+    if config.get("model_type") != MODEL_TYPE:
+        raise ValueError(f"{src / 'config.json'}: model_type must be {MODEL_TYPE!r} (format {meta['format']}), got "
+                         f"{config.get('model_type')!r}")
+    base_type = meta[_BASE_TYPE]
+    if base_type not in CONFIG_MAPPING:
+        raise ValueError(f"{src / SPLIT_FILE}: {_BASE_TYPE} {base_type!r} is not a model type this transformers "
+                         f"version knows")
+    for key in ("model_type", "auto_map"):
+        config.pop(key, None)
+    config["architectures"] = [meta["model_class"]]
+    return CONFIG_MAPPING[base_type].from_dict(config)
+
+
+def _from_pretrained(path: Union[str, Path], model_args: tuple, kwargs: dict[str, Any]) -> nn.Module:
+    """transformers' ``trust_remote_code`` path into :func:`load_split_model` (``sft_kernels_split.py`` calls it).
+
+    ``dtype`` / ``torch_dtype`` (other than ``"auto"``) cast the loaded model; the hub keywords the auto
+    classes pass on their own are ignored; any other keyword (``device_map``, ``quantization_config``,
+    ...) is refused with a ``TypeError`` rather than silently not applied.
+    """
+    unsupported = sorted(k for k, v in kwargs.items() if k not in _HUB_KWARGS and v is not None)
+    if model_args or unsupported:
+        raise TypeError(f"a model saved by sft_kernels.save_split_model loads as it was saved; from_pretrained "
+                        f"does not take {unsupported or 'positional model arguments'} for it: load it, then change it")
+    model = load_split_model(path)
+    dtype = kwargs.get("dtype") or kwargs.get("torch_dtype")
+    if dtype is not None and dtype != "auto":
+        model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    return model
 
 
 def load_split_model(path: Union[str, Path]) -> nn.Module:
@@ -133,7 +253,7 @@ def load_split_model(path: Union[str, Path]) -> nn.Module:
     cls = getattr(transformers, meta["model_class"], None)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise ValueError(f"{src / SPLIT_FILE}: model_class {meta['model_class']!r} is not a transformers model class")
-    config = transformers.AutoConfig.from_pretrained(str(src), local_files_only=True)
+    config = _read_config(src, meta)
     model = cls(config)
     base, _ = base_model_of(model)
     adapter = adapter_for(base)

@@ -21,13 +21,16 @@ Knows the split and the step; no sockets, data loading or runtime.
 """
 from __future__ import annotations
 
+import copy
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
 from ..codecs import Codec, from_spec
-from ..split import CalibrationOptions, split_model
+from ..split import CalibrationOptions, merge, save_split_model, split_model
+from ..split.adapters import BottleneckLayer
 from ..split.surgery import Calibration
 from .cloud import CloudWorker
 from .edge import EdgeClient, StepBytes, pooled_codecs
@@ -61,6 +64,17 @@ class SimulatedSplit(CountsTraffic, nn.Module):
     It works as a transformers ``Trainer``'s model: ``labels`` is in ``forward``'s signature,
     and ``accepts_loss_kwargs = False`` tells ``Trainer`` not to pass loss keywords
     (``num_items_in_batch``), which the wrapped model's loss does not take through the split.
+
+    Saving the trained model: :meth:`save_pretrained` writes the merged model, which
+    :func:`sft_kernels.load_split_model` (bottleneck split) or transformers' ``from_pretrained``
+    (layer split) loads.  ``Trainer.save_model()`` and ``Trainer``'s checkpoints do not call it:
+    ``Trainer`` calls ``save_pretrained`` on a ``PreTrainedModel`` only, and for any other module
+    writes ``model.safetensors`` with its ``state_dict`` (here ``edge.*``, ``cloud.*``, ``top.*``)
+    and no ``config.json`` -- what ``trainer.train(resume_from_checkpoint=...)`` reads back, not a
+    model to load.  After training, call ``model.save_pretrained(path)`` yourself.  (Being a
+    ``PreTrainedModel`` would make ``Trainer`` call it, at the cost of importing
+    ``transformers.modeling_utils`` with ``sft_kernels`` and of transformers' attention checks on
+    the wrapped model's config.)
     """
 
     #: Read by transformers' ``Trainer``: the loss is the cloud's (mean over the batch), no loss kwargs.
@@ -104,3 +118,29 @@ class SimulatedSplit(CountsTraffic, nn.Module):
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, **inputs}
         return self.client.forward(index, {k: v for k, v in batch.items() if v is not None}, labels,
                                    self.num_labels)
+
+    def merged(self) -> nn.Module:
+        """The trained model as one module, in eval mode: :func:`~sft_kernels.split.merge` of copies of the parts.
+
+        The copies keep this split as it was (``merge`` installs the bottleneck into the model the
+        parts came from), so training may go on after a save.
+        """
+        parts = copy.deepcopy((self.edge, self.cloud, self.top))  # one copy: the parts keep sharing weights
+        return merge(*(p for p in parts if p is not None)).eval()
+
+    def save_pretrained(self, save_directory: Union[str, Path]) -> Path:
+        """Write the trained model to directory ``save_directory`` (created if needed); returns its path.
+
+        A bottleneck split is written by :func:`~sft_kernels.save_split_model` and loads with
+        :func:`~sft_kernels.load_split_model` (transformers' auto classes refuse it unless given
+        ``trust_remote_code=True``, which loads it the same way); a layer split is the original
+        transformers model, written by its own ``save_pretrained`` and loaded by ``from_pretrained``.
+        The U-split merges its top too.  The codecs are not part of the model: it computes what the
+        split pair computes without them.
+        """
+        model = self.merged()
+        if any(isinstance(m, BottleneckLayer) for m in model.modules()):
+            return save_split_model(model, save_directory)
+        model.save_pretrained(save_directory)
+        return Path(save_directory)
+
