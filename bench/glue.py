@@ -99,6 +99,7 @@ CONFIGS: dict[str, Config] = {c.name: c for c in [
     Config("d4_int4", "(d) bottleneck r=4 + int4 / int4,sr", _bn(4, "int4", "int4,sr")),
     Config("k4", "(k) calibrated bottleneck r=4 + int8 / int8,sr", _bn(4, "int8", "int8,sr", init="calibrated")),
     Config("k2", "(k) calibrated bottleneck r=2 + int8 / int8,sr", _bn(2, "int8", "int8,sr", init="calibrated")),
+    Config("k4_fp32", "(k) calibrated bottleneck r=4, fp32 (no codec)", _bn(4, init="calibrated")),
     Config("e_lr16_int8", "(e) layer split + lowrank r=16 + int8 both ways",
            _layer("lowrank:r=16+int8", "lowrank:r=16+int8")),
     Config("f_int8", "(f) layer split + int8 / int8,sr", _layer("int8", "int8,sr")),
