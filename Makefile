@@ -23,7 +23,7 @@ TORCH_IS_RECENT = import sys, torch; have = torch.__version__.split("+")[0].spli
   sys.exit([int(x) for x in have] < [int(x) for x in "$(TORCH_MIN)".split(".")])
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-cpp cuda-check gpu-check bench glue glue-short fresh-install-check clean
+.PHONY: install demo test test-cpp cuda-check gpu-check bench glue glue-short audit fresh-install-check clean
 
 # torch first, pinned: the extension is compiled against whatever torch is installed, and pip would
 # otherwise resolve pyproject.toml's torch>=2.13 to the newest release (on Linux from PyPI, the CUDA
@@ -108,6 +108,13 @@ glue: install
 GLUE_SHORT_ARGS ?= --max-train 512,WNLI=all --epochs 1 --seeds 0 1 2 --batch-size 32 --lr 3e-4 --max-length 128
 glue-short: install
 	$(PYTHON) bench/glue.py $(GLUE_SHORT_ARGS)
+
+# The privacy audit (sft audit; about 3 CPU-hours on 2 cores, resumable per cell): inversion and label-leakage
+# attacks on every boundary setting -> results/audit.csv (cell by cell; a rerun skips finished cells), inverters
+# cached in results/audit.models/, the tables into PRIVACY.md.  One thread: the cells are small matmuls.
+AUDIT_ARGS ?=
+audit: install
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PYTHON) -m sft_kernels audit $(AUDIT_ARGS)
 
 # What a new user does, checked in a new, empty virtual environment (no system site-packages) built
 # from a copy of the tracked files, so nothing installed here or built in ./build can help: torch

@@ -6,7 +6,9 @@ Subcommands:
   fine-tune MiniLM with the bottleneck split, then a table of metric and traffic;
 * ``sft serve``  -- run a cloud server;
 * ``sft train``  -- run an edge trainer against a server (``--connect HOST:PORT``);
-* ``sft codecs`` -- every codec on real MiniLM boundary activations (bytes, error).
+* ``sft codecs`` -- every codec on real MiniLM boundary activations (bytes, error);
+* ``sft audit``  -- the privacy audit: inversion and label-leakage attacks on every boundary setting
+  (:mod:`sft_kernels.audit`), resumable per cell, tables into PRIVACY.md.
 
 Model and data, as transformers' ``run_classification.py`` takes them:
 
@@ -362,7 +364,121 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--data-dir", default=None, help="GLUE directory")
     c.add_argument("--model-dir", default=None, help="local MiniLM directory")
     _add_debug(c)
+    _add_audit(sub)
     return p
+
+
+AUDIT_EPILOG = """\
+settings (--settings; groups: core, defences, usplit, all):
+{settings}
+
+attacks (--attacks):
+  frequent, positional  baselines: the attacker's most frequent token; the most frequent per (length, position)
+  lookup                nearest neighbour: the embedding table (raw embeddings), else per-token code centroids
+  inversion             a 2-layer bidirectional transformer trained through the real codec and train-mode
+                        dropout on the attacker's text (one pass, at most --budget-tokens tokens), output tied
+                        to the public embedding table; its cell also re-ranks the top-k with the step-0 edge
+  optimisation          input embeddings optimised against the step-0 edge until their code matches, then
+                        projected to the vocabulary ({opt} sentences)
+  labels                U-split: label recovery from the gradient of the cloud's output
+  price                 a defence's accuracy price: SST-2 dev accuracy after a short fine-tune
+
+examples:
+  sft audit                                     # everything (make audit: about 3 CPU-hours, resumable)
+  sft audit --settings embeddings r4-svd-fp32 --tasks SST-2 --attacks lookup inversion --budget-tokens 20000
+  sft audit --report-only                       # rebuild PRIVACY.md's tables from results/audit.csv
+"""
+
+
+def _add_audit(sub) -> None:
+    """The ``sft audit`` subcommand (:mod:`sft_kernels.audit`)."""
+    from .audit.runner import ATTACKS, DEFAULT_BUDGET_TOKENS
+    from .audit.settings import SETTINGS
+    from .audit.text import ATTACKER_DATA, VICTIM_TASKS
+
+    listing = "\n".join(f"  {n:<22}{s.describe()}" for n, s in SETTINGS.items())
+    a = sub.add_parser("audit", help="privacy audit: how much of the text the cloud can recover from what crosses",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=AUDIT_EPILOG.format(settings=listing, opt=32),
+                       description=textwrap.fill(
+                           "Attack what crosses the link, as an honest-but-curious cloud that knows the model family, "
+                           "the edge's step-0 weights, the split settings and the codecs, and receives the decoded "
+                           "codes, the lengths, the labels (outside the U-split) and a new dropout-noised view of "
+                           "every sentence each epoch. Victims: SST-2 and RTE dev text, MiniLM split at layer 3. "
+                           "Results go to --out cell by cell (a rerun skips finished cells); the tables go to "
+                           "--report.", 79))
+    a.add_argument("--settings", nargs="+", default=["all"], metavar="NAME",
+                   help="settings or groups to attack (default all; listed below)")
+    a.add_argument("--tasks", nargs="+", default=list(VICTIM_TASKS), choices=list(VICTIM_TASKS), metavar="TASK",
+                   help=f"victim tasks (default: {' '.join(VICTIM_TASKS)})")
+    a.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS), metavar="ATTACK",
+                   help="attacks to run (default all; listed below)")
+    a.add_argument("--attackers", nargs="+", default=list(ATTACKER_DATA), choices=list(ATTACKER_DATA),
+                   metavar="TEXT", help="the attacker's text: public (other tasks' training text) and/or in-domain "
+                                        "(the victim task's test.tsv) (default both)")
+    a.add_argument("--budget-tokens", type=_positive_int("--budget-tokens"), default=DEFAULT_BUDGET_TOKENS,
+                   help=f"attacker tokens per inverter, one pass (default {DEFAULT_BUDGET_TOKENS}, the issue's cap)")
+    a.add_argument("--seeds", nargs="+", type=_nonneg_int("--seeds"), default=[0],
+                   help="attacker seeds; more than one gives mean ± std (default 0)")
+    a.add_argument("--views", type=_positive_int("--views"), default=3,
+                   help="dropout-noised views of each victim sentence the cloud links and averages, 1..10 "
+                        "(default 3: three epochs)")
+    a.add_argument("--max-victim", type=_positive_int("--max-victim"), default=None,
+                   help="attack only the first N dev sentences of each task (default all)")
+    a.add_argument("--data-dir", default=None, help="GLUE TSV directory (default $SFT_GLUE_DIR or ../shared/data/glue)")
+    a.add_argument("--out", default="results/audit.csv",
+                   help="results CSV, appended cell by cell; inverters cached in <out>.models/ (default "
+                        "results/audit.csv)")
+    a.add_argument("--report", default="PRIVACY.md",
+                   help="Markdown file whose audit block gets the tables ('' for none; default PRIVACY.md)")
+    a.add_argument("--report-only", action="store_true", help="only rebuild --report from --out")
+    a.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_debug(a)
+
+
+def _audit_settings(names: Sequence[str]) -> list[str]:
+    """``--settings`` with its groups expanded, in table order; an unknown name is a :class:`_BadInput`."""
+    from .audit.settings import CORE_SETTINGS, DEFENCE_SETTINGS, SETTINGS, USPLIT_SETTINGS
+
+    groups = {"core": CORE_SETTINGS, "defences": DEFENCE_SETTINGS, "usplit": USPLIT_SETTINGS,
+              "all": tuple(SETTINGS.values())}
+    want: set[str] = set()
+    for n in names:
+        if n in groups:
+            want.update(s.name for s in groups[n])
+        elif n in SETTINGS:
+            want.add(n)
+        else:
+            raise _BadInput(f"--settings: unknown setting {n!r}; valid: {', '.join(groups)}, {', '.join(SETTINGS)}")
+    return [n for n in SETTINGS if n in want]
+
+
+def _audit(a: argparse.Namespace) -> int:
+    from .audit import AuditConfig, check_data_dir, read_results, run_audit, write_report
+
+    settings = _audit_settings(a.settings)
+    try:
+        check_data_dir(a.data_dir)
+    except FileNotFoundError as exc:
+        raise _BadInput(f"--data-dir: {exc}") from exc
+    try:
+        cfg = AuditConfig(settings=settings, tasks=a.tasks, attacks=a.attacks, attackers=a.attackers, seeds=a.seeds,
+                          budget_tokens=a.budget_tokens, views=a.views, data_dir=a.data_dir, out=a.out,
+                          max_victim=a.max_victim, progress=not a.quiet)
+    except ValueError as exc:
+        raise _BadInput(str(exc)) from exc
+    if not a.report_only:
+        done = run_audit(cfg)
+        print(f"sft audit: {done['done']} cell(s) run, {done['skipped']} already in {done['out']}, "
+              f"{done['seconds'] / 60:.1f} min")
+    if a.report:
+        command = (f"sft audit --settings {' '.join(a.settings)} --tasks {' '.join(a.tasks)} --attacks "
+                   f"{' '.join(a.attacks)} --attackers {' '.join(a.attackers)} --budget-tokens {a.budget_tokens} "
+                   f"--seeds {' '.join(map(str, a.seeds))} --views {a.views}"
+                   + (f" --max-victim {a.max_victim}" if a.max_victim else ""))
+        write_report(a.report, read_results(a.out), os.path.splitext(a.out)[0] + ".meta.json", command)
+        print(f"sft audit: tables written to {a.report}")
+    return 0
 
 
 def _split_kwargs(a: argparse.Namespace) -> dict:
@@ -684,7 +800,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    run = {"serve": _serve, "train": _run_train, "demo": _demo}.get(a.command)
+    run = {"serve": _serve, "train": _run_train, "demo": _demo, "audit": _audit}.get(a.command)
     if run is None:
         from .runtime.codec_report import run_demo as codec_demo
 
