@@ -49,6 +49,7 @@ from sft_kernels.data import (TASKS, batches, compute_metrics, glue_score, load_
                               majority_baseline, num_batches, subsample)
 from sft_kernels.runtime import runners  # noqa: E402
 from sft_kernels.runtime.runners import Runner  # noqa: E402
+from sft_kernels.split.calibrate import DEFAULT_FIT  # noqa: E402
 
 #: The split point: after layer K of MiniLM's 6.
 SPLIT_AT = 3
@@ -79,8 +80,10 @@ class Config:
     split: Optional[dict[str, Any]] = None
 
 
-def _bn(rank: int, fwd: str = "none", bwd: str = "none", links: bool = True, init: str = "svd") -> dict[str, Any]:
-    return dict(mode="bottleneck", rank=rank, fwd_codec=fwd, bwd_codec=bwd, eliminate_links=links, init=init)
+def _bn(rank: int, fwd: str = "none", bwd: str = "none", links: bool = True, init: str = "svd",
+        fit: Optional[str] = None) -> dict[str, Any]:
+    out = dict(mode="bottleneck", rank=rank, fwd_codec=fwd, bwd_codec=bwd, eliminate_links=links, init=init)
+    return out if fit is None else {**out, "calibration_fit": fit}
 
 
 def _layer(fwd: str = "none", bwd: str = "none") -> dict[str, Any]:
@@ -100,6 +103,8 @@ CONFIGS: dict[str, Config] = {c.name: c for c in [
     Config("k4", "(k) calibrated bottleneck r=4 + int8 / int8,sr", _bn(4, "int8", "int8,sr", init="calibrated")),
     Config("k2", "(k) calibrated bottleneck r=2 + int8 / int8,sr", _bn(2, "int8", "int8,sr", init="calibrated")),
     Config("k4_fp32", "(k) calibrated bottleneck r=4, fp32 (no codec)", _bn(4, init="calibrated")),
+    Config("k4_svdfit", "(k) calibrated r=4, the paper's code + least-squares residual, + int8 / int8,sr",
+           _bn(4, "int8", "int8,sr", init="calibrated", fit="svd")),
     Config("e_lr16_int8", "(e) layer split + lowrank r=16 + int8 both ways",
            _layer("lowrank:r=16+int8", "lowrank:r=16+int8")),
     Config("f_int8", "(f) layer split + int8 / int8,sr", _layer("int8", "int8,sr")),
@@ -199,11 +204,14 @@ def train_and_evaluate(task: str, config: str, seed: int, args: argparse.Namespa
         calibration = [{k: v for k, v in b.items() if k != "labels"} for b in itertools.islice(
             batches(tok, train_ds, args.batch_size, max_length=args.max_length, shuffle=True, seed=seed, epoch=0),
             -(-args.calibration_size // args.batch_size))]
-    runner = runners.make_runner(cfg.split, spec.num_labels, seed, lr=lr, weight_decay=args.weight_decay,
+    split = None if cfg.split is None else dict(cfg.split)
+    fit = split.pop("calibration_fit", DEFAULT_FIT) if split else DEFAULT_FIT  # the edge's, not a pinned split field
+    runner = runners.make_runner(split, spec.num_labels, seed, lr=lr, weight_decay=args.weight_decay,
                                  total_steps=total, warmup_steps=int(round(args.warmup * total)),
                                  batch_size=args.batch_size, max_length=args.max_length, at=SPLIT_AT,
                                  over_tcp=getattr(args, "over_tcp", False), calibration=calibration,
                                  calibration_size=args.calibration_size,
+                                 calibration_fit=fit,
                                  run_id=f"{config}-s{seed}-{time.time_ns()}")
     losses: list[float] = []
     examples = 0

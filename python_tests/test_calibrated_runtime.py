@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 
 import pytest
 import torch
@@ -401,6 +402,8 @@ def test_remote_split_calibrated_equals_simulated_and_resumes_with_its_saved_fit
      ("--init calibrated does not go with --keep-links", "--init svd")),
     (["train", "--connect", "127.0.0.1:1", "--calibration-size", "64"],
      ("--calibration-size applies to --init calibrated only", "--init svd")),
+    (["train", "--connect", "127.0.0.1:1", "--calibration-fit", "svd"],
+     ("--calibration-fit applies to --init calibrated only", "--init svd")),
 ])
 def test_cli_names_the_flags_that_do_not_go_with_init(argv, needles, capsys, monkeypatch):
     monkeypatch.setenv("SFT_TOKEN", "unused")
@@ -418,6 +421,7 @@ def test_train_help_tells_what_a_calibrated_run_sends(capsys):
     assert "once per session open" in text and "38,400 B" in text
     assert "sft serve --tokens tokens.txt --port 7000 --init calibrated" in out
     assert cli.INITS == runtime_config.INITS and cli._CALIBRATION_SIZE == RunConfig().calibration_size
+    assert cli.FIT_METHODS == runtime_config.FIT_METHODS and cli.DEFAULT_FIT == RunConfig().calibration_fit
 
 
 def test_sft_train_init_calibrated_against_a_server_that_pins_it(tiny_dir, capsys, monkeypatch):
@@ -445,3 +449,19 @@ def test_sft_train_init_calibrated_against_a_server_that_pins_it(tiny_dir, capsy
     want = build_parts(cfg, tiny_dir, calibration=lambda tok: first_batches(
         cfg, StepBatches(tok, train, cfg.batch_size, cfg.max_length, cfg.seed))).fit
     assert session.init_hashes["fit"] == fit_hash(want)
+
+
+@pytest.mark.parametrize("field,value,valid", [
+    ("calibration_fit", "lsq", "one of ('pca', 'svd', 'weighted')"),
+    ("calibration_size", 0, "1 .. 1e6"),
+])
+def test_runconfig_names_a_bad_calibration_field(field, value, valid):
+    with pytest.raises(ValueError, match=re.escape(f"RunConfig.{field} must be {valid}, got {value!r}")):
+        RunConfig(init="calibrated", **{field: value})
+
+
+def test_calibration_fit_reaches_the_edges_fit():
+    cfg = RunConfig(init="calibrated", calibration_fit="svd", calibration_size=64, batch_size=32, max_length=16)
+    parts = build_parts(cfg, calibration=lambda tok: [dict(tok(["a short sentence"] * 4 + ["another one here"] * 4,
+                                                               padding=True, return_tensors="pt"))])
+    assert parts.cloud.calibration.fit == "svd"

@@ -54,6 +54,9 @@ DEFAULTS = dict(at=3, mode="bottleneck", rank=4, fwd_codec="int8", bwd_codec="in
 INITS = ("svd", "calibrated")
 #: ``--calibration-size``'s default (``RunConfig.calibration_size``'s).
 _CALIBRATION_SIZE = 512
+#: ``--calibration-fit`` choices and default (:data:`sft_kernels.split.calibrate.FIT_METHODS`, ``DEFAULT_FIT``).
+FIT_METHODS = ("pca", "svd", "weighted")
+DEFAULT_FIT = "pca"
 
 #: The worked examples at the end of ``sft serve --help`` and ``sft train --help``.
 EXAMPLES = """\
@@ -294,6 +297,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
                    help=f"--init calibrated: fit the code on the first N examples of the training data in the "
                         f"run's order (their labels are not used; default {_CALIBRATION_SIZE}); a run resumed "
                         f"from --checkpoint-dir reuses the fit it saved")
+    g.add_argument("--calibration-fit", choices=FIT_METHODS, default=None,
+                   help=f"--init calibrated: how the edge fits the code (default {DEFAULT_FIT}; see "
+                        f"sft_kernels.split.calibrate and RESULTS.md for what each costs and trains to)")
     g.add_argument("--seed", type=int, default=0, help="seeds head init, factors, data order, dropout (default 0)")
     g.add_argument("--run-id", default=None,
                    help="names this run on the server (with the client id); the same id resumes the run there. "
@@ -714,9 +720,10 @@ def _train(a: argparse.Namespace) -> int:
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise _BadInput(f"--connect must be HOST:PORT with a port in 1..65535, got {a.connect!r}")
     split = _split_kwargs(a)
-    if a.calibration_size is not None and a.init != "calibrated":
-        raise _BadInput(f"--calibration-size applies to --init calibrated only (this run has --init {a.init}, "
-                        f"which fits nothing to data)")
+    for flag, value in (("--calibration-size", a.calibration_size), ("--calibration-fit", a.calibration_fit)):
+        if value is not None and a.init != "calibrated":
+            raise _BadInput(f"{flag} applies to --init calibrated only (this run has --init {a.init}, which fits "
+                            f"nothing to data)")
     token = _token(a)  # before the model and the data load: a bad token file is found in a second
     model, model_name = _model(a)
     spec, train, dev, identity = _data(a)
@@ -725,7 +732,8 @@ def _train(a: argparse.Namespace) -> int:
         cfg = RunConfig(model=model_name, task=spec.name, num_labels=spec.num_labels, seed=a.seed, lr=a.lr,
                         total_steps=steps, warmup_steps=int(a.warmup_ratio * steps), batch_size=a.batch_size,
                         max_length=a.max_length, run_id=a.run_id or "run",
-                        calibration_size=a.calibration_size or _CALIBRATION_SIZE, **split)
+                        calibration_size=a.calibration_size or _CALIBRATION_SIZE,
+                        calibration_fit=a.calibration_fit or DEFAULT_FIT, **split)
     except ValueError as exc:
         raise _BadInput(_with_flags(str(exc))) from exc
     if a.run_id is None:

@@ -17,6 +17,7 @@ import torch
 
 from ..codecs import Codec, from_spec
 from ..step.edge import pooled_codecs
+from ..split.calibrate import DEFAULT_FIT, FIT_METHODS
 
 __all__ = ["RunConfig", "SPLIT_FIELDS", "INITS", "state_hash", "fit_state", "fit_hash", "fit_names"]
 
@@ -47,6 +48,9 @@ class RunConfig:
             decoders in the session handshake).
         calibration_size: ``init="calibrated"``: training examples the edge fits the code on (the first
             ones of the run's data order; their labels are not used).
+        calibration_fit: ``init="calibrated"``: how the edge fits the code, one of
+            :data:`sft_kernels.split.calibrate.FIT_METHODS` (the edge's choice: the cloud checks the decoders it
+            receives by hash, not how they were fitted).
         fwd_codec / bwd_codec: codec specs of the activations (edge -> cloud) and gradients (back).
         pooled_codec / pooled_grad_codec: the U-split's codecs of the pooled rows (cloud -> edge) and of
             their gradient (back up); None: ``fwd_codec`` / ``bwd_codec``.
@@ -66,6 +70,7 @@ class RunConfig:
     u_split: bool = False
     init: str = "svd"
     calibration_size: int = 512
+    calibration_fit: str = DEFAULT_FIT
     fwd_codec: str = "int8"
     bwd_codec: str = "int8,sr"
     pooled_codec: Optional[str] = None
@@ -95,6 +100,7 @@ class RunConfig:
             ("init", self.init in INITS and (self.init == "svd" or (self.mode == "bottleneck" and self.eliminate_links)),
              f"one of {INITS} ('calibrated' needs mode 'bottleneck' with eliminate_links=True)"),
             ("calibration_size", 1 <= self.calibration_size <= 10**6, "1 .. 1e6"),
+            ("calibration_fit", self.calibration_fit in FIT_METHODS, f"one of {FIT_METHODS}"),
             ("seed", 0 <= self.seed < 2**31, "0 .. 2**31-1"),
             ("lr", 0 < self.lr < 1, "(0, 1)"),
             ("weight_decay", 0 <= self.weight_decay < 1, "[0, 1)"),

@@ -81,7 +81,8 @@ def build_parts(cfg: RunConfig, model: Union[str, Path, None] = None,
     kw: dict[str, Any] = {}
     if cfg.init == "calibrated":
         kw = dict(init="calibrated", calibration=UNFITTED if calibration is None else calibration,
-                  calibration_options=CalibrationOptions(max_length=cfg.max_length, progress=progress))
+                  calibration_options=CalibrationOptions(fit=cfg.calibration_fit, max_length=cfg.max_length,
+                                                         progress=progress))
     elif calibration is not None:
         raise ValueError("calibration applies to init='calibrated' only")
     with seeded(cfg.seed):  # a pure function of the config: no other thread's draws, no global state left changed

@@ -28,6 +28,7 @@ from typing import Any, Iterable, Mapping, Optional, Protocol
 import torch
 
 from ..split import model_inputs
+from ..split.calibrate import DEFAULT_FIT
 from .config import SPLIT_FIELDS, RunConfig
 from .edge import EdgeTrainer
 from .jobs import LocalCloud
@@ -225,7 +226,8 @@ def embedded_tokenizer():
 def make_runner(split: Optional[Mapping[str, Any]], num_labels: int, seed: int, *, lr: float, weight_decay: float,
                 total_steps: int, warmup_steps: int, batch_size: int, max_length: int, over_tcp: bool = False,
                 at: int = 3, task: str = "glue", run_id: Optional[str] = None,
-                calibration: Optional[Iterable[Any]] = None, calibration_size: int = 512) -> Runner:
+                calibration: Optional[Iterable[Any]] = None, calibration_size: int = 512,
+                calibration_fit: str = DEFAULT_FIT) -> Runner:
     """The runner of one fine-tuning run of the embedded MiniLM with a fresh ``num_labels`` head.
 
     Args:
@@ -240,6 +242,7 @@ def make_runner(split: Optional[Mapping[str, Any]], num_labels: int, seed: int, 
         task, run_id: for the record; ``run_id`` (default: unique per call) names the cloud session.
         calibration, calibration_size: a calibrated split's (``init="calibrated"``) unlabelled batches to fit
             its code on, and their example count for the record (the runner has no data order of its own).
+        calibration_fit: how a calibrated split fits its code (``RunConfig.calibration_fit``).
     """
     fields = dict(split or {})
     unknown = sorted(set(fields) - set(SPLIT_FIELDS))
@@ -251,7 +254,7 @@ def make_runner(split: Optional[Mapping[str, Any]], num_labels: int, seed: int, 
     cfg = RunConfig(task=task, num_labels=num_labels, seed=seed, lr=lr, weight_decay=weight_decay,
                     warmup_steps=warmup_steps, total_steps=total_steps, batch_size=batch_size,
                     max_length=max_length, run_id=run_id or f"{task}-s{seed}-{time.time_ns()}",
-                    calibration_size=calibration_size, **fields)
+                    calibration_size=calibration_size, calibration_fit=calibration_fit, **fields)
     if split is None:
         return ReferenceRunner(cfg)
     return SplitRunner(cfg, local_cloud() if over_tcp else None, calibration)
