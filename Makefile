@@ -41,7 +41,7 @@ demo: install
 	$(PYTHON) -m sft_kernels.cli demo
 
 test: install cuda-check test-cpp
-	$(PYTHON) -m pytest python_tests -q $(PYTEST_ARGS)
+	$(PYTHON) -m pytest python_tests -q --durations=25 $(PYTEST_ARGS)
 
 # C++ driver (ctest) under ASan/UBSan: builds csrc/ against libtorch with CMake
 # (CMakeLists.txt) and runs csrc/test/driver.cpp.
