@@ -41,6 +41,19 @@ simpler, W1-free PCA is the default; the paper's code with a least-squares resid
 is far behind, its directions serve W1, not the residual.  A full downstream (Gauss-Newton)
 metric through the later layers was also tried in a prototype and gained nothing either.
 
+Init fidelity is not trainability (RESULTS.md, findings; ``bench/fit_variants.py``): on SST-2 every
+calibrated fit starts closer to the unsplit model than the paper's code, yet collapses to the
+majority class more often early in fine-tuning (16 steps at lr 3e-4: PCA on every seed tried, the
+paper's code at 3 of 5; 63 steps at lr 1e-4: PCA and the svd fit on 1 seed of 2, the paper's code on
+none).  The rebuilt residual adds a large token-independent part (its mean) and the code's few
+outlier-dominated directions before layer K's output norm, so the cloud's tokens and pooled outputs
+vary less between examples (pooled between-example spread on SST-2 dev: unsplit 0.70, paper's code
+0.47, calibrated svd 0.34, calibrated PCA 0.21), and the fresh head has less to learn from.  Centring
+the rebuild, shrinking its mean, standardising the PCA, or restoring the output mean after the norm
+did not remove the collapse.  It is a delay: at 125 steps the PCA fit learns on the seed where it
+had collapsed at 63 and ends above the paper's code (80.2 against 78.3, unsplit 82.7), so PCA stays
+the default, and the real-budget study (``make glue``) is the measure.
+
 Numerics: everything is fitted in float64 from one SVD of the (weighted) centred
 activations; decoders are least squares with a relative cutoff (``gelsd``), never normal
 equations, because post-LN activations (LayerNorm outputs) span only d − 1 directions.  The
