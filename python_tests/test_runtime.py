@@ -274,11 +274,14 @@ def test_edge_restart_rolls_the_cloud_back(server, tmp_path, train_ds, every, cr
 
 
 def test_sft_demo_runs_two_processes_and_prints_the_table():
-    out = subprocess.run([sys.executable, "-m", "sft_kernels", "demo", "--task", "synthetic", "--steps", "3",
-                          "--baseline-steps", "2", "--max-eval", "40", "--batch-size", "8"],
+    """The table, and with --quiet nothing else: no progress lines, no bars, no model-loading noise."""
+    out = subprocess.run([sys.executable, "-m", "sft_kernels", "demo", "--quiet", "--task", "synthetic", "--steps",
+                          "3", "--baseline-steps", "2", "--max-eval", "40", "--batch-size", "8"],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout
+    assert "starting a cloud server" not in text  # progress, not result
+    assert "Loading weights" not in out.stderr and "it/s" not in out.stderr, out.stderr[-3000:]
     assert "synthetic sentiment task (generated, not GLUE)" in text
     assert "bottleneck r=4, int8 up, int8+SR down" in text and "layer split, uncompressed fp32" in text
     assert "reduction on the same first 2 batches" in text
