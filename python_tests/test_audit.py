@@ -8,6 +8,7 @@ rotation estimate are checked on constructed inputs whose answers are known; eac
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -209,8 +210,11 @@ def test_run_audit_writes_cells_and_skips_them_on_rerun(tmp_path):
     assert {r["attack"] for r in rows} == {"frequent", "lookup"}
     assert {r["views"] for r in rows if r["attack"] == "lookup"} == {"1", "2"}
     assert float([r for r in rows if r["attack"] == "lookup"][0]["token"]) >= 0.99
+    meta = json.loads((tmp_path / "audit.meta.json").read_text())
+    assert meta["wall_s"] > 0 and meta["machine"]["cpu"] and meta["budget_tokens"] == 2000
     again = run_audit(cfg)
     assert again["done"] == 0 and again["skipped"] == 2 and len(read_results(out)) == len(rows)
+    assert json.loads((tmp_path / "audit.meta.json").read_text())["wall_s"] >= meta["wall_s"]
     table = render(rows, None, "test")
     assert "| embeddings |" in table and "lookup" in table
 
