@@ -370,13 +370,13 @@ def _load_split(task: str, split: str, data_dir: Optional[str]) -> tuple:
     return list(ds["text_a"]), (list(b) if b is not None and any(x is not None for x in b) else None), list(ds["label"])
 
 
-def _add_wall_time(cfg: AuditConfig, since: float) -> float:
-    """Add the seconds since ``since`` to the results' meta file (with the machine); returns now."""
+def _add_wall_time(cfg: AuditConfig, since: float, host: dict[str, str]) -> float:
+    """Add the seconds since ``since`` to the results' meta file (with ``host``, :func:`machine`); returns now."""
     now = time.perf_counter()
     meta_path = Path(cfg.out).with_suffix(".meta.json")
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"wall_s": 0.0}
     meta["wall_s"] = float(meta.get("wall_s", 0.0)) + now - since
-    meta.update(machine=machine(), budget_tokens=cfg.budget_tokens, views=cfg.views)
+    meta.update(machine=host, budget_tokens=cfg.budget_tokens, views=cfg.views)
     tmp = meta_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(meta, indent=1))
     os.replace(tmp, meta_path)
@@ -397,14 +397,14 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
     todo = [c for c in cells if c.key not in have]
     ctx = _Context(cfg)
     bar = tqdm(todo, desc="audit", unit="cell", disable=not cfg.progress)
-    mark = t0
+    mark, host = t0, machine()  # lscpu once per run, not per cell
     for cell in bar:
         bar.set_description(f"{cell.setting} {cell.task} {cell.attack} ({cell.attacker}, seed {cell.seed})")
         rows = _run_cell(ctx, cell, bar)
         _append(cfg.out, rows)
-        mark = _add_wall_time(cfg, mark)  # after every cell: an interrupted run keeps its time and its machine
+        mark = _add_wall_time(cfg, mark, host)  # after every cell: an interrupted run keeps its time and its machine
     bar.close()
-    _add_wall_time(cfg, mark)
+    _add_wall_time(cfg, mark, host)
     return {"done": len(todo), "skipped": len(cells) - len(todo), "seconds": time.perf_counter() - t0,
             "out": cfg.out}
 
